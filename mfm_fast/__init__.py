@@ -1,0 +1,20 @@
+"""mfm_fast: fast, exact Masked Frequency Modeling (MFM, ICLR 2023) for PyTorch.
+
+Mask convention everywhere: an fftshift-ed **keep** mask (N, H, W), 1 = kept, DC at (H//2, W//2).
+"""
+
+from ._common import IMAGENET_MEAN, IMAGENET_STD
+from ._validate import set_value_checks
+from .corruption import FrequencyCorruption, corrupt
+from .dispatch import BACKENDS, available_backends
+from .head import MFMHead, predict_image, tokens_to_map
+from .loss import MaskedFreqLoss, masked_freq_loss
+from .masks import base_mask, make_masks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "FrequencyCorruption", "IMAGENET_MEAN", "IMAGENET_STD", "MFMHead", "MaskedFreqLoss",
+    "available_backends", "base_mask", "corrupt", "make_masks", "masked_freq_loss", "predict_image",
+    "set_value_checks", "tokens_to_map", "__version__",
+]

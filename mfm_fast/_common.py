@@ -1,0 +1,41 @@
+"""Small tensor helpers shared by the reference and torch backends."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; every other input (fp32 / bf16 / fp16 / uint8) is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def to_unit_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pixels as `dtype`; uint8 pixels (0..255) are mapped to [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x.to(dtype) / 255.0
+    return x.to(dtype)
+
+
+def channel_view(values, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel list as a (1, C, 1, 1) tensor of like's dtype and device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def to_blocks(z: torch.Tensor, pf: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, P, H/pf, W/pf): the pf x pf patches, row-major, P = pf^2.
+
+    Also works on masks (N, H, W) -> (N, P, H/pf, W/pf)."""
+    *lead, h, w = z.shape
+    z = z.reshape(*lead, pf, h // pf, pf, w // pf).movedim(-3, -2)
+    return z.reshape(*lead, pf * pf, h // pf, w // pf)
+
+
+def from_blocks(z: torch.Tensor, pf: int) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: (..., P, h, w) -> (..., h * pf, w * pf)."""
+    *lead, _, h, w = z.shape
+    z = z.reshape(*lead, pf, pf, h, w).movedim(-2, -3)
+    return z.reshape(*lead, pf * h, pf * w)

@@ -1,0 +1,164 @@
+"""The masked spectral loss (MFM_SPEC.md §3): the public functional and nn.Module."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from . import reference
+from ._common import IMAGENET_MEAN, IMAGENET_STD
+from .dispatch import check_backend_name, choose_backend
+from .torch_backend.masked_freq_loss import masked_freq_loss as _loss_torch
+from .torch_backend.masked_freq_loss import masked_freq_loss_map as _loss_map_torch
+
+REDUCTIONS = ("masked", "mean", "sum", "none")
+
+
+def _check_normalize_target(normalize_target, channels: int):
+    if normalize_target is None:
+        return None, None
+    if normalize_target is True:
+        normalize_target = (IMAGENET_MEAN, IMAGENET_STD)
+    if not isinstance(normalize_target, (tuple, list)) or len(normalize_target) != 2:
+        raise ValueError("normalize_target: expected None, True (ImageNet statistics) or a pair (mean, std), "
+                         f"got {normalize_target!r}")
+    mean = V.channel_stats("normalize_target mean", normalize_target[0], channels)
+    std = V.check_std("normalize_target std", V.channel_stats("normalize_target std", normalize_target[1], channels))
+    return mean, std
+
+
+def _check_options(loss_gamma, reduction, alpha, patch_factor, loss_weight):
+    loss_gamma = V.check_number("loss_gamma", loss_gamma, low=0.0, low_open=True)
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    alpha = V.check_number("alpha", alpha, low=0.0, low_open=True)
+    patch_factor = V.check_int("patch_factor", patch_factor, low=1)
+    loss_weight = V.check_number("loss_weight", loss_weight)
+    return loss_gamma, alpha, patch_factor, loss_weight
+
+
+def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                     loss_gamma: float = 1.0, reduction: str = "masked", with_matrix: bool = False,
+                     alpha: float = 1.0, log_matrix: bool = False, batch_matrix: bool = False,
+                     ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
+                     normalize_target=None, backend: str = "auto") -> torch.Tensor:
+    """Masked spectral loss between pred and target.
+
+    With F(z) = fftshift(fft2(z, norm="ortho")) per patch and D = F(pred) - F(target):
+    d = (|D|^2 + 1e-12)^(loss_gamma / 2) (times the focal matrix if with_matrix), w = 1 - mask.
+
+    Args:
+        pred: (N, C, H, W) prediction in normalised-pixel space; float32, bfloat16, float16 or
+            float64; any strides. Math runs in float32 (float64 for float64 pred); the loss is
+            float32 (float64) and the gradient comes back in pred's dtype.
+        target: (N, C, H, W) the normalised clean image, or raw [0, 1] pixels when
+            ``normalize_target`` is set (then uint8 0..255 is accepted too). Treated as data,
+            but it gets a gradient if it requires one.
+        mask: (N, H, W) fftshift-ed **keep** mask, 1 = kept (visible), so the weight is 1 at
+            the removed frequencies. Required for reduction "masked"; optional otherwise (no
+            mask = every frequency weighted 1). With patch_factor pf > 1 give it either in image
+            layout (N, H, W), one tile per patch, or per patch (N, H/pf, W/pf), shared by all
+            patches.
+        loss_gamma: the exponent gamma of the distance (1 = modulus of the complex error).
+        reduction: "masked" (default): sum(w d) / (C * sum_{n,h,w} w), ONE mean over every
+            removed frequency of the whole batch (not a mean of per-image means); a batch
+            whose masks remove nothing gives 0. "mean": mean of w d over all N C H W entries
+            (MFM's "normal" reduction for the restoration tasks, with mask=None). "sum": sum
+            of w d. "none": the map w d as (N, C, H, W) on the fftshift-ed grid (each patch's
+            spectrum in its patch's place; batch 1 for ave_spectrum without a mask). Per-image
+            masked loss from it: ``m.sum((1, 2, 3)) / (C * (1 - mask).sum((1, 2)))``.
+        with_matrix, alpha, log_matrix, batch_matrix: focal-frequency weighting (off in every
+            released MFM config): a = |D|^alpha, log(1 + a) if log_matrix, divided by its max
+            per (image, patch, channel) (or over the batch if batch_matrix), NaN -> 0, clamped
+            to [0, 1], detached, multiplied into d.
+        ave_spectrum: compare the batch-average spectra instead of per-image spectra.
+        patch_factor: compute spectra per patch of a pf x pf grid (H and W divisible by pf,
+            patch sides even).
+        loss_weight: multiplies the result.
+        normalize_target: None, True (ImageNet mean/std) or (mean, std): target is raw pixels,
+            normalised inside the op as (target - mean) / std.
+        backend: "auto" | "reference" | "torch" | "triton" | "cuda" (see mfm_fast.dispatch).
+
+    Edge facts: pred == target gives exactly 1e-6 (gamma = 1), not 0. NaN / inf in pred or
+    target propagate (see :func:`mfm_fast.set_value_checks` for an opt-in error).
+    """
+    V.check_images("pred", pred, V.PRED_DTYPES)
+    V.check_tensor("target", target, 4, V.PIXEL_DTYPES if normalize_target is not None else V.PRED_DTYPES,
+                   "(N, C, H, W)")
+    if target.shape != pred.shape:
+        raise ValueError(f"target: shape {tuple(target.shape)} does not match pred's {tuple(pred.shape)}")
+    if target.device != pred.device:
+        raise ValueError(f"target: is on {target.device} but pred is on {pred.device}")
+    n, channels, height, width = pred.shape
+    loss_gamma, alpha, patch_factor, loss_weight = _check_options(loss_gamma, reduction, alpha, patch_factor,
+                                                                  loss_weight)
+    if height % patch_factor or width % patch_factor:
+        raise ValueError(f"patch_factor: {patch_factor} must divide the image height {height} and width {width}")
+    V.check_even_size(f"patch_factor: {patch_factor} gives a patch whose", height // patch_factor,
+                      width // patch_factor)
+    target_mean, target_std = _check_normalize_target(normalize_target, channels)
+    if mask is None:
+        if reduction == "masked":
+            raise ValueError("mask: reduction='masked' needs the (N, H, W) keep mask; pass mask=... "
+                             "or use reduction='mean' for an unmasked loss")
+    else:
+        if patch_factor > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 3 and \
+                tuple(mask.shape[1:]) == (height // patch_factor, width // patch_factor):
+            mask = mask.repeat(1, patch_factor, patch_factor)
+        mask = V.check_mask(mask, n, height, width, pred.device)
+    V.check_finite("pred", pred)
+    V.check_finite("target", target)
+
+    with_matrix, log_matrix, batch_matrix, ave_spectrum = map(bool, (with_matrix, log_matrix, batch_matrix,
+                                                                     ave_spectrum))
+    name = choose_backend(backend, "masked_freq_loss", pred.device)
+    if name == "reference":
+        return reference.masked_freq_loss(
+            pred, target, mask, loss_gamma=loss_gamma, reduction=reduction, with_matrix=with_matrix, alpha=alpha,
+            log_matrix=log_matrix, batch_matrix=batch_matrix, ave_spectrum=ave_spectrum, patch_factor=patch_factor,
+            loss_weight=loss_weight, target_mean=target_mean, target_std=target_std)
+    if reduction == "none":
+        return _loss_map_torch(pred, target, mask, loss_gamma, with_matrix, alpha, log_matrix, batch_matrix,
+                               ave_spectrum, patch_factor, loss_weight, target_mean, target_std)
+    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    loss, _ = _loss_torch(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
+                          ave_spectrum, patch_factor, loss_weight, target_mean, target_std, need_grad)
+    return loss
+
+
+class MaskedFreqLoss(nn.Module):
+    """Masked spectral loss as an nn.Module, shaped like focal-frequency-loss's FocalFrequencyLoss.
+
+    ``MaskedFreqLoss()(pred, target, mask)``: pred (N, C, H, W) in normalised-pixel space,
+    target the normalised clean image (or raw pixels with ``normalize_target``), mask the
+    (N, H, W) fftshift-ed keep mask (1 = kept) that corrupted the input. Defaults reproduce the
+    released MFM loss: gamma 1, one masked mean over the batch. Every argument is documented
+    in :func:`mfm_fast.masked_freq_loss`.
+    """
+
+    def __init__(self, loss_gamma: float = 1.0, reduction: str = "masked", with_matrix: bool = False,
+                 alpha: float = 1.0, log_matrix: bool = False, batch_matrix: bool = False,
+                 ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
+                 normalize_target: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.loss_gamma, self.alpha, self.patch_factor, self.loss_weight = _check_options(
+            loss_gamma, reduction, alpha, patch_factor, loss_weight)
+        self.reduction = reduction
+        self.with_matrix, self.log_matrix, self.batch_matrix = bool(with_matrix), bool(log_matrix), bool(batch_matrix)
+        self.ave_spectrum = bool(ave_spectrum)
+        self.normalize_target = normalize_target
+        self.backend = check_backend_name(backend)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return masked_freq_loss(pred, target, mask, loss_gamma=self.loss_gamma, reduction=self.reduction,
+                                with_matrix=self.with_matrix, alpha=self.alpha, log_matrix=self.log_matrix,
+                                batch_matrix=self.batch_matrix, ave_spectrum=self.ave_spectrum,
+                                patch_factor=self.patch_factor, loss_weight=self.loss_weight,
+                                normalize_target=self.normalize_target, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"loss_gamma={self.loss_gamma:g}, reduction={self.reduction!r}, with_matrix={self.with_matrix}, "
+                f"patch_factor={self.patch_factor}, backend={self.backend!r}")

@@ -1,0 +1,185 @@
+"""Torch backend for the masked spectral loss: one rfft2 of (pred - target), analytic gradient.
+
+Half-spectrum form of MFM_SPEC.md §3. With D = rfft2_ortho(pred - target) on the unshifted half
+grid (H, W//2 + 1), s^2 = |D|^2 + 1e-12, d = s^gamma and c the per-frequency weight (symmetrised
+1 - mask, times the focal matrix, over the reduction's denominator Z):
+
+    loss  = sum_k colw_k c_k d_k                (colw = 1, 2, ..., 2, 1 over the columns)
+    dL/dp = irfft2_ortho(c * gamma * s^(gamma - 2) * D)
+
+The gradient is computed in the forward pass (one extra irfft2), so backward only scales it by
+grad_output. Ops: ``torch.ops.mfm_fast.masked_freq_loss_torch`` (masked / mean / sum, returns
+(loss, grad)) and ``torch.ops.mfm_fast.masked_freq_loss_map_torch`` (reduction "none", whose
+backward transforms the incoming per-frequency gradient map).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._common import channel_view, compute_dtype, from_blocks, to_blocks, to_unit_float
+from ._halfspec import column_weights, full_from_half, symmetric_half
+
+EPS = 1e-12
+
+
+def _spectral_terms(pred, target, mask, patch_factor, ave_spectrum, target_mean, target_std,
+                    with_matrix, alpha, log_matrix, batch_matrix):
+    """D (n, C, P, h, w//2+1) complex, s^2, the focal matrix or None, the symmetrised weight or None."""
+    cdt = compute_dtype(pred)
+    t = to_unit_float(target, cdt)
+    if target_mean is not None:
+        t = (t - channel_view(target_mean, t)) / channel_view(target_std, t)
+    diff = to_blocks(pred.to(cdt) - t, patch_factor)
+    if ave_spectrum:
+        diff = diff.mean(dim=0, keepdim=True)
+    D = torch.fft.rfft2(diff, norm="ortho")
+    power = D.real.square() + D.imag.square()
+    focal = None
+    if with_matrix:
+        focal = power.sqrt() ** alpha
+        if log_matrix:
+            focal = torch.log(focal + 1.0)
+        focal = focal / (focal.amax() if batch_matrix else focal.amax(dim=(-2, -1), keepdim=True))
+        focal = torch.where(torch.isnan(focal), torch.zeros_like(focal), focal).clamp_(0.0, 1.0)
+    weight = None
+    if mask is not None:
+        weight = symmetric_half(to_blocks(1.0 - mask.to(cdt), patch_factor))[:, None]  # (N, 1, P, h, w//2+1)
+    return D, power + EPS, focal, weight
+
+
+def _pow_half_gamma(s2: torch.Tensor, gamma: float) -> torch.Tensor:
+    """s^gamma = (s^2)^(gamma / 2)."""
+    return s2.sqrt() if gamma == 1.0 else s2 ** (gamma / 2)
+
+
+def _grad_from_coef(coef, D, s2, gamma, n_images, height, width, patch_factor):
+    """irfft2_ortho(coef * s^(gamma-2) * D), summed over the batch when D is an average spectrum."""
+    slope = s2.rsqrt() if gamma == 1.0 else s2 ** (gamma / 2 - 1)
+    G = (coef * slope) * D
+    if D.shape[0] == 1 and n_images > 1:  # ave_spectrum: D is the batch mean, dD/dp_n = F / N
+        G = G.sum(dim=0, keepdim=True) / n_images
+    g = from_blocks(torch.fft.irfft2(G, s=(height // patch_factor, width // patch_factor), norm="ortho"), patch_factor)
+    return g.expand(n_images, -1, -1, -1)
+
+
+@torch.library.custom_op("mfm_fast::masked_freq_loss_torch", mutates_args=())
+def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], loss_gamma: float,
+                     reduction: str, with_matrix: bool, alpha: float, log_matrix: bool, batch_matrix: bool,
+                     ave_spectrum: bool, patch_factor: int, loss_weight: float,
+                     target_mean: Optional[list[float]], target_std: Optional[list[float]],
+                     need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar loss (reduction masked / mean / sum) and, when need_grad, dloss/dpred (N, C, H, W) in pred's dtype.
+
+    The second output is empty when need_grad is False.
+    """
+    n, channels, height, width = pred.shape
+    D, s2, focal, weight = _spectral_terms(pred, target, mask, patch_factor, ave_spectrum, target_mean, target_std,
+                                           with_matrix, alpha, log_matrix, batch_matrix)
+    coef = 1.0
+    if focal is not None:
+        coef = focal
+    if weight is not None:
+        coef = weight * coef
+    if reduction == "masked":
+        scale = loss_weight / (channels * (1.0 - mask.to(s2.dtype)).sum()).clamp_min(1e-30)
+    elif reduction == "mean":
+        map_images = n if (mask is not None or not ave_spectrum) else 1
+        scale = loss_weight / (map_images * channels * height * width)
+    else:
+        scale = loss_weight
+    d = _pow_half_gamma(s2, loss_gamma)
+    loss = ((coef * d) * column_weights(width // patch_factor, d)).sum() * scale
+    if not need_grad:
+        return loss, pred.new_empty(0)
+    grad = _grad_from_coef(coef * (scale * loss_gamma), D, s2, loss_gamma, n, height, width, patch_factor)
+    return loss, grad.to(pred.dtype).contiguous()
+
+
+@masked_freq_loss.register_fake
+def _(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix, ave_spectrum,
+      patch_factor, loss_weight, target_mean, target_std, need_grad):
+    loss = pred.new_empty((), dtype=compute_dtype(pred))
+    return loss, (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
+
+
+def _loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.target_std = inputs[13]
+    ctx.target_dtype = inputs[1].dtype
+
+
+def _loss_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    grad_pred = grad_target = None
+    if ctx.needs_input_grad[0]:
+        grad_pred = grad * grad_loss.to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_target = -grad * grad_loss.to(grad.dtype)
+        if ctx.target_std is not None:
+            grad_target = grad_target / channel_view(ctx.target_std, grad_target)
+        grad_target = grad_target.to(ctx.target_dtype)
+    return (grad_pred, grad_target) + (None,) * 13
+
+
+masked_freq_loss.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+@torch.library.custom_op("mfm_fast::masked_freq_loss_map_torch", mutates_args=())
+def masked_freq_loss_map(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], loss_gamma: float,
+                         with_matrix: bool, alpha: float, log_matrix: bool, batch_matrix: bool, ave_spectrum: bool,
+                         patch_factor: int, loss_weight: float, target_mean: Optional[list[float]],
+                         target_std: Optional[list[float]]) -> torch.Tensor:
+    """The unreduced map loss_weight * w * d on the fftshift-ed grid: (N, C, H, W) (batch 1 for ave_spectrum without a mask)."""
+    width = pred.shape[-1]
+    D, s2, focal, _ = _spectral_terms(pred, target, None, patch_factor, ave_spectrum, target_mean, target_std,
+                                      with_matrix, alpha, log_matrix, batch_matrix)
+    d = _pow_half_gamma(s2, loss_gamma)
+    if focal is not None:
+        d = focal * d
+    out = from_blocks(full_from_half(d, width // patch_factor), patch_factor)
+    if mask is not None:
+        out = out * (1.0 - mask.to(out.dtype))[:, None]
+    return (out * loss_weight).to(compute_dtype(pred))
+
+
+@masked_freq_loss_map.register_fake
+def _(pred, target, mask, loss_gamma, with_matrix, alpha, log_matrix, batch_matrix, ave_spectrum,
+      patch_factor, loss_weight, target_mean, target_std):
+    n = pred.shape[0] if (mask is not None or not ave_spectrum) else 1
+    return pred.new_empty((n,) + tuple(pred.shape[1:]), dtype=compute_dtype(pred))
+
+
+def _map_setup_context(ctx, inputs, output):
+    pred, target, mask = inputs[:3]
+    ctx.save_for_backward(pred, target, mask)
+    ctx.options = inputs[3:]
+
+
+def _map_backward(ctx, grad_map):
+    pred, target, mask = ctx.saved_tensors
+    (loss_gamma, with_matrix, alpha, log_matrix, batch_matrix, ave_spectrum, patch_factor, loss_weight,
+     target_mean, target_std) = ctx.options
+    n, _, height, width = pred.shape
+    D, s2, focal, _ = _spectral_terms(pred, target, None, patch_factor, ave_spectrum, target_mean, target_std,
+                                      with_matrix, alpha, log_matrix, batch_matrix)
+    coef = grad_map.to(s2.dtype) * (loss_weight * loss_gamma)
+    if mask is not None:
+        coef = coef * (1.0 - mask.to(s2.dtype))[:, None]
+    coef = symmetric_half(to_blocks(coef, patch_factor))
+    if focal is not None:
+        coef = coef * focal
+    grad = _grad_from_coef(coef, D, s2, loss_gamma, n, height, width, patch_factor)
+    grad_pred = grad.to(pred.dtype) if ctx.needs_input_grad[0] else None
+    grad_target = None
+    if ctx.needs_input_grad[1]:
+        grad_target = -grad
+        if target_std is not None:
+            grad_target = grad_target / channel_view(target_std, grad_target)
+        grad_target = grad_target.to(target.dtype)
+    return (grad_pred, grad_target) + (None,) * 11
+
+
+masked_freq_loss_map.register_autograd(_map_backward, setup_context=_map_setup_context)
