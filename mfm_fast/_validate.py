@@ -61,8 +61,6 @@ def check_tensor(name: str, t, ndim: int, dtypes: Sequence[torch.dtype], layout:
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported; expected one of {names}")
-    if t.is_complex():
-        raise TypeError(f"{name}: complex tensors are not supported")
 
 
 def check_images(name: str, t, dtypes: Sequence[torch.dtype]) -> None:
@@ -77,16 +75,21 @@ def check_images(name: str, t, dtypes: Sequence[torch.dtype]) -> None:
 
 
 def check_even_size(what: str, height, width) -> None:
+    """`what` = None names the arguments `height` / `width` themselves."""
     for axis, v in (("height", height), ("width", width)):
+        name = axis if what is None else f"{what} {axis}"
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{what} {axis} must be an int, got {type(v).__name__}")
+            raise TypeError(f"{name}: must be an int, got {type(v).__name__}")
         if v < 2 or v % 2:
-            raise ValueError(f"{what} {axis} must be even and >= 2, got {v} "
+            raise ValueError(f"{name}: must be even and >= 2, got {v} "
                              "(the fftshift-ed mask convention puts DC at H//2, W//2 and needs even sizes)")
 
 
-def check_mask(mask, n: int, height: int, width: int, device: torch.device, name: str = "mask") -> torch.Tensor:
-    """Return the mask as (N, H, W); accepts (N, H, W) or (N, 1, H, W), float or bool."""
+def check_mask(mask, n: int, height: int, width: int, device: torch.device, name: str = "mask",
+               also: str = "") -> torch.Tensor:
+    """Return the mask as (N, H, W); accepts (N, H, W) or (N, 1, H, W), float or bool.
+
+    `also` names another accepted shape in the error message."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor (N, H, W), got {type(mask).__name__}")
     if mask.dim() == 4 and mask.shape[1] == 1:
@@ -98,7 +101,7 @@ def check_mask(mask, n: int, height: int, width: int, device: torch.device, name
         raise TypeError(f"{name}: dtype {str(mask.dtype).replace('torch.', '')} is not supported; "
                         "expected a floating-point or bool keep mask (1 = kept)")
     if tuple(mask.shape) != (n, height, width):
-        raise ValueError(f"{name}: expected shape (N, H, W) = ({n}, {height}, {width}), got {tuple(mask.shape)}")
+        raise ValueError(f"{name}: expected shape (N, H, W) = ({n}, {height}, {width}){also}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name}: is on {mask.device} but the images are on {device}; move it with .to(device)")
     check_mask_values(name, mask)
@@ -133,8 +136,8 @@ def check_choice(name: str, v, choices: Sequence[str]) -> str:
     return v
 
 
-def channel_stats(name: str, values, channels: int) -> list:
-    """Per-channel mean or std as a list of `channels` floats (a single value is broadcast)."""
+def channel_stats(name: str, values, channels: Optional[int]) -> list:
+    """Per-channel mean or std as a list of `channels` floats (a single value is broadcast; None: any count)."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().reshape(-1).tolist()
     if isinstance(values, Real) and not isinstance(values, bool):
@@ -145,6 +148,8 @@ def channel_stats(name: str, values, channels: int) -> list:
         if "expected a real number" in str(e):
             raise
         raise TypeError(f"{name}: expected a sequence of floats, got {type(values).__name__}") from None
+    if channels is None:  # construction time: the channel count is not known yet
+        return values
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:
@@ -157,3 +162,8 @@ def check_std(name: str, std: list) -> list:
         if s <= 0:
             raise ValueError(f"{name}[{i}]: must be > 0, got {s}")
     return std
+
+
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of float32, float16, bfloat16, float64, got {out_dtype}")

@@ -40,8 +40,7 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
     mask = V.check_mask(mask, n, height, width, x.device)
     if out_dtype is None:
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
-    if out_dtype not in V.OUT_DTYPES:
-        raise TypeError(f"out_dtype: expected one of float32, float16, bfloat16, float64, got {out_dtype}")
+    V.check_out_dtype(out_dtype)
     mean = V.channel_stats("mean", mean, channels)
     std = V.check_std("std", V.channel_stats("std", std, channels))
     if x.requires_grad and torch.is_grad_enabled():
@@ -75,7 +74,10 @@ class FrequencyCorruption(nn.Module):
         if self.r2 <= self.r1:
             raise ValueError(f"r2: must be > r1 = {self.r1}, got {self.r2}")
         self.p_low = V.check_number("p_low", p_low, low=0.0, high=1.0)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean = tuple(V.channel_stats("mean", mean, None))
+        self.std = tuple(V.check_std("std", V.channel_stats("std", std, None)))
+        if out_dtype is not None:
+            V.check_out_dtype(out_dtype)
         self.out_dtype = out_dtype
         self.backend = check_backend_name(backend)
 

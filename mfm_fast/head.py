@@ -9,13 +9,29 @@ import torch
 from torch import nn
 
 
+def _check_prefix_and_grid(num_prefix_tokens, grid_size) -> None:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise TypeError(f"num_prefix_tokens: expected an int, got {type(num_prefix_tokens).__name__}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens: must be >= 0, got {num_prefix_tokens}")
+    if grid_size is not None:
+        if not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2 or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid_size):
+            raise ValueError(f"grid_size: expected a pair of positive ints (h, w), got {grid_size!r}")
+
+
 def tokens_to_map(tokens: torch.Tensor, num_prefix_tokens: int = 1,
                   grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """ViT tokens (N, L, D) -> feature map (N, D, h, w), dropping the first `num_prefix_tokens` (CLS, registers).
 
     grid_size defaults to a square grid (L - prefix must then be a perfect square)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens: expected a torch.Tensor (N, L, D), got {type(tokens).__name__}")
     if tokens.dim() != 3:
         raise ValueError(f"tokens: expected (N, L, D), got shape {tuple(tokens.shape)}")
+    _check_prefix_and_grid(num_prefix_tokens, grid_size)
+    if num_prefix_tokens >= tokens.shape[1]:
+        raise ValueError(f"num_prefix_tokens: {num_prefix_tokens} leaves no patch tokens out of L = {tokens.shape[1]}")
     patches = tokens[:, num_prefix_tokens:]
     n, length, dim = patches.shape
     if grid_size is None:
@@ -41,8 +57,12 @@ class MFMHead(nn.Module):
                  grid_size: Optional[Tuple[int, int]] = None):
         super().__init__()
         for name, v in (("in_features", in_features), ("stride", stride), ("out_chans", out_chans)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}: expected a positive int, got {type(v).__name__}")
+            if v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        _check_prefix_and_grid(num_prefix_tokens, grid_size)
+        grid_size = tuple(grid_size) if grid_size is not None else None
         self.in_features, self.stride, self.out_chans = in_features, stride, out_chans
         self.num_prefix_tokens, self.grid_size = num_prefix_tokens, grid_size
         self.proj = nn.Conv2d(in_features, stride * stride * out_chans, kernel_size=1)

@@ -18,7 +18,7 @@ REDUCTIONS = ("masked", "mean", "sum", "none")
 
 
 def _check_normalize_target(normalize_target, channels: int):
-    if normalize_target is None:
+    if normalize_target is None or normalize_target is False:
         return None, None
     if normalize_target is True:
         normalize_target = (IMAGENET_MEAN, IMAGENET_STD)
@@ -77,7 +77,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         patch_factor: compute spectra per patch of a pf x pf grid (H and W divisible by pf,
             patch sides even).
         loss_weight: multiplies the result.
-        normalize_target: None, True (ImageNet mean/std) or (mean, std): target is raw pixels,
+        normalize_target: None / False (off), True (ImageNet mean/std) or (mean, std): target is raw pixels,
             normalised inside the op as (target - mean) / std.
         backend: "auto" | "reference" | "torch" | "triton" | "cuda" (see mfm_fast.dispatch).
 
@@ -85,7 +85,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
     target propagate (see :func:`mfm_fast.set_value_checks` for an opt-in error).
     """
     V.check_images("pred", pred, V.PRED_DTYPES)
-    V.check_tensor("target", target, 4, V.PIXEL_DTYPES if normalize_target is not None else V.PRED_DTYPES,
+    V.check_tensor("target", target, 4, V.PIXEL_DTYPES if normalize_target not in (None, False) else V.PRED_DTYPES,
                    "(N, C, H, W)")
     if target.shape != pred.shape:
         raise ValueError(f"target: shape {tuple(target.shape)} does not match pred's {tuple(pred.shape)}")
@@ -96,8 +96,9 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
                                                                   loss_weight)
     if height % patch_factor or width % patch_factor:
         raise ValueError(f"patch_factor: {patch_factor} must divide the image height {height} and width {width}")
-    V.check_even_size(f"patch_factor: {patch_factor} gives a patch whose", height // patch_factor,
-                      width // patch_factor)
+    if (height // patch_factor) % 2 or (width // patch_factor) % 2:
+        raise ValueError(f"patch_factor: {patch_factor} gives {height // patch_factor} x {width // patch_factor} "
+                         "patches; patch sides must be even")
     target_mean, target_std = _check_normalize_target(normalize_target, channels)
     if mask is None:
         if reduction == "masked":
@@ -107,7 +108,9 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         if patch_factor > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 3 and \
                 tuple(mask.shape[1:]) == (height // patch_factor, width // patch_factor):
             mask = mask.repeat(1, patch_factor, patch_factor)
-        mask = V.check_mask(mask, n, height, width, pred.device)
+        also = f" or per patch (N, H/pf, W/pf) = ({n}, {height // patch_factor}, {width // patch_factor})" \
+            if patch_factor > 1 else ""
+        mask = V.check_mask(mask, n, height, width, pred.device, also=also)
     V.check_finite("pred", pred)
     V.check_finite("target", target)
 
@@ -149,6 +152,7 @@ class MaskedFreqLoss(nn.Module):
         self.reduction = reduction
         self.with_matrix, self.log_matrix, self.batch_matrix = bool(with_matrix), bool(log_matrix), bool(batch_matrix)
         self.ave_spectrum = bool(ave_spectrum)
+        _check_normalize_target(normalize_target, None)  # fail at construction, not at the first step
         self.normalize_target = normalize_target
         self.backend = check_backend_name(backend)
 

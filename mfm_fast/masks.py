@@ -31,7 +31,7 @@ def base_mask(height: int, width: int, r1: float = 16, r2: float = 999, device=N
     A finite r2 gives a band mask (the ring r1 <= d < r2 removed). The returned tensor is cached:
     do not modify it in place.
     """
-    V.check_even_size("base_mask: mask", height, width)
+    V.check_even_size(None, height, width)
     r1 = V.check_number("r1", r1, low=0)
     r2 = V.check_number("r2", r2)
     if r2 <= r1:

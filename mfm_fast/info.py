@@ -1,0 +1,49 @@
+"""``python -m mfm_fast.info``: versions, devices, and whether each backend can run here (and why not)."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from .dispatch import BACKENDS, backend_unavailable_reason
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # any import failure is worth reporting, not raising
+        return f"not available ({type(exc).__name__}: {exc})"
+
+
+def report() -> str:
+    lines = [
+        f"mfm_fast     {__version__}",
+        f"python       {platform.python_version()} ({sys.executable})",
+        f"torch        {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
+    ]
+    lines += [f"{name:<12} {_version(name)}" for name in ("triton", "timm", "numpy", "torchvision")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"GPU {i}        {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("GPU          none visible (torch.cuda.is_available() is False)")
+    lines.append("backends (cpu tensors / cuda tensors):")
+    for name in BACKENDS:
+        for device_type in ("cpu", "cuda"):
+            reason = backend_unavailable_reason(name, device_type)
+            lines.append(f"  {name:<10} {device_type:<4}  {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors under the interpreter; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHAPES = [(1, 3, 16, 16), (2, 3, 16, 24), (4, 3, 32, 32)]
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (in float64)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-300))
+
+
+def masks_for(shape, r1=None, seed=0, low=None, device="cpu"):
+    import mfm_fast
+    n, _, h, w = shape
+    r1 = r1 if r1 is not None else max(1, min(h, w) // 6)
+    g = torch.Generator().manual_seed(seed)
+    if low is None:
+        low = torch.arange(n) % 2 == 0  # both kinds in every batch of 2+
+    return mfm_fast.make_masks(n, h, w, r1=r1, low=low, generator=g).to(device)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
