@@ -165,12 +165,19 @@ PARITY = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 224, 224)], ids=str)
-@pytest.mark.parametrize("kw", PARITY, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
-def test_torch_matches_reference_forward_and_backward(shape, kw, dtype, tol):
-    if shape[-1] == 224 and (dtype == torch.float64 or kw not in (PARITY[0], PARITY[5])):
-        pytest.skip("224 x 224 runs the default loss and the map in fp32 only (CPU time)")
+def _kw_id(kw):
+    return ",".join(f"{a}={b}" for a, b in kw.items()) or "default"
+
+
+# every option at the small shapes; the default loss and the "none" map also at 224 x 224 (fp32: CPU time)
+PARITY_CASES = [(shape, kw, dt) for shape in SHAPES for kw in PARITY for dt in ("fp32", "fp64")] + \
+    [((2, 3, 224, 224), kw, "fp32") for kw in (PARITY[0], PARITY[5])]
+
+
+@pytest.mark.parametrize("shape,kw,dtype_name", PARITY_CASES,
+                         ids=[f"{s}-{_kw_id(k)}-{d}" for s, k, d in PARITY_CASES])
+def test_torch_matches_reference_forward_and_backward(shape, kw, dtype_name):
+    dtype, tol = {"fp32": (torch.float32, 1e-5), "fp64": (torch.float64, 1e-10)}[dtype_name]
     pred = torch.randn(shape, dtype=dtype)
     target = torch.rand(shape, dtype=dtype) if kw.get("normalize_target") else torch.randn(shape, dtype=dtype)
     m = masks_for(shape, r1=16 if shape[-1] == 224 else None)

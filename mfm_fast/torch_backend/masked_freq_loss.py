@@ -158,10 +158,13 @@ def _map_setup_context(ctx, inputs, output):
     ctx.options = inputs[3:]
 
 
-def _map_backward(ctx, grad_map):
-    pred, target, mask = ctx.saved_tensors
-    (loss_gamma, with_matrix, alpha, log_matrix, batch_matrix, ave_spectrum, patch_factor, loss_weight,
-     target_mean, target_std) = ctx.options
+@torch.library.custom_op("mfm_fast::masked_freq_loss_map_backward_torch", mutates_args=())
+def masked_freq_loss_map_backward(grad_map: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                                  mask: Optional[torch.Tensor], loss_gamma: float, with_matrix: bool, alpha: float,
+                                  log_matrix: bool, batch_matrix: bool, ave_spectrum: bool, patch_factor: int,
+                                  loss_weight: float, target_mean: Optional[list[float]],
+                                  target_std: Optional[list[float]]) -> torch.Tensor:
+    """d(sum grad_map * map)/dpred (N, C, H, W) in the compute dtype: the backward of masked_freq_loss_map."""
     n, _, height, width = pred.shape
     D, s2, focal, _ = _spectral_terms(pred, target, None, patch_factor, ave_spectrum, target_mean, target_std,
                                       with_matrix, alpha, log_matrix, batch_matrix)
@@ -171,11 +174,22 @@ def _map_backward(ctx, grad_map):
     coef = symmetric_half(to_blocks(coef, patch_factor))
     if focal is not None:
         coef = coef * focal
-    grad = _grad_from_coef(coef, D, s2, loss_gamma, n, height, width, patch_factor)
+    return _grad_from_coef(coef, D, s2, loss_gamma, n, height, width, patch_factor).contiguous()
+
+
+@masked_freq_loss_map_backward.register_fake
+def _(grad_map, pred, *args):
+    return pred.new_empty(pred.shape, dtype=compute_dtype(pred))
+
+
+def _map_backward(ctx, grad_map):
+    pred, target, mask = ctx.saved_tensors
+    grad = masked_freq_loss_map_backward(grad_map, pred, target, mask, *ctx.options)
     grad_pred = grad.to(pred.dtype) if ctx.needs_input_grad[0] else None
     grad_target = None
     if ctx.needs_input_grad[1]:
         grad_target = -grad
+        target_std = ctx.options[-1]
         if target_std is not None:
             grad_target = grad_target / channel_view(target_std, grad_target)
         grad_target = grad_target.to(target.dtype)

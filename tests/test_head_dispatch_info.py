@@ -1,0 +1,82 @@
+"""MFMHead, backend dispatch and `python -m mfm_fast.info`."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mfm_fast
+from mfm_fast import dispatch
+from conftest import masks_for
+
+
+def test_head_shapes_cnn_and_tokens():
+    head = mfm_fast.MFMHead(16, stride=4)
+    assert head(torch.randn(2, 16, 3, 5)).shape == (2, 3, 12, 20)
+    tokens = torch.randn(2, 1 + 9, 16)  # CLS + 3 x 3 patches
+    out = head(tokens)
+    assert out.shape == (2, 3, 12, 12)
+    # prefix tokens are dropped: changing the CLS token does not change the output
+    tokens2 = tokens.clone()
+    tokens2[:, 0] += 100
+    assert torch.equal(head(tokens2), out)
+    # tokens_to_map keeps the row-major patch order
+    fmap = mfm_fast.tokens_to_map(tokens)
+    assert torch.equal(fmap[:, :, 1, 2], tokens[:, 1 + 1 * 3 + 2])
+
+
+def test_head_for_timm_vit_and_resnet():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64)
+    head = mfm_fast.MFMHead.for_timm_model(vit)
+    assert head.stride == 16 and head.in_features == vit.num_features
+    x = torch.rand(2, 3, 64, 64)
+    assert mfm_fast.predict_image(vit, head, x).shape == (2, 3, 64, 64)
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    head = mfm_fast.MFMHead.for_timm_model(resnet)
+    assert head.stride == 32
+    assert mfm_fast.predict_image(resnet, head, x).shape == (2, 3, 64, 64)
+
+
+def test_available_backends_reports_reasons():
+    status = mfm_fast.available_backends("cpu")
+    assert set(status) == set(mfm_fast.BACKENDS)
+    assert status["reference"] is None and status["torch"] is None
+    for name in ("triton", "cuda"):
+        assert "not implemented" in status[name]
+
+
+def test_auto_picks_torch_on_cpu_and_logs_once(caplog):
+    dispatch._logged.clear()
+    with caplog.at_level(logging.INFO, logger="mfm_fast"):
+        assert dispatch.choose_backend("auto", "corrupt", torch.device("cpu")) == "torch"
+        assert dispatch.choose_backend("auto", "corrupt", torch.device("cpu")) == "torch"
+    msgs = [r.getMessage() for r in caplog.records if "chose" in r.getMessage()]
+    assert len(msgs) == 1 and "'torch'" in msgs[0] and "corrupt" in msgs[0]
+
+
+def test_env_var_overrides_auto_but_not_an_explicit_choice(monkeypatch):
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    m = masks_for(x.shape, r1=2)
+    monkeypatch.setenv("MFM_FAST_BACKEND", "reference")
+    assert dispatch.choose_backend("auto", "corrupt", x.device) == "reference"
+    assert dispatch.choose_backend("torch", "corrupt", x.device) == "torch"
+    monkeypatch.setenv("MFM_FAST_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="backend='triton' for corrupt on cpu: the Triton backend"):
+        mfm_fast.corrupt(x, m)
+
+
+def test_info_module_runs():
+    out = subprocess.run([sys.executable, "-m", "mfm_fast.info"], capture_output=True, text=True, check=True).stdout
+    assert "mfm_fast" in out and "torch" in out
+    for name in mfm_fast.BACKENDS:
+        assert name in out
+    assert "reference  cpu   available" in out
+
+
+def test_import_needs_no_gpu_and_exports_public_api():
+    for name in ("MaskedFreqLoss", "masked_freq_loss", "corrupt", "FrequencyCorruption", "make_masks", "MFMHead",
+                 "available_backends", "set_value_checks"):
+        assert hasattr(mfm_fast, name)
