@@ -105,6 +105,14 @@ def _(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix,
     return loss, (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
 
 
+def _target_grad(grad_pred, target_std, dtype):
+    """dL/dtarget = -dL/dpred, divided by std when the target is normalised inside the op."""
+    grad = -grad_pred
+    if target_std is not None:
+        grad = grad / channel_view(target_std, grad)
+    return grad.to(dtype)
+
+
 def _loss_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.target_std = inputs[13]
@@ -117,10 +125,7 @@ def _loss_backward(ctx, grad_loss, _grad_of_grad):
     if ctx.needs_input_grad[0]:
         grad_pred = grad * grad_loss.to(grad.dtype)
     if ctx.needs_input_grad[1]:
-        grad_target = -grad * grad_loss.to(grad.dtype)
-        if ctx.target_std is not None:
-            grad_target = grad_target / channel_view(ctx.target_std, grad_target)
-        grad_target = grad_target.to(ctx.target_dtype)
+        grad_target = _target_grad(grad * grad_loss.to(grad.dtype), ctx.target_std, ctx.target_dtype)
     return (grad_pred, grad_target) + (None,) * 13
 
 
@@ -186,13 +191,7 @@ def _map_backward(ctx, grad_map):
     pred, target, mask = ctx.saved_tensors
     grad = masked_freq_loss_map_backward(grad_map, pred, target, mask, *ctx.options)
     grad_pred = grad.to(pred.dtype) if ctx.needs_input_grad[0] else None
-    grad_target = None
-    if ctx.needs_input_grad[1]:
-        grad_target = -grad
-        target_std = ctx.options[-1]
-        if target_std is not None:
-            grad_target = grad_target / channel_view(target_std, grad_target)
-        grad_target = grad_target.to(target.dtype)
+    grad_target = _target_grad(grad, ctx.options[-1], target.dtype) if ctx.needs_input_grad[1] else None
     return (grad_pred, grad_target) + (None,) * 11
 
 
