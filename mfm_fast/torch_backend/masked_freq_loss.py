@@ -121,11 +121,9 @@ def _loss_setup_context(ctx, inputs, output):
 
 def _loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    grad_pred = grad_target = None
-    if ctx.needs_input_grad[0]:
-        grad_pred = grad * grad_loss.to(grad.dtype)
-    if ctx.needs_input_grad[1]:
-        grad_target = _target_grad(grad * grad_loss.to(grad.dtype), ctx.target_std, ctx.target_dtype)
+    scaled = grad * grad_loss.to(grad.dtype)
+    grad_pred = scaled if ctx.needs_input_grad[0] else None
+    grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
     return (grad_pred, grad_target) + (None,) * 13
 
 
