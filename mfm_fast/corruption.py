@@ -10,14 +10,39 @@ from torch import nn
 from . import _validate as V
 from . import reference
 from ._common import IMAGENET_MEAN, IMAGENET_STD
-from .dispatch import check_backend_name, choose_backend
-from .masks import make_masks
+from .dispatch import check_backend_name, choose_backend, log_fallback_once
+from .masks import disc_band, make_masks
 from .torch_backend.corrupt import corrupt as _corrupt_torch
+
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
+
+
+def _triton_corrupt_module():
+    """kernels.corrupt, imported on first use (it imports triton, and TRITON_INTERPRET must be set first)."""
+    import kernels.corrupt
+    return kernels.corrupt
+
+
+def check_mask_band(mask_band, mask: torch.Tensor) -> int:
+    """Validate the ``mask_band`` promise (0 = none); with value checks on, verify it on the data."""
+    if mask_band is None:
+        return 0
+    band = V.check_int("mask_band", mask_band, low=1)
+    if V.value_checks_enabled():
+        _, height, width = mask.shape
+        ky = (torch.arange(height, device=mask.device) - height // 2).abs()[:, None]
+        kx = (torch.arange(width, device=mask.device) - width // 2).abs()[None, :]
+        outside = (ky >= band) | (kx >= band)
+        corner = mask[:, :1, :1].to(torch.float32)
+        if bool(((mask.to(torch.float32) != corner) & outside).any()):
+            raise ValueError(f"mask_band: the mask is not constant outside the centred box |ky|, |kx| < {band}; "
+                             "pass mask_band=None for arbitrary masks")
+    return band
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
             std: Sequence[float] = IMAGENET_STD, out_dtype: Optional[torch.dtype] = None,
-            backend: str = "auto") -> torch.Tensor:
+            backend: str = "auto", mask_band: Optional[int] = None, precision: str = "tf32x3") -> torch.Tensor:
     """The encoder input: normalise(clamp(real(ifft2(ifftshift(fftshift(fft2(x)) * mask))), 0, 1)).
 
     Args:
@@ -30,6 +55,15 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
         mean, std: per-channel normalisation applied after the clamp (ImageNet by default).
         out_dtype: dtype of the result; default x's dtype (float32 for uint8 x).
         backend: "auto" | "reference" | "torch" | "triton" | "cuda" (see mfm_fast.dispatch).
+        mask_band: optional promise R >= 1 that every mask equals its corner value mask[n, 0, 0]
+            outside the centred box |ky|, |kx| < R (true for MFM disc masks with r2 beyond the
+            grid's half-diagonal and R = ceil(r1); :class:`FrequencyCorruption` passes it). The
+            Triton backend then touches only that band of the spectrum: one launch at the memory
+            floor. Other backends are exact for any mask and ignore it. It is not verified (that
+            would cost a host sync) unless value checks are on (:func:`mfm_fast.set_value_checks`).
+        precision: GEMM precision of the Triton backend: "tf32x3" (default, fp32-accurate: within
+            1e-5 of the fp64 reference), "ieee" (fp32 FMA), or the fast modes "tf32" / "bf16"
+            (operands rounded to 10 / 7 mantissa bits). Other backends ignore it.
 
     Returns (N, C, H, W), contiguous. Not differentiable: the images are data (pass x.detach()).
     Math runs in float32 (float64 for float64 x on the torch backend; always float64 on the
@@ -46,9 +80,18 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
     if x.requires_grad and torch.is_grad_enabled():
         raise ValueError("x: corrupt is not differentiable with respect to the images; pass x.detach()")
     V.check_finite("x", x)
+    V.check_choice("precision", precision, PRECISIONS)
+    band = check_mask_band(mask_band, mask)
     name = choose_backend(backend, "corrupt", x.device)
+    if name == "triton" and x.dtype == torch.float64:
+        log_fallback_once("corrupt", "triton", "torch", "float64 images are computed in float64 by the torch backend")
+        name = "torch"
     if name == "reference":
         return reference.corrupt(x, mask, mean, std, out_dtype)
+    if name == "triton":
+        kernels = _triton_corrupt_module()
+        band = band if band and kernels.band_fits(band, height, width) else 0
+        return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
     return _corrupt_torch(x, mask, mean, std, out_dtype)
 
 
@@ -59,7 +102,9 @@ class FrequencyCorruption(nn.Module):
         r1, r2: the removed ring is r1^2 <= d^2 < r2^2 around DC (defaults 16 and 999: the disc
             of radius 16 is the low band). See :func:`mfm_fast.make_masks`.
         p_low: probability of a low-pass mask per image (0.5 for ViT, 0.3 for ResNet-50).
-        mean, std, out_dtype, backend: as :func:`mfm_fast.corrupt`.
+        mean, std, out_dtype, backend, precision: as :func:`mfm_fast.corrupt`.
+        The ``mask_band`` promise is passed for you when r2 lies beyond the grid's half-diagonal
+        (every released config), so the Triton backend runs its one-launch band path.
 
     forward(x, low=None, generator=None) -> (inp (N, C, H, W), mask (N, H, W) float32, 1 = kept).
     Masks are drawn on x's device, so nothing syncs with the host.
@@ -67,7 +112,7 @@ class FrequencyCorruption(nn.Module):
 
     def __init__(self, r1: float = 16, r2: float = 999, p_low: float = 0.5, *,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 out_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+                 out_dtype: Optional[torch.dtype] = None, backend: str = "auto", precision: str = "tf32x3"):
         super().__init__()
         self.r1 = V.check_number("r1", r1, low=0)
         self.r2 = V.check_number("r2", r2)
@@ -80,6 +125,7 @@ class FrequencyCorruption(nn.Module):
             V.check_out_dtype(out_dtype)
         self.out_dtype = out_dtype
         self.backend = check_backend_name(backend)
+        self.precision = V.check_choice("precision", precision, PRECISIONS)
 
     def forward(self, x: torch.Tensor, low: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +133,8 @@ class FrequencyCorruption(nn.Module):
         n, _, height, width = x.shape
         mask = make_masks(n, height, width, self.r1, self.r2, self.p_low, low=low, generator=generator,
                           device=x.device)
-        inp = corrupt(x, mask, mean=self.mean, std=self.std, out_dtype=self.out_dtype, backend=self.backend)
+        inp = corrupt(x, mask, mean=self.mean, std=self.std, out_dtype=self.out_dtype, backend=self.backend,
+                      mask_band=disc_band(height, width, self.r1, self.r2), precision=self.precision)
         return inp, mask
 
     def extra_repr(self) -> str:

@@ -23,24 +23,56 @@ BACKENDS = ("reference", "torch", "triton", "cuda")
 OPS = ("corrupt", "masked_freq_loss")
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
-_NOT_IMPLEMENTED = {
-    "triton": "the Triton backend (kernels/) is not implemented in this version of mfm_fast yet",
-    "cuda": "the CUDA extension backend (csrc/) is not implemented in this version of mfm_fast yet",
+# Which ops each fast backend implements in this version. A backend/op pair missing here is
+# "not implemented" (NotImplementedError when asked for by name; auto skips it and says why).
+IMPLEMENTED = {
+    "reference": set(OPS),
+    "torch": set(OPS),
+    "triton": {"corrupt"},
+    "cuda": set(),
 }
 
 _logged: set = set()
 
 
-def backend_unavailable_reason(name: str, device_type: Optional[str] = None) -> Optional[str]:
-    """None if backend `name` can run on tensors of `device_type` (any device when None), else why not."""
+def _not_implemented(name: str, op: Optional[str]) -> Optional[str]:
+    where = {"triton": "the Triton backend (kernels/)", "cuda": "the CUDA extension backend (csrc/)"}.get(name, name)
+    if op is not None and op not in IMPLEMENTED[name]:
+        return f"{op} is not implemented in {where} in this version of mfm_fast yet"
+    if op is None and not IMPLEMENTED[name]:
+        return f"{where} is not implemented in this version of mfm_fast yet"
+    return None
+
+
+def _triton_reason(device_type: Optional[str]) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+    if device_type == "cpu" and not interpreted:
+        return "Triton kernels run on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+    if device_type == "cuda" and (interpreted or not torch.cuda.is_available()):
+        return "no CUDA device is available" if not interpreted else "TRITON_INTERPRET=1 is set (CPU tensors only)"
+    return None
+
+
+def backend_unavailable_reason(name: str, device_type: Optional[str] = None, op: Optional[str] = None) -> Optional[str]:
+    """None if backend `name` can run `op` (any op when None) on `device_type` tensors (any when None), else why not."""
     if name in ("reference", "torch"):
         return None
-    return _NOT_IMPLEMENTED[name]
+    reason = _not_implemented(name, op)
+    if reason is not None:
+        return reason
+    if name == "triton":
+        return _triton_reason(device_type)
+    return "the CUDA extension backend (csrc/) is not implemented in this version of mfm_fast yet"
 
 
-def available_backends(device_type: Optional[str] = None) -> Dict[str, Optional[str]]:
-    """{backend: None if available, else the reason} for tensors on `device_type` ("cpu", "cuda", or any when None)."""
-    return {name: backend_unavailable_reason(name, device_type) for name in BACKENDS}
+def available_backends(device_type: Optional[str] = None, op: Optional[str] = None) -> Dict[str, Optional[str]]:
+    """{backend: None if available, else the reason} for `op` (any when None) on `device_type` tensors
+    ("cpu", "cuda", or any when None)."""
+    return {name: backend_unavailable_reason(name, device_type, op) for name in BACKENDS}
 
 
 def check_backend_name(name, what: str = "backend") -> str:
@@ -57,21 +89,29 @@ def choose_backend(requested: str, op: str, device: torch.device) -> str:
         if env and env != "auto":
             requested = check_backend_name(env, "MFM_FAST_BACKEND")
     if requested != "auto":
-        reason = backend_unavailable_reason(requested, device.type)
+        reason = backend_unavailable_reason(requested, device.type, op)
         if reason is not None:
-            exc = NotImplementedError if requested in _NOT_IMPLEMENTED and reason == _NOT_IMPLEMENTED[requested] \
-                else RuntimeError
+            exc = NotImplementedError if _not_implemented(requested, op) is not None else RuntimeError
             raise exc(f"backend={requested!r} for {op} on {device.type}: {reason}")
         return requested
     order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
     skipped = []
     for name in order:
-        reason = backend_unavailable_reason(name, device.type)
+        reason = backend_unavailable_reason(name, device.type, op)
         if reason is None:
             _log_once(op, device.type, name, skipped)
             return name
         skipped.append(f"{name}: {reason}")
     raise RuntimeError(f"no backend can run {op} on {device.type}")  # unreachable: torch always runs
+
+
+def log_fallback_once(op: str, backend: str, fallback: str, why: str) -> None:
+    """Say once (logger "mfm_fast") that `backend` hands `op` to `fallback` for these inputs, and why."""
+    key = ("fallback", op, backend, fallback, why)
+    if key in _logged or torch.compiler.is_compiling():
+        return
+    _logged.add(key)
+    logger.info("mfm_fast: backend %r runs %s on the %r backend: %s", backend, op, fallback, why)
 
 
 def _log_once(op: str, device_type: str, name: str, skipped: list) -> None:

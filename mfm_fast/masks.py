@@ -8,6 +8,7 @@ DC sits at (H // 2, W // 2). One mask per image, shared by its channels.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -76,3 +77,16 @@ def make_masks(n: int, height: int, width: int, r1: float = 16, r2: float = 999,
         if low.device != device:
             raise ValueError(f"low: is on {low.device} but device is {device}")
     return torch.where(low[:, None, None], B, 1.0 - B)
+
+
+def disc_band(height: int, width: int, r1: float, r2: float) -> Optional[int]:
+    """The ``mask_band`` promise for MFM masks of these radii, or None when there is none.
+
+    When r2^2 exceeds the largest squared distance on the grid, (H/2)^2 + (W/2)^2, the ring
+    r1^2 <= d^2 < r2^2 reaches every corner, so low- and high-pass masks differ from their corner
+    value only inside the disc d^2 < r1^2, i.e. within |ky|, |kx| <= ceil(r1) - 1: the band
+    R = max(1, ceil(r1)). A finite r2 inside the grid (band-pass) has no such band.
+    """
+    if r2 * r2 <= (height // 2) ** 2 + (width // 2) ** 2:
+        return None
+    return max(1, math.ceil(r1))

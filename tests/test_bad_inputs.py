@@ -187,8 +187,6 @@ CASES = [
     ("loss-backend-triton", lambda: loss(backend="triton"), NotImplementedError,
      r"^backend='triton'.*not implemented"),
     ("loss-backend-cuda", lambda: loss(backend="cuda"), NotImplementedError, r"^backend='cuda'.*not implemented"),
-    ("corrupt-backend-triton", lambda: corr(backend="triton"), NotImplementedError,
-     r"^backend='triton'.*not implemented"),
     ("corrupt-backend-cuda", lambda: corr(backend="cuda"), NotImplementedError, r"^backend='cuda'.*not implemented"),
     ("MaskedFreqLoss-backend-triton-forward", lambda: MaskedFreqLoss(backend="triton")(img(), img(), msk()),
      NotImplementedError, r"^backend='triton'.*not implemented"),

@@ -44,8 +44,19 @@ def test_available_backends_reports_reasons():
     status = mfm_fast.available_backends("cpu")
     assert set(status) == set(mfm_fast.BACKENDS)
     assert status["reference"] is None and status["torch"] is None
-    for name in ("triton", "cuda"):
-        assert "not implemented" in status[name]
+    assert "not implemented" in status["cuda"]
+    # triton runs corrupt on CPU tensors only under the interpreter (conftest sets it without a GPU)
+    if not torch.cuda.is_available():
+        assert mfm_fast.available_backends("cpu", "corrupt")["triton"] is None
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = mfm_fast.available_backends("cpu", "corrupt")["triton"]
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="^backend='triton' for corrupt on cpu: Triton kernels run on CUDA"):
+        mfm_fast.corrupt(x, masks_for(x.shape, r1=2), backend="triton")
 
 
 def test_auto_picks_torch_on_cpu_and_logs_once(caplog):
@@ -63,8 +74,8 @@ def test_env_var_overrides_auto_but_not_an_explicit_choice(monkeypatch):
     monkeypatch.setenv("MFM_FAST_BACKEND", "reference")
     assert dispatch.choose_backend("auto", "corrupt", x.device) == "reference"
     assert dispatch.choose_backend("torch", "corrupt", x.device) == "torch"
-    monkeypatch.setenv("MFM_FAST_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="backend='triton' for corrupt on cpu: the Triton backend"):
+    monkeypatch.setenv("MFM_FAST_BACKEND", "cuda")
+    with pytest.raises(NotImplementedError, match="backend='cuda' for corrupt on cpu: corrupt is not implemented"):
         mfm_fast.corrupt(x, m)
 
 

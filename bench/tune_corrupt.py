@@ -1,0 +1,90 @@
+"""Tile-size sweep for the Triton corruption kernels (kernels/corrupt.py) on a GPU.
+
+    python bench/tune_corrupt.py                 # B=256, 3x224x224, r1=16, band and general paths
+
+For every (path, input -> output dtype, block_rows, block_cols, num_warps) it checks the result
+against the torch backend (max |err| / max |ref|) and times it with triton.testing.do_bench
+(L2 cleared before each rep), next to a copy of the same bytes (read x, write the output) measured
+in the same run. Prints a table sorted by time per case; use the winners as launch() defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mfm_fast  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--r1", type=int, default=16)
+    p.add_argument("--json", default=None, help="write every measurement here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_corrupt.py needs a CUDA device")
+        return 0
+    import triton.testing
+    from kernels import corrupt as kc
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, s = args.batch, args.size
+    x32 = torch.rand(b, 3, s, s, device="cuda", generator=g)
+    mask = mfm_fast.make_masks(b, s, s, r1=args.r1, generator=g, device="cuda")
+    stats = kc._stats(tuple(mfm_fast.IMAGENET_MEAN), tuple(mfm_fast.IMAGENET_STD), x32.device)
+    cases = [("fp32->fp32", x32, torch.float32), ("u8->bf16", (x32 * 255).round().to(torch.uint8), torch.bfloat16),
+             ("fp32->bf16", x32, torch.bfloat16)]
+    rows = []
+    for (label, x, out_dtype), band in itertools.product(cases, (args.r1, 0)):
+        out = torch.empty(x.shape, dtype=out_dtype, device="cuda")
+        copy_ms = triton.testing.do_bench(lambda: out.copy_(x))
+        ref = mfm_fast.corrupt(x, mask, out_dtype=torch.float32, backend="torch")
+        torch_ms = triton.testing.do_bench(lambda: mfm_fast.corrupt(x, mask, out_dtype=out_dtype, backend="torch"))
+        path = "band" if band else "general"
+        print(f"\n{path} {label}: copy {copy_ms:.4f} ms, torch backend {torch_ms:.4f} ms ({torch_ms / copy_ms:.1f}x copy)")
+        if label != "fp32->fp32":  # the full sweep once; other dtypes at the defaults
+            grid = [(32, 64, 4 if band else 8)]
+        elif band:
+            grid = itertools.product((16, 32, 64), (32, 64, 128), (4, 8))
+        else:
+            grid = itertools.product((16, 32), (32, 64), (4, 8))
+        results = []
+        for bm, bk, warps in grid:
+            try:
+                kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps)
+                err = float((out.float() - ref).abs().max() / ref.abs().max())
+                ms = triton.testing.do_bench(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps))
+            except Exception as exc:  # a config that does not compile (shared memory, registers) is skipped
+                print(f"  bm={bm:<3} bk={bk:<4} warps={warps}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+                continue
+            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, ms=ms, x_copy=ms / copy_ms,
+                                err=err, copy_ms=copy_ms, torch_ms=torch_ms))
+        for r in sorted(results, key=lambda r: r["ms"])[:6]:
+            print(f"  bm={r['bm']:<3} bk={r['bk']:<4} warps={r['warps']}: {r['ms']:.4f} ms  "
+                  f"{r['x_copy']:.2f}x copy  err {r['err']:.1e}")
+        rows += results
+    for precision in ("tf32", "bf16", "ieee"):
+        x, out = x32, torch.empty_like(x32)
+        ref = mfm_fast.corrupt(x, mask, backend="torch")
+        for band in (args.r1, 0):
+            o = mfm_fast.corrupt(x, mask, backend="triton", mask_band=band or None, precision=precision)
+            err = float((o - ref).abs().max() / ref.abs().max())
+            ms = triton.testing.do_bench(lambda: mfm_fast.corrupt(x, mask, backend="triton", mask_band=band or None,
+                                                                  precision=precision))
+            print(f"precision {precision:<6} {'band' if band else 'general'}: {ms:.4f} ms, err {err:.1e}")
+            rows.append(dict(path="band" if band else "general", case=f"precision {precision}", ms=ms, err=err))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Triton backend for frequency corruption: the DFT as small GEMMs, mask, real part, clamp, normalise.
+
+For one image plane x (H, W) and the symmetrised keep mask M (real-part recovery), the encoder
+input is ``normalise(clamp(y, 0, 1))`` with
+
+    y = c x + Re( Eh^H [ (M - c) * colw / (H W) * (Eh x Ew) ] Ew^H )
+
+where Ew (W x K_w) and Eh (K_h x H) are DFT tables restricted to a set of frequencies
+(kx >= 0 half spectrum; column weights colw = 1 at kx = 0 and kx = W/2, else 2) and c is the
+mask's value outside those frequencies. Two paths share one kernel:
+
+* **band path** (``mask_band = R``, a promise that the mask equals ``mask[n, 0, 0]`` outside the
+  centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R).
+  The whole spectrum work is a (2R - 1) x R complex tile held in registers, so the op is one
+  launch, one program per plane, reading x twice (the second read hits L2) and writing the
+  output once: a streaming pass at the memory floor. Low-pass images get c = 0, high-pass
+  images c = 1, i.e. ``x - lowpass``, exactly.
+* **general path** (any mask): c = 0 and every frequency. Launch 1, one program per (plane,
+  block of 16 half-spectrum columns): forward transform, mask, inverse along H, written to a
+  (N C, 2, H, W/2+1) fp32 workspace. Launch 2, one program per (plane, block of rows): the
+  inverse along W as a GEMM plus the epilogue. When the half spectrum fits one column block
+  (W <= 30) launch 1 finishes the job alone.
+
+GEMMs run in fp32 on tensor cores with the 3xTF32 split (``precision="tf32x3"``, the default):
+within 1e-5 of the fp64 reference relative to max |output|. ``precision="ieee"`` uses plain
+fp32 FMA (slowest, most exact); ``"tf32"`` and ``"bf16"`` round the GEMM operands to 10 / 7
+mantissa bits: faster, with errors near 1e-3 / 1e-2 of max |output| (measured in the docs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dft import dft_table, next_pow2
+
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
+BAND_MAX = 64          # widest band the one-launch path keeps in registers
+GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """a @ b with fp32 accumulation at the requested GEMM precision."""
+    if PRECISION == "bf16":
+        if INTERPRETED:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                          input_precision="ieee")
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_pixels(x_ptr, rows, cols, H, W, s_h, s_w, IS_BYTE: tl.constexpr):
+    """(BM, BK) fp32 pixels in [0, 1] (uint8 / 255), zero outside the image."""
+    ok = (rows[:, None] < H) & (cols[None, :] < W)
+    v = tl.load(x_ptr + rows[:, None] * s_h + cols[None, :] * s_w, mask=ok, other=0).to(tl.float32)
+    if IS_BYTE:
+        v = v * (1.0 / 255.0)
+    return v
+
+
+@triton.jit
+def _normalise_store(out_ptr, y, rows, cols, H, W, mean, inv_std):
+    ok = (rows[:, None] < H) & (cols[None, :] < W)
+    y = (tl.minimum(tl.maximum(y, 0.0), 1.0) - mean) * inv_std
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + rows[:, None] * W + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _corrupt_spectrum_kernel(
+        x_ptr, mask_ptr, ew_ptr, eh_ptr, stats_ptr, out_ptr, ws_ptr,
+        C, H, W, s_xn, s_xc, s_xh, s_xw, s_mn, s_mh, s_mw,
+        KY0, NUM_KY, NUM_KX,
+        WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BKX: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BAND: tl.constexpr, FUSED: tl.constexpr,
+        IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Program (plane, kx block): X = Eh x Ew on KP x BKX frequencies, P = (M - c) colw / HW * X,
+    then B = Eh^H P, and either the whole output (FUSED) or B into the workspace."""
+    plane = tl.program_id(0)
+    kxb = tl.program_id(1)
+    n = plane // C
+    ch = plane % C
+    x_base = x_ptr + n * s_xn + ch * s_xc
+
+    j = tl.arange(0, KP)                     # row of the ky table
+    kx = kxb * BKX + tl.arange(0, BKX)       # half-spectrum column
+    ew_cos = ew_ptr + kx[None, :] * WP       # table rows are frequencies, columns samples
+    ew_sin = ew_cos + RP * WP
+    eh_cos = eh_ptr + j[:, None] * HP
+    eh_sin = eh_cos + KP * HP
+
+    # ---- forward: X = sum_h Eh[:, h] (sum_w x[h, w] Ew[w, :]) --------------------------------
+    xr = tl.zeros((KP, BKX), tl.float32)
+    xi = tl.zeros((KP, BKX), tl.float32)
+    for h0 in range(0, H, BM):
+        rows = h0 + tl.arange(0, BM)
+        ar = tl.zeros((BM, BKX), tl.float32)
+        ai = tl.zeros((BM, BKX), tl.float32)
+        for w0 in range(0, W, BK):
+            cols = w0 + tl.arange(0, BK)
+            xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+            ar += _mm(xt, tl.load(ew_cos + cols[:, None]), PRECISION, INTERPRETED)
+            ai -= _mm(xt, tl.load(ew_sin + cols[:, None]), PRECISION, INTERPRETED)
+        hc = tl.load(eh_cos + rows[None, :])
+        hs = tl.load(eh_sin + rows[None, :])
+        xr += _mm(hc, ar, PRECISION, INTERPRETED) + _mm(hs, ai, PRECISION, INTERPRETED)
+        xi += _mm(hc, ai, PRECISION, INTERPRETED) - _mm(hs, ar, PRECISION, INTERPRETED)
+
+    # ---- mask: symmetrised keep mask (m(k) + m(-k)) / 2, minus c, times colw / (H W) ----------
+    ky = KY0 + j
+    valid = (j[:, None] < NUM_KY) & (kx[None, :] < NUM_KX)
+    row_p = (ky + H // 2 + H) % H
+    row_m = (H // 2 - ky + H) % H
+    col_p = (kx + W // 2) % W
+    col_m = (W // 2 - kx + W) % W
+    m_base = mask_ptr + n * s_mn
+    m_pos = tl.load(m_base + row_p[:, None] * s_mh + col_p[None, :] * s_mw, mask=valid, other=0).to(tl.float32)
+    m_neg = tl.load(m_base + row_m[:, None] * s_mh + col_m[None, :] * s_mw, mask=valid, other=0).to(tl.float32)
+    keep = 0.5 * (m_pos + m_neg)
+    c = 0.0
+    if BAND:
+        c = tl.load(m_base).to(tl.float32)   # the mask's value outside the band: frequency (-H/2, -W/2)
+    colw = tl.where((kx == 0) | (2 * kx == W), 1.0, 2.0) / (H * W)
+    scale = tl.where(valid, (keep - c) * colw[None, :], 0.0)
+    pr = xr * scale
+    pi = xi * scale
+
+    # ---- inverse along H: B = Eh^H P, then along W (FUSED) or to the workspace ----------------
+    mean = tl.load(stats_ptr + ch)
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    out_base = out_ptr + plane * H * W
+    ws_base = ws_ptr + plane * 2 * HP * (NUM_KX + BKX)
+    for h0 in range(0, H, BM):
+        rows = h0 + tl.arange(0, BM)
+        hc = tl.load(eh_ptr + j[None, :] * HP + rows[:, None])
+        hs = tl.load(eh_ptr + KP * HP + j[None, :] * HP + rows[:, None])
+        br = _mm(hc, pr, PRECISION, INTERPRETED) - _mm(hs, pi, PRECISION, INTERPRETED)
+        bi = _mm(hc, pi, PRECISION, INTERPRETED) + _mm(hs, pr, PRECISION, INTERPRETED)
+        if FUSED:
+            for w0 in range(0, W, BK):
+                cols = w0 + tl.arange(0, BK)
+                wc = tl.load(ew_ptr + kx[:, None] * WP + cols[None, :])
+                ws = tl.load(ew_ptr + RP * WP + kx[:, None] * WP + cols[None, :])
+                y = _mm(br, wc, PRECISION, INTERPRETED) - _mm(bi, ws, PRECISION, INTERPRETED)
+                if BAND:
+                    y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+                _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
+        else:
+            stride = NUM_KX + BKX  # workspace row length (padded so every column block fits)
+            off = rows[:, None] * stride + kx[None, :]
+            tl.store(ws_base + off, br)
+            tl.store(ws_base + HP * stride + off, bi)
+
+
+@triton.jit
+def _corrupt_inverse_rows_kernel(
+        ws_ptr, ew_ptr, stats_ptr, out_ptr, C, H, W, NUM_KX,
+        WP: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, BKX: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Program (plane, row block): y = Re(B Ew^H) over all half-spectrum columns, then the epilogue."""
+    plane = tl.program_id(0)
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    ch = plane % C
+    mean = tl.load(stats_ptr + ch)
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    stride = NUM_KX + BKX
+    ws_base = ws_ptr + plane * 2 * HP * stride
+    for w0 in range(0, W, BK):
+        cols = w0 + tl.arange(0, BK)
+        y = tl.zeros((BM, BK), tl.float32)
+        for k0 in range(0, NUM_KX, BKX):
+            kx = k0 + tl.arange(0, BKX)
+            off = rows[:, None] * stride + kx[None, :]
+            br = tl.load(ws_base + off)
+            bi = tl.load(ws_base + HP * stride + off)
+            wc = tl.load(ew_ptr + kx[:, None] * WP + cols[None, :])
+            ws = tl.load(ew_ptr + RP * WP + kx[:, None] * WP + cols[None, :])
+            y += _mm(br, wc, PRECISION, INTERPRETED) - _mm(bi, ws, PRECISION, INTERPRETED)
+        _normalise_store(out_ptr + plane * H * W, y, rows, cols, H, W, mean, inv_std)
+
+
+@functools.lru_cache(maxsize=32)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
+    """(2, C) float32 [mean; std] on the device, cached so no host-to-device copy per call."""
+    return torch.tensor([mean, std], dtype=torch.float32, device=device)
+
+
+def band_fits(mask_band: int, height: int, width: int) -> bool:
+    """True when the band path can take a mask promised constant outside |ky|, |kx| < mask_band."""
+    return 1 <= mask_band <= min(BAND_MAX, height // 2, width // 2)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.Tensor, mask_band: int,
+           precision: str, block_rows: int = 32, block_cols: int = 64, num_warps: Optional[int] = None) -> None:
+    """Write the corrupted input into `out` (N, C, H, W) contiguous; the tile sizes are tunable
+    (bench/tune_corrupt.py) and are clipped to the padded image."""
+    n, channels, height, width = x.shape
+    device = x.device
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    wp, hp = next_pow2(width), next_pow2(height)
+    interp = _interpreted()
+    bm, bk = min(block_rows, hp), min(block_cols, wp)
+    common = dict(IS_BYTE=x.dtype == torch.uint8, PRECISION=precision, INTERPRETED=interp)
+    if mask_band > 0:
+        r = mask_band
+        rp, kp = next_pow2(r), next_pow2(2 * r - 1)
+        ew = dft_table(width, 0, r, rp, wp, device)
+        eh = dft_table(height, -(r - 1), 2 * r - 1, kp, hp, device)
+        _corrupt_spectrum_kernel[(n * channels, 1)](
+            x, mask, ew, eh, stats, out, out, channels, height, width, *x.stride(), *mask.stride(),
+            -(r - 1), 2 * r - 1, r, WP=wp, HP=hp, KP=kp, RP=rp, BKX=rp, BM=bm, BK=bk, BAND=True, FUSED=True,
+            num_warps=num_warps or 4, **common)
+        return
+    num_kx = width // 2 + 1
+    bkx = GENERAL_BLOCK_KX
+    blocks = triton.cdiv(num_kx, bkx)
+    rp = blocks * bkx
+    ew = dft_table(width, 0, num_kx, rp, wp, device)
+    eh = dft_table(height, 0, height, hp, hp, device)
+    fused = blocks == 1
+    ws = out if fused else torch.empty((n * channels, 2, hp, num_kx + bkx), dtype=torch.float32, device=device)
+    _corrupt_spectrum_kernel[(n * channels, blocks)](
+        x, mask, ew, eh, stats, out, ws, channels, height, width, *x.stride(), *mask.stride(),
+        0, height, num_kx, WP=wp, HP=hp, KP=hp, RP=rp, BKX=bkx, BM=bm, BK=bk, BAND=False, FUSED=fused,
+        num_warps=num_warps or 8, **common)
+    if not fused:
+        _corrupt_inverse_rows_kernel[(n * channels, triton.cdiv(height, bm))](
+            ws, ew, stats, out, channels, height, width, num_kx, WP=wp, HP=hp, RP=rp, BKX=bkx, BM=bm, BK=bk,
+            PRECISION=precision, INTERPRETED=interp, num_warps=4)
+
+
+@torch.library.custom_op("mfm_fast::corrupt_triton", mutates_args=())
+def corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[float], out_dtype: torch.dtype,
+            mask_band: int, precision: str) -> torch.Tensor:
+    """x (N, C, H, W) pixels (fp32 / fp16 / bf16 / uint8, any strides), mask (N, H, W) fftshift-ed keep mask
+    -> (N, C, H, W) normalised corrupted input in out_dtype, contiguous.
+
+    mask_band > 0 takes the one-launch band path (see the module docstring; the caller promises the
+    mask is constant outside the band and that :func:`band_fits`); 0 takes the general path.
+    """
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    launch(x, mask, _stats(tuple(mean), tuple(std), x.device), out, mask_band, precision)
+    return out
+
+
+@corrupt.register_fake
+def _(x, mask, mean, std, out_dtype, mask_band, precision):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def ceil_band(r1: float) -> int:
+    """The box half-width R that holds the disc d^2 < r1^2 of integer offsets: |ky|, |kx| <= R - 1."""
+    return max(1, math.ceil(r1))
