@@ -51,9 +51,9 @@ def main(argv=None) -> int:
         path = "band" if band else "general"
         print(f"\n{path} {label}: copy {copy_ms:.4f} ms, torch backend {torch_ms:.4f} ms ({torch_ms / copy_ms:.1f}x copy)")
         if label != "fp32->fp32":  # the full sweep once; other dtypes at the defaults
-            grid = [(32, 64, 4 if band else 8)]
+            grid = [(64, 32, 4 if band else 8)]
         elif band:
-            grid = itertools.product((16, 32, 64), (32, 64, 128), (4, 8))
+            grid = itertools.product((32, 64), (32, 64, 128), (4, 8))
         else:
             grid = itertools.product((16, 32), (32, 64), (4, 8))
         results = []

@@ -50,10 +50,21 @@ def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """a @ b with fp32 accumulation at the requested GEMM precision."""
     if PRECISION == "bf16":
         if INTERPRETED:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                          input_precision="ieee")
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    return tl.dot(a, b, input_precision=PRECISION)
+            c = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        else:
+            c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _swap_halves(z, HALF: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """[re | im] (M, 2 HALF) -> [im | -re], i.e. -i * z, as a GEMM with a signed permutation."""
+    i = tl.arange(0, 2 * HALF)[:, None]
+    j = tl.arange(0, 2 * HALF)[None, :]
+    perm = tl.where(i == j + HALF, 1.0, tl.where(j == i + HALF, -1.0, 0.0))
+    return _mm(z, perm, PRECISION, INTERPRETED)
 
 
 @triton.jit
@@ -80,46 +91,42 @@ def _normalise_store(out_ptr, y, rows, cols, H, W, mean, inv_std):
 
 @triton.jit
 def _corrupt_spectrum_kernel(
-        x_ptr, mask_ptr, ew_ptr, eh_ptr, stats_ptr, out_ptr, ws_ptr,
+        x_ptr, mask_ptr, ew_ptr, ewt_ptr, eh_ptr, eht_ptr, stats_ptr, out_ptr, ws_ptr,
         C, H, W, s_xn, s_xc, s_xh, s_xw, s_mn, s_mh, s_mw,
         KY0, NUM_KY, NUM_KX,
-        WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BKX: tl.constexpr,
+        WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr, BAND: tl.constexpr, FUSED: tl.constexpr,
         IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Program (plane, kx block): X = Eh x Ew on KP x BKX frequencies, P = (M - c) colw / HW * X,
-    then B = Eh^H P, and either the whole output (FUSED) or B into the workspace."""
+    """Program (plane, kx block). Complex tiles are stored as [re | im] (rows, 2 BKX):
+    A = x Ew, X = Ch A + Sh (-i A), P = X * (M - c) colw / HW, B = Ch^T P + Sh^T (i P),
+    y = B Ew^H = [Br | Bi] [cos; -sin]; then the epilogue (FUSED) or B to the workspace."""
     plane = tl.program_id(0)
     kxb = tl.program_id(1)
     n = plane // C
     ch = plane % C
     x_base = x_ptr + n * s_xn + ch * s_xc
+    j = tl.arange(0, KP)                    # row of the ky tables
+    q = tl.arange(0, 2 * BKX)               # column of a [re | im] tile
+    ew_blk = ew_ptr + kxb * WP * 2 * BKX    # (WP, 2 BKX) [cos | -sin] of this column block
+    ewt_blk = ewt_ptr + kxb * 2 * BKX * WP  # its transpose (2 BKX, WP)
 
-    j = tl.arange(0, KP)                     # row of the ky table
-    kx = kxb * BKX + tl.arange(0, BKX)       # half-spectrum column
-    ew_cos = ew_ptr + kx[None, :] * WP       # table rows are frequencies, columns samples
-    ew_sin = ew_cos + RP * WP
-    eh_cos = eh_ptr + j[:, None] * HP
-    eh_sin = eh_cos + KP * HP
-
-    # ---- forward: X = sum_h Eh[:, h] (sum_w x[h, w] Ew[w, :]) --------------------------------
-    xr = tl.zeros((KP, BKX), tl.float32)
-    xi = tl.zeros((KP, BKX), tl.float32)
+    # ---- forward: A = x Ew per row block, X += Ch A + Sh (-i A) ---------------------------------
+    xc = tl.zeros((KP, 2 * BKX), tl.float32)
     for h0 in range(0, H, BM):
         rows = h0 + tl.arange(0, BM)
-        ar = tl.zeros((BM, BKX), tl.float32)
-        ai = tl.zeros((BM, BKX), tl.float32)
+        a = tl.zeros((BM, 2 * BKX), tl.float32)
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
             xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
-            ar += _mm(xt, tl.load(ew_cos + cols[:, None]), PRECISION, INTERPRETED)
-            ai -= _mm(xt, tl.load(ew_sin + cols[:, None]), PRECISION, INTERPRETED)
-        hc = tl.load(eh_cos + rows[None, :])
-        hs = tl.load(eh_sin + rows[None, :])
-        xr += _mm(hc, ar, PRECISION, INTERPRETED) + _mm(hs, ai, PRECISION, INTERPRETED)
-        xi += _mm(hc, ai, PRECISION, INTERPRETED) - _mm(hs, ar, PRECISION, INTERPRETED)
+            a += _mm(xt, tl.load(ew_blk + cols[:, None] * (2 * BKX) + q[None, :]), PRECISION, INTERPRETED)
+        hc = tl.load(eh_ptr + j[:, None] * HP + rows[None, :])
+        hs = tl.load(eh_ptr + KP * HP + j[:, None] * HP + rows[None, :])
+        xc += _mm(hc, a, PRECISION, INTERPRETED) + _mm(hs, _swap_halves(a, BKX, PRECISION, INTERPRETED),
+                                                      PRECISION, INTERPRETED)
 
     # ---- mask: symmetrised keep mask (m(k) + m(-k)) / 2, minus c, times colw / (H W) ----------
     ky = KY0 + j
+    kx = kxb * BKX + q % BKX                # the half-spectrum column of each [re | im] column
     valid = (j[:, None] < NUM_KY) & (kx[None, :] < NUM_KX)
     row_p = (ky + H // 2 + H) % H
     row_m = (H // 2 - ky + H) % H
@@ -133,61 +140,51 @@ def _corrupt_spectrum_kernel(
     if BAND:
         c = tl.load(m_base).to(tl.float32)   # the mask's value outside the band: frequency (-H/2, -W/2)
     colw = tl.where((kx == 0) | (2 * kx == W), 1.0, 2.0) / (H * W)
-    scale = tl.where(valid, (keep - c) * colw[None, :], 0.0)
-    pr = xr * scale
-    pi = xi * scale
+    scale2 = tl.where(valid, (keep - c) * colw[None, :], 0.0)                    # (KP, 2 BKX)
+    p = xc * scale2
+    p_i = -_swap_halves(p, BKX, PRECISION, INTERPRETED)                          # i P = [-Pi | Pr]
 
-    # ---- inverse along H: B = Eh^H P, then along W (FUSED) or to the workspace ----------------
+    # ---- inverse along H: B = Ch^T P + Sh^T (i P), then along W (FUSED) or to the workspace ----
     mean = tl.load(stats_ptr + ch)
     inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     out_base = out_ptr + plane * H * W
-    ws_base = ws_ptr + plane * 2 * HP * (NUM_KX + BKX)
+    ws_base = ws_ptr + (plane * tl.num_programs(1) + kxb) * HP * 2 * BKX
     for h0 in range(0, H, BM):
         rows = h0 + tl.arange(0, BM)
-        hc = tl.load(eh_ptr + j[None, :] * HP + rows[:, None])
-        hs = tl.load(eh_ptr + KP * HP + j[None, :] * HP + rows[:, None])
-        br = _mm(hc, pr, PRECISION, INTERPRETED) - _mm(hs, pi, PRECISION, INTERPRETED)
-        bi = _mm(hc, pi, PRECISION, INTERPRETED) + _mm(hs, pr, PRECISION, INTERPRETED)
+        hc = tl.load(eht_ptr + rows[:, None] * KP + j[None, :])
+        hs = tl.load(eht_ptr + HP * KP + rows[:, None] * KP + j[None, :])
+        bc = _mm(hc, p, PRECISION, INTERPRETED) + _mm(hs, p_i, PRECISION, INTERPRETED)   # (BM, 2 BKX)
         if FUSED:
             for w0 in range(0, W, BK):
                 cols = w0 + tl.arange(0, BK)
-                wc = tl.load(ew_ptr + kx[:, None] * WP + cols[None, :])
-                ws = tl.load(ew_ptr + RP * WP + kx[:, None] * WP + cols[None, :])
-                y = _mm(br, wc, PRECISION, INTERPRETED) - _mm(bi, ws, PRECISION, INTERPRETED)
+                y = _mm(bc, tl.load(ewt_blk + q[:, None] * WP + cols[None, :]), PRECISION, INTERPRETED)
                 if BAND:
-                    y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+                    if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
+                        y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
                 _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
         else:
-            stride = NUM_KX + BKX  # workspace row length (padded so every column block fits)
-            off = rows[:, None] * stride + kx[None, :]
-            tl.store(ws_base + off, br)
-            tl.store(ws_base + HP * stride + off, bi)
+            tl.store(ws_base + rows[:, None] * (2 * BKX) + q[None, :], bc)
 
 
 @triton.jit
 def _corrupt_inverse_rows_kernel(
-        ws_ptr, ew_ptr, stats_ptr, out_ptr, C, H, W, NUM_KX,
-        WP: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr, BKX: tl.constexpr,
+        ws_ptr, ewt_ptr, stats_ptr, out_ptr, C, H, W, NUM_BLOCKS,
+        WP: tl.constexpr, HP: tl.constexpr, BKX: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Program (plane, row block): y = Re(B Ew^H) over all half-spectrum columns, then the epilogue."""
+    """Program (plane, row block): y = sum over column blocks of B_b Ew_b^H, then the epilogue."""
     plane = tl.program_id(0)
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    q = tl.arange(0, 2 * BKX)
     ch = plane % C
     mean = tl.load(stats_ptr + ch)
     inv_std = 1.0 / tl.load(stats_ptr + C + ch)
-    stride = NUM_KX + BKX
-    ws_base = ws_ptr + plane * 2 * HP * stride
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
         y = tl.zeros((BM, BK), tl.float32)
-        for k0 in range(0, NUM_KX, BKX):
-            kx = k0 + tl.arange(0, BKX)
-            off = rows[:, None] * stride + kx[None, :]
-            br = tl.load(ws_base + off)
-            bi = tl.load(ws_base + HP * stride + off)
-            wc = tl.load(ew_ptr + kx[:, None] * WP + cols[None, :])
-            ws = tl.load(ew_ptr + RP * WP + kx[:, None] * WP + cols[None, :])
-            y += _mm(br, wc, PRECISION, INTERPRETED) - _mm(bi, ws, PRECISION, INTERPRETED)
+        for b in range(0, NUM_BLOCKS):
+            bc = tl.load(ws_ptr + ((plane * NUM_BLOCKS + b) * HP + rows[:, None]) * (2 * BKX) + q[None, :])
+            et = tl.load(ewt_ptr + (b * 2 * BKX + q[:, None]) * WP + cols[None, :])
+            y += _mm(bc, et, PRECISION, INTERPRETED)
         _normalise_store(out_ptr + plane * H * W, y, rows, cols, H, W, mean, inv_std)
 
 
@@ -206,8 +203,23 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+@functools.lru_cache(maxsize=32)
+def _tables(height: int, width: int, first_ky: int, num_ky: int, num_kx: int, block_kx: int, device: torch.device):
+    """DFT tables for the kernels, cached per geometry and device:
+    ew (B, WP, 2 BKX) = [cos | -sin] (w, kx) per column block, ewt its transpose (B, 2 BKX, WP),
+    eh (2, KP, HP) = cos / sin (ky, h), eht its transpose (2, HP, KP)."""
+    wp, hp, kp = next_pow2(width), next_pow2(height), next_pow2(num_ky)
+    blocks = triton.cdiv(num_kx, block_kx)
+    t = dft_table(width, 0, num_kx, blocks * block_kx, wp, device)           # (2, B * BKX, WP)
+    t = t.reshape(2, blocks, block_kx, wp) * torch.tensor([1.0, -1.0], device=device).view(2, 1, 1, 1)
+    ewt = t.permute(1, 0, 2, 3).reshape(blocks, 2 * block_kx, wp).contiguous()
+    ew = ewt.transpose(1, 2).contiguous()
+    eh = dft_table(height, first_ky, num_ky, kp, hp, device)
+    return ew, ewt, eh, eh.transpose(1, 2).contiguous()
+
+
 def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.Tensor, mask_band: int,
-           precision: str, block_rows: int = 32, block_cols: int = 64, num_warps: Optional[int] = None) -> None:
+           precision: str, block_rows: int = 64, block_cols: int = 32, num_warps: Optional[int] = None) -> None:
     """Write the corrupted input into `out` (N, C, H, W) contiguous; the tile sizes are tunable
     (bench/tune_corrupt.py) and are clipped to the padded image."""
     n, channels, height, width = x.shape
@@ -217,32 +229,28 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
     wp, hp = next_pow2(width), next_pow2(height)
     interp = _interpreted()
     bm, bk = min(block_rows, hp), min(block_cols, wp)
-    common = dict(IS_BYTE=x.dtype == torch.uint8, PRECISION=precision, INTERPRETED=interp)
+    common = dict(WP=wp, HP=hp, BM=bm, BK=bk, IS_BYTE=x.dtype == torch.uint8, PRECISION=precision,
+                  INTERPRETED=interp)
     if mask_band > 0:
         r = mask_band
-        rp, kp = next_pow2(r), next_pow2(2 * r - 1)
-        ew = dft_table(width, 0, r, rp, wp, device)
-        eh = dft_table(height, -(r - 1), 2 * r - 1, kp, hp, device)
+        ew, ewt, eh, eht = _tables(height, width, -(r - 1), 2 * r - 1, r, next_pow2(r), device)
         _corrupt_spectrum_kernel[(n * channels, 1)](
-            x, mask, ew, eh, stats, out, out, channels, height, width, *x.stride(), *mask.stride(),
-            -(r - 1), 2 * r - 1, r, WP=wp, HP=hp, KP=kp, RP=rp, BKX=rp, BM=bm, BK=bk, BAND=True, FUSED=True,
+            x, mask, ew, ewt, eh, eht, stats, out, out, channels, height, width, *x.stride(), *mask.stride(),
+            -(r - 1), 2 * r - 1, r, KP=eh.shape[1], BKX=next_pow2(r), BAND=True, FUSED=True,
             num_warps=num_warps or 4, **common)
         return
     num_kx = width // 2 + 1
     bkx = GENERAL_BLOCK_KX
-    blocks = triton.cdiv(num_kx, bkx)
-    rp = blocks * bkx
-    ew = dft_table(width, 0, num_kx, rp, wp, device)
-    eh = dft_table(height, 0, height, hp, hp, device)
+    ew, ewt, eh, eht = _tables(height, width, 0, height, num_kx, bkx, device)
+    blocks = ew.shape[0]
     fused = blocks == 1
-    ws = out if fused else torch.empty((n * channels, 2, hp, num_kx + bkx), dtype=torch.float32, device=device)
+    ws = out if fused else torch.empty((n * channels, blocks, hp, 2 * bkx), dtype=torch.float32, device=device)
     _corrupt_spectrum_kernel[(n * channels, blocks)](
-        x, mask, ew, eh, stats, out, ws, channels, height, width, *x.stride(), *mask.stride(),
-        0, height, num_kx, WP=wp, HP=hp, KP=hp, RP=rp, BKX=bkx, BM=bm, BK=bk, BAND=False, FUSED=fused,
-        num_warps=num_warps or 8, **common)
+        x, mask, ew, ewt, eh, eht, stats, out, ws, channels, height, width, *x.stride(), *mask.stride(),
+        0, height, num_kx, KP=hp, BKX=bkx, BAND=False, FUSED=fused, num_warps=num_warps or 8, **common)
     if not fused:
         _corrupt_inverse_rows_kernel[(n * channels, triton.cdiv(height, bm))](
-            ws, ew, stats, out, channels, height, width, num_kx, WP=wp, HP=hp, RP=rp, BKX=bkx, BM=bm, BK=bk,
+            ws, ewt, stats, out, channels, height, width, blocks, WP=wp, HP=hp, BKX=bkx, BM=bm, BK=bk,
             PRECISION=precision, INTERPRETED=interp, num_warps=4)
 
 

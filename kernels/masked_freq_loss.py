@@ -1,0 +1,414 @@
+"""Triton masked spectral loss (MFM_SPEC.md §3): the loss and dloss/dpred in the forward launches.
+
+Same half-spectrum maths as mfm_fast/torch_backend/masked_freq_loss.py, with every DFT a GEMM on
+``tl.dot`` (split re/im, tables from kernels/_dft.py). Per image plane (per patch when
+patch_factor > 1) of size h x w, x = pred - target (target normalised in registers):
+
+    A = x @ Ew^T                         (h, w/2+1)   Ew[kx, x] = exp(-2 pi i kx x / w)
+    D = Eh @ A / sqrt(h w)               (h, w/2+1)   Eh[ky, y] = exp(-2 pi i ky y / h)
+    s2 = |D|^2 + 1e-12, d = s2^(gamma/2), c = ((1 - m(k)) + (1 - m(-k))) / 2 (m fftshift-ed)
+    loss = scale * sum_k colw c d        colw = 1, 2, ..., 2, 1 over kx; scale = loss_weight / Z
+    G = colw c scale gamma s2^(gamma/2 - 1) D / sqrt(h w)
+    B = Eh^H @ G;  grad = Re(B) @ cos(2 pi kx x / w) - Im(B) @ sin(2 pi kx x / w)   = irfft2_ortho
+
+Launches (all in the forward; backward only scales the saved gradient by grad_output):
+
+- full path: ``_mfl_full_fwd_kernel``, grid (KXP / BKX, planes): D for BKX columns and all rows,
+  the loss partial, G, B; B is written "packed" into the fp32 gradient buffer (row y holds
+  [Re B_0, Re B_w/2, Re B_1, Im B_1, ..., Im B_w/2-1]: w floats, as B_0 and B_w/2 are real).
+  ``_mfl_full_inv_kernel``, grid (h / BY, planes): the inverse along W of BY packed rows, written
+  over them (fp32) or into the low-precision gradient.
+- band path (``mask_band=R``, a promise that the mask equals its corner m[n, 0, 0] outside the
+  centred box |ky|, |kx| < R): planes whose corner is 1 (high-pass MFM images) have weight only
+  in the box, so ``_mfl_band_kernel``, grid (planes,), computes D on the (2R-1) x R band and the
+  gradient Re(Eh_band^H G Ew_band^H) directly. The choice is per image on the device: full-path
+  programs of band planes exit at once and vice versa.
+- loss = sum(partials) * scale: per-program partials and a fixed-order torch.sum (deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from mfm_fast._common import compute_dtype
+from mfm_fast.torch_backend.masked_freq_loss import _target_grad
+
+from ._dft import dft_table, next_pow2
+
+EPS = 1e-12
+PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+
+# ---------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _plane_offsets(plane, C, PF, h, w, s_n, s_c, s_h, s_w):
+    """Offset of plane (n, c, patch row pi, patch col pj) of an (N, C, H, W) tensor with strides s_*."""
+    pj = plane % PF
+    pi = (plane // PF) % PF
+    c = (plane // (PF * PF)) % C
+    n = (plane // (PF * PF * C)).to(tl.int64)
+    return n * s_n + c * s_c + (pi * h) * s_h + (pj * w) * s_w
+
+
+@triton.jit
+def _load_diff(p_base, t_base, ys, xs, h, w, sp_h, sp_w, st_h, st_w, mean, std,
+               NORM: tl.constexpr, T_U8: tl.constexpr):
+    """(BY, BX) tile of pred - target in fp32 (target / 255 if uint8, then (t - mean) / std if NORM); 0 outside."""
+    ok = (ys[:, None] < h) & (xs[None, :] < w)
+    p = tl.load(p_base + ys[:, None] * sp_h + xs[None, :] * sp_w, mask=ok, other=0.0).to(tl.float32)
+    t = tl.load(t_base + ys[:, None] * st_h + xs[None, :] * st_w, mask=ok, other=0).to(tl.float32)
+    if T_U8:
+        t = t / 255.0
+    if NORM:
+        t = (t - mean) / std
+    return tl.where(ok, p - t, 0.0)
+
+
+@triton.jit
+def _sym_weight(m_base, sm_h, sm_w, ky, kx, valid, h, w):
+    """((1 - m(k)) + (1 - m(-k))) / 2 at k = (ky, kx), ky >= -h, read from the fftshift-ed mask; 0 where not valid."""
+    r_pos = (ky + h + h // 2) % h
+    c_pos = (kx + w // 2) % w
+    r_neg = (h - ky + h // 2) % h
+    c_neg = (w - kx + w // 2) % w
+    m_pos = tl.load(m_base + r_pos * sm_h + c_pos * sm_w, mask=valid, other=1).to(tl.float32)
+    m_neg = tl.load(m_base + r_neg * sm_h + c_neg * sm_w, mask=valid, other=1).to(tl.float32)
+    return tl.where(valid, ((1.0 - m_pos) + (1.0 - m_neg)) * 0.5, 0.0)
+
+
+@triton.jit
+def _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE: tl.constexpr):
+    """(partial loss sum colw c d, coefficient of D in G): d = s2^(gamma/2), G = coef * D."""
+    s2 = Dr * Dr + Di * Di + 1e-12
+    if GAMMA_MODE == 1:
+        d = tl.sqrt(s2)
+        slope = 1.0 / d
+    elif GAMMA_MODE == 2:
+        d = s2
+        slope = tl.full(s2.shape, 1.0, tl.float32)
+    else:
+        lg = tl.log(s2)
+        d = tl.exp((0.5 * gamma) * lg)
+        slope = tl.exp((0.5 * gamma - 1.0) * lg)
+    partial = tl.sum(colw * c * d)
+    coef = (c * (scale * gamma)) * slope * (colw * inv_sqrt)
+    return partial, coef
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mfl_full_fwd_kernel(
+        p_ptr, t_ptr, m_ptr, ws_ptr, part_ptr, scale_ptr, stat_ptr, ew_ptr, eh_ptr,
+        C, PF, h, w,
+        sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sm_n, sm_h, sm_w, so_n, so_c, so_h,
+        inv_sqrt, gamma,
+        HP: tl.constexpr, KXP: tl.constexpr, WP: tl.constexpr, BKX: tl.constexpr, BY: tl.constexpr,
+        BW: tl.constexpr, HAS_MASK: tl.constexpr, BAND: tl.constexpr, NORM: tl.constexpr, T_U8: tl.constexpr,
+        NEED_GRAD: tl.constexpr, GAMMA_MODE: tl.constexpr, PREC: tl.constexpr):
+    """Program (column block kb, plane): D[:, kb*BKX : (kb+1)*BKX], the loss partial, and packed B into ws."""
+    kb = tl.program_id(0)
+    plane = tl.program_id(1)
+    part_ptr += plane * tl.num_programs(0) + kb
+    m_base = m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)
+    if BAND:
+        if tl.load(m_base).to(tl.float32) == 1.0:  # a band plane: _mfl_band_kernel owns it
+            tl.store(part_ptr, 0.0)
+            return
+    p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
+    t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
+    mean = 0.0
+    std = 1.0
+    if NORM:
+        ch = (plane // (PF * PF)) % C
+        mean = tl.load(stat_ptr + ch)
+        std = tl.load(stat_ptr + C + ch)
+
+    kx = kb * BKX + tl.arange(0, BKX)
+    ky = tl.arange(0, HP)
+    ys0 = tl.arange(0, BY)
+    xs0 = tl.arange(0, BW)
+    Dr = tl.zeros((HP, BKX), tl.float32)
+    Dq = tl.zeros((HP, BKX), tl.float32)  # Dq = -Im D
+    for y0 in range(0, h, BY):
+        Ar = tl.zeros((BY, BKX), tl.float32)
+        As = tl.zeros((BY, BKX), tl.float32)  # A = Ar - i As
+        for x0 in range(0, w, BW):
+            xt = _load_diff(p_base, t_base, y0 + ys0, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
+            ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, BKX) slice of Ew^T
+            Ar = tl.dot(xt, tl.load(ew_t), Ar, input_precision=PREC)
+            As = tl.dot(xt, tl.load(ew_t + KXP * WP), As, input_precision=PREC)
+        eh_t = eh_ptr + ky[:, None] * HP + (y0 + ys0)[None, :]  # (HP, BY) slice of Eh
+        ch_t = tl.load(eh_t)
+        sh_t = tl.load(eh_t + HP * HP)
+        Dr = tl.dot(ch_t, Ar, Dr, input_precision=PREC)
+        Dr = tl.dot(sh_t, -As, Dr, input_precision=PREC)
+        Dq = tl.dot(ch_t, As, Dq, input_precision=PREC)
+        Dq = tl.dot(sh_t, Ar, Dq, input_precision=PREC)
+    Dr = Dr * inv_sqrt
+    Di = Dq * -inv_sqrt
+
+    valid = (ky[:, None] < h) & (kx[None, :] < w // 2 + 1)
+    if HAS_MASK:
+        c = _sym_weight(m_base, sm_h, sm_w, ky[:, None], kx[None, :], valid, h, w)
+    else:
+        c = tl.where(valid, 1.0, 0.0)
+    colw = tl.where((kx == 0) | (kx == w // 2), 1.0, 2.0)[None, :]
+    scale = tl.load(scale_ptr)
+    partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
+    tl.store(part_ptr, partial)
+    if NEED_GRAD:
+        Gr = coef * Dr
+        Gi = coef * Di
+        o_base = ws_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+        pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
+        kx_ok = kx < w // 2 + 1
+        im_ok = (kx > 0) & (kx < w // 2)
+        for y0 in range(0, h, BY):
+            ys = y0 + ys0
+            ehT = eh_ptr + ys[:, None] * HP + ky[None, :]  # (BY, HP) slice of Eh^T = Eh (symmetric)
+            ch_t = tl.load(ehT)
+            sh_t = tl.load(ehT + HP * HP)
+            Br = tl.dot(ch_t, Gr, input_precision=PREC)
+            Br = tl.dot(sh_t, -Gi, Br, input_precision=PREC)
+            Bi = tl.dot(sh_t, Gr, input_precision=PREC)
+            Bi = tl.dot(ch_t, Gi, Bi, input_precision=PREC)
+            row = o_base + ys[:, None] * so_h
+            rows_ok = ys[:, None] < h
+            tl.store(row + pos_r[None, :], Br, mask=rows_ok & kx_ok[None, :])
+            tl.store(row + (2 * kx + 1)[None, :], Bi, mask=rows_ok & im_ok[None, :])
+
+
+@triton.jit
+def _mfl_full_inv_kernel(
+        ws_ptr, out_ptr, m_ptr, ew_ptr, C, PF, h, w, sm_n, sm_h, sm_w, so_n, so_c, so_h,
+        KXP: tl.constexpr, WP: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr, BAND: tl.constexpr,
+        PREC: tl.constexpr):
+    """Program (row block yb, plane): grad rows = Re(B) @ cos - Im(B) @ sin from the packed rows of ws.
+
+    ws and out may be the same buffer: every packed value of the block is loaded before any store."""
+    yb = tl.program_id(0)
+    plane = tl.program_id(1)
+    if BAND:
+        if tl.load(m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)).to(tl.float32) == 1.0:
+            return
+    off = _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+    ys = yb * BY + tl.arange(0, BY)
+    kx = tl.arange(0, KXP)
+    rows_ok = ys[:, None] < h
+    pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
+    row = ws_ptr + off + ys[:, None] * so_h
+    Br = tl.load(row + pos_r[None, :], mask=rows_ok & (kx < w // 2 + 1)[None, :], other=0.0)
+    Bi = tl.load(row + (2 * kx + 1)[None, :], mask=rows_ok & ((kx > 0) & (kx < w // 2))[None, :], other=0.0)
+    tl.debug_barrier()  # in place: all loads of the block before the first store
+    xs0 = tl.arange(0, BX)
+    out_row = out_ptr + off + ys[:, None] * so_h
+    for x0 in range(0, w, BX):
+        xs = x0 + xs0
+        ew = ew_ptr + kx[:, None] * WP + xs[None, :]  # (KXP, BX) slice of Ew
+        g = tl.dot(Br, tl.load(ew), input_precision=PREC)
+        g = tl.dot(-Bi, tl.load(ew + KXP * WP), g, input_precision=PREC)
+        tl.store(out_row + xs[None, :], g.to(out_ptr.dtype.element_ty), mask=rows_ok & (xs < w)[None, :])
+
+
+@triton.jit
+def _mfl_band_kernel(
+        p_ptr, t_ptr, m_ptr, out_ptr, part_ptr, scale_ptr, stat_ptr, ew_ptr, eb_ptr,
+        C, PF, h, w, R,
+        sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sm_n, sm_h, sm_w, so_n, so_c, so_h,
+        inv_sqrt, gamma,
+        HP: tl.constexpr, KXP: tl.constexpr, WP: tl.constexpr, RYP: tl.constexpr, RXP: tl.constexpr,
+        BY: tl.constexpr, BW: tl.constexpr, NORM: tl.constexpr, T_U8: tl.constexpr, NEED_GRAD: tl.constexpr,
+        GAMMA_MODE: tl.constexpr, PREC: tl.constexpr):
+    """Program (plane): if the mask corner is 1, D on rows ky = -(R-1)..R-1, columns kx = 0..RXP-1
+    (eb = band table of Eh), the loss partial and the whole gradient plane; else nothing."""
+    plane = tl.program_id(0)
+    part_ptr += plane
+    m_base = m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)
+    if tl.load(m_base).to(tl.float32) != 1.0:  # a full-path plane
+        tl.store(part_ptr, 0.0)
+        return
+    p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
+    t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
+    mean = 0.0
+    std = 1.0
+    if NORM:
+        ch = (plane // (PF * PF)) % C
+        mean = tl.load(stat_ptr + ch)
+        std = tl.load(stat_ptr + C + ch)
+
+    j = tl.arange(0, RYP)  # band row j is frequency ky = j - (R - 1)
+    kx = tl.arange(0, RXP)
+    ys0 = tl.arange(0, BY)
+    xs0 = tl.arange(0, BW)
+    Dr = tl.zeros((RYP, RXP), tl.float32)
+    Dq = tl.zeros((RYP, RXP), tl.float32)
+    for y0 in range(0, h, BY):
+        Ar = tl.zeros((BY, RXP), tl.float32)
+        As = tl.zeros((BY, RXP), tl.float32)
+        for x0 in range(0, w, BW):
+            xt = _load_diff(p_base, t_base, y0 + ys0, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
+            ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, RXP) slice of Ew^T
+            Ar = tl.dot(xt, tl.load(ew_t), Ar, input_precision=PREC)
+            As = tl.dot(xt, tl.load(ew_t + KXP * WP), As, input_precision=PREC)
+        eb_t = eb_ptr + j[:, None] * HP + (y0 + ys0)[None, :]  # (RYP, BY) slice of the band rows of Eh
+        ch_t = tl.load(eb_t)
+        sh_t = tl.load(eb_t + RYP * HP)
+        Dr = tl.dot(ch_t, Ar, Dr, input_precision=PREC)
+        Dr = tl.dot(sh_t, -As, Dr, input_precision=PREC)
+        Dq = tl.dot(ch_t, As, Dq, input_precision=PREC)
+        Dq = tl.dot(sh_t, Ar, Dq, input_precision=PREC)
+    Dr = Dr * inv_sqrt
+    Di = Dq * -inv_sqrt
+
+    valid = (j[:, None] < 2 * R - 1) & (kx[None, :] < w // 2 + 1)
+    c = _sym_weight(m_base, sm_h, sm_w, j[:, None] - (R - 1), kx[None, :], valid, h, w)
+    colw = tl.where((kx == 0) | (kx == w // 2), 1.0, 2.0)[None, :]
+    scale = tl.load(scale_ptr)
+    partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
+    tl.store(part_ptr, partial)
+    if NEED_GRAD:
+        Gr = coef * Dr
+        Gi = coef * Di
+        o_base = out_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+        for y0 in range(0, h, BY):
+            ys = y0 + ys0
+            ebT = eb_ptr + j[None, :] * HP + ys[:, None]  # (BY, RYP) slice of Eh_band^T
+            ch_t = tl.load(ebT)
+            sh_t = tl.load(ebT + RYP * HP)
+            Br = tl.dot(ch_t, Gr, input_precision=PREC)
+            Br = tl.dot(sh_t, -Gi, Br, input_precision=PREC)
+            Bi = tl.dot(sh_t, Gr, input_precision=PREC)
+            Bi = tl.dot(ch_t, Gi, Bi, input_precision=PREC)
+            for x0 in range(0, w, BW):
+                xs = x0 + xs0
+                ew = ew_ptr + kx[:, None] * WP + xs[None, :]  # (RXP, BW) slice of Ew
+                g = tl.dot(Br, tl.load(ew), input_precision=PREC)
+                g = tl.dot(-Bi, tl.load(ew + KXP * WP), g, input_precision=PREC)
+                tl.store(o_base + ys[:, None] * so_h + xs[None, :], g.to(out_ptr.dtype.element_ty),
+                         mask=(ys[:, None] < h) & (xs < w)[None, :])
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def unsupported_reason(pred: torch.Tensor, reduction: str, with_matrix: bool, ave_spectrum: bool) -> Optional[str]:
+    """None if the fused Triton loss handles these options, else why the torch backend is used instead."""
+    if reduction == "none":
+        return "reduction='none' (the per-frequency map) is not fused"
+    if with_matrix:
+        return "with_matrix=True (the focal matrix needs a max over each whole spectrum) is not fused"
+    if ave_spectrum:
+        return "ave_spectrum=True (a batch-average spectrum) is not fused"
+    if pred.dtype == torch.float64:
+        return "float64 pred is computed in float64, which the Triton kernels do not do"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor([mean, std], dtype=torch.float32).to(device)
+
+
+def _gamma_mode(gamma: float) -> int:
+    return 1 if gamma == 1.0 else (2 if gamma == 2.0 else 0)
+
+
+def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
+             mask_band, precision, need_grad):
+    n, C, H, W = pred.shape
+    pf = patch_factor
+    h, w = H // pf, W // pf
+    planes = n * C * pf * pf
+    dev = pred.device
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    if reduction == "masked":
+        scale = loss_weight / (C * (1.0 - mask.to(torch.float32)).sum()).clamp_min(1e-30)
+    else:
+        scale = torch.full((), loss_weight / (n * C * H * W) if reduction == "mean" else loss_weight,
+                           dtype=torch.float32, device=dev)
+    norm = target_mean is not None
+    stats = _stats(tuple(target_mean), tuple(target_std), dev) if norm else scale
+    m = mask if mask is not None else scale
+    sm = mask.stride() if mask is not None else (0, 0, 0)
+    band = mask is not None and mask_band is not None
+
+    HP, WP, KXP = next_pow2(h), next_pow2(w), next_pow2(w // 2 + 1)
+    BY, BW, BKX = min(32, HP), min(64, WP), min(32, KXP)
+    ew = dft_table(w, 0, w // 2 + 1, KXP, WP, dev)
+    eh = dft_table(h, 0, h, HP, HP, dev)
+    n_kb = KXP // BKX
+    partials = torch.empty(planes * (n_kb + int(band)), dtype=torch.float32, device=dev)
+    grad = pred.new_empty(pred.shape) if need_grad else pred.new_empty(0)
+    ws = grad if (not need_grad or grad.dtype == torch.float32) else torch.empty(pred.shape, dtype=torch.float32,
+                                                                                  device=dev)
+    so = (C * H * W, H * W, W)
+    common = dict(NORM=norm, T_U8=target.dtype == torch.uint8, NEED_GRAD=need_grad,
+                  GAMMA_MODE=_gamma_mode(loss_gamma), PREC=precision)
+    args = (C, pf, h, w, *pred.stride(), *target.stride(), *sm, *so)
+    _mfl_full_fwd_kernel[(n_kb, planes)](
+        pred, target, m, ws, partials, scale, stats, ew, eh, *args, 1.0 / (h * w) ** 0.5, float(loss_gamma),
+        HP=HP, KXP=KXP, WP=WP, BKX=BKX, BY=BY, BW=BW, HAS_MASK=mask is not None, BAND=band, **common,
+        num_warps=8 if HP * BKX >= 4096 else 4)
+    if need_grad:
+        BX = min(64, WP)
+        _mfl_full_inv_kernel[(triton.cdiv(h, BY), planes)](
+            ws, grad, m, ew, C, pf, h, w, *sm, *so, KXP=KXP, WP=WP, BY=BY, BX=BX, BAND=band, PREC=precision,
+            num_warps=4)
+    if band:
+        R = int(mask_band)
+        RYP, RXP = next_pow2(2 * R - 1), next_pow2(R)
+        eb = dft_table(h, 1 - R, 2 * R - 1, RYP, HP, dev)
+        _mfl_band_kernel[(planes,)](
+            pred, target, m, grad, partials[planes * n_kb:], scale, stats, ew, eb, C, pf, h, w, R,
+            *pred.stride(), *target.stride(), *sm, *so, 1.0 / (h * w) ** 0.5, float(loss_gamma),
+            HP=HP, KXP=KXP, WP=WP, RYP=RYP, RXP=RXP, BY=BY, BW=BW, **common, num_warps=4)
+    return partials.sum() * scale, grad
+
+
+@torch.library.custom_op("mfm_fast::masked_freq_loss_triton", mutates_args=())
+def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], loss_gamma: float,
+                     reduction: str, patch_factor: int, loss_weight: float, target_mean: Optional[list[float]],
+                     target_std: Optional[list[float]], mask_band: Optional[int], precision: str,
+                     need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar loss (reduction masked / mean / sum, fp32) and, when need_grad, dloss/dpred (N, C, H, W) in
+    pred's dtype (empty otherwise). pred fp32 / bf16 / fp16, target any float or uint8, any strides.
+
+    mask_band=R promises mask == mask[n, 0, 0] (per patch tile) outside the centred box |ky|, |kx| < R;
+    precision is tl.dot's input_precision ("tf32x3" ~ fp32 accuracy, "tf32" fast, "ieee" exact fp32 FMA).
+    """
+    return _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
+                    mask_band, precision, need_grad)
+
+
+@masked_freq_loss.register_fake
+def _(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std, mask_band,
+      precision, need_grad):
+    loss = pred.new_empty((), dtype=compute_dtype(pred))
+    return loss, (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.target_std = inputs[8]
+    ctx.target_dtype = inputs[1].dtype
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    scaled = grad * grad_loss.to(grad.dtype)
+    grad_pred = scaled if ctx.needs_input_grad[0] else None
+    grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
+    return (grad_pred, grad_target) + (None,) * 10
+
+
+masked_freq_loss.register_autograd(_backward, setup_context=_setup_context)
