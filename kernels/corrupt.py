@@ -43,6 +43,7 @@ from ._dft import dft_table, next_pow2
 PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 BAND_MAX = 64          # widest band the one-launch path keeps in registers
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
+GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
 
 
 @triton.jit
@@ -228,6 +229,8 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         mask = mask.view(torch.uint8)
     wp, hp = next_pow2(width), next_pow2(height)
     interp = _interpreted()
+    if mask_band == 0:  # the general path's (H x 2 BKX) tiles need small row blocks to fit shared memory
+        block_rows = min(block_rows, GENERAL_BLOCK_ROWS)
     bm, bk = min(block_rows, hp), min(block_cols, wp)
     common = dict(WP=wp, HP=hp, BM=bm, BK=bk, IS_BYTE=x.dtype == torch.uint8, PRECISION=precision,
                   INTERPRETED=interp)
@@ -247,7 +250,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
     ws = out if fused else torch.empty((n * channels, blocks, hp, 2 * bkx), dtype=torch.float32, device=device)
     _corrupt_spectrum_kernel[(n * channels, blocks)](
         x, mask, ew, ewt, eh, eht, stats, out, ws, channels, height, width, *x.stride(), *mask.stride(),
-        0, height, num_kx, KP=hp, BKX=bkx, BAND=False, FUSED=fused, num_warps=num_warps or 8, **common)
+        0, height, num_kx, KP=hp, BKX=bkx, BAND=False, FUSED=fused, num_warps=num_warps or 4, **common)
     if not fused:
         _corrupt_inverse_rows_kernel[(n * channels, triton.cdiv(height, bm))](
             ws, ewt, stats, out, channels, height, width, blocks, WP=wp, HP=hp, BKX=bkx, BM=bm, BK=bk,

@@ -91,7 +91,10 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
     if name == "triton":
         kernels = _triton_corrupt_module()
         band = band if band and kernels.band_fits(band, height, width) else 0
-        return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
+        if band or backend == "triton":
+            return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
+        log_fallback_once("corrupt", "triton", "torch", "masks without a mask_band promise take the general "
+                          "DFT-as-GEMM path, which is slower than cuFFT (ask for backend='triton' to force it)")
     return _corrupt_torch(x, mask, mean, std, out_dtype)
 
 

@@ -201,3 +201,19 @@ def test_gpu_parity_224(band, in_dtype, out_dtype):
     else:
         torch_out = mfm_fast.corrupt(x, mask, out_dtype=out_dtype, backend="torch")
         assert max_rel_err(out.cpu(), ref) <= 2 * max_rel_err(torch_out.cpu(), ref) + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_auto_uses_band_path_or_falls_back_to_torch(caplog):
+    from mfm_fast import dispatch
+    dispatch._logged.clear()
+    x = _pixels((4, 3, 64, 64))
+    mask = mfm_fast.make_masks(4, 64, 64, r1=8, device="cuda")
+    with caplog.at_level(logging.INFO, logger="mfm_fast"):
+        band = mfm_fast.corrupt(x, mask, mask_band=8)
+        general = mfm_fast.corrupt(x, mask)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "chose 'triton'" in messages and "general DFT-as-GEMM path" in messages
+    ref = _reference(x, mask)
+    assert max_rel_err(band.cpu(), ref) <= TOL and max_rel_err(general.cpu(), ref) <= TOL
