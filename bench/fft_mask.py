@@ -1,28 +1,41 @@
-"""Benchmark of MFM frequency corruption and the masked spectral loss (fwd + bwd), per provider.
+"""Benchmark of MFM frequency corruption, the masked spectral loss and the whole MFM step, per provider.
 
     python bench/fft_mask.py                        # defaults for the device found (see below)
-    python bench/fft_mask.py --check                # first verify every provider against the reference
-    python bench/fft_mask.py --batch 64 256 --work loss --providers official,torch --dtype bf16
+    python bench/fft_mask.py --check --plot         # verify every provider first; write a PNG too
+    python bench/fft_mask.py --batch 64 256 --size 112 224 --dtype fp32 bf16 --work corrupt loss
 
-Defaults: on CUDA B=256, 3x224x224, r1=16; on CPU B=8, 3x64x64, r1=8 (r1 defaults to
-min(16, size // 8), so the low band keeps a similar share of a small image). p_low=0.5, pred fp32.
+Defaults: on CUDA B = 1 16 64 256, 3x224x224; on CPU B = 8, 3x64x64 (1 thread). r1 defaults to
+min(16, size // 8), so the low band keeps a similar share of a small image; p_low = 0.5;
+pixels are fp32, pred is --dtype (fp32 by default).
 
-Work items: ``corrupt`` (mfm_fast.corrupt) and ``loss`` (mfm_fast.masked_freq_loss, then
-.backward()). Providers:
-  copy       the floor: ``out.copy_(x)`` into a preallocated tensor (read + write the batch once).
-             The loss floor is that copy time x bytes(read pred + read x + write grad) / bytes(copy),
-             i.e. 1.5 x copy for fp32 pred.
-  official   an eager replica of the released MFM code's op sequence (fft2 + fftshift + complex64,
-             two ortho transforms and torch.stack in the loss), written below from MFM_SPEC.md.
+Work items:
+  corrupt    the encoder input from clean pixels and masks
+  loss_fwd   the loss forward (pred requires grad, as in training)
+  loss_bwd   loss.backward() alone (the forward runs untimed before every rep)
+  loss       loss forward + backward
+  step       the whole MFM step: corrupt + loss forward + backward
+Providers:
+  copy           the floor: ``out.copy_(x)`` (read + write the batch once, fp32). Each work's floor is
+                 that time scaled by the bytes it must move at least (corrupt 1x; loss fwd+bwd 1.5x
+                 for fp32 pred: read pred + read x + write grad; see floor_factor).
+  official       an eager replica of the released MFM code's op sequence (fft2 + fftshift + complex64,
+                 two ortho transforms and torch.stack in the loss), written below from MFM_SPEC.md.
+  torch_compile  torch.compile of the torch backend's math (rfft2 half spectrum, symmetrised half
+                 mask), written below in plain differentiable torch ops: the backend's own custom ops
+                 are opaque to the compiler. One compile per shape (dynamic=False); --compile-mode.
   reference, torch, triton, cuda
-             mfm_fast with that backend; triton / cuda are listed as skipped, with the reason from
-             mfm_fast.available_backends(), when they cannot run on the device.
-Timing: CUDA events with an L2 flush before every rep on CUDA, time.perf_counter on CPU; warm-up
-runs, then up to --reps reps (stopping early, after at least 3, once --budget seconds are spent).
-Every figure is also given as a ratio to the copy floor measured in the same run (x-floor).
-On CPU the run uses 1 thread unless --threads says otherwise: on a small box shared with other
-jobs, OpenMP's spinning worker threads made CPU timings 10-100x slower and far noisier.
-Results (every sample) go to bench/results/fft_mask-<device>-<timestamp>.json unless --no-json.
+                 mfm_fast with that backend. A backend that cannot run an op on the device is listed
+                 as skipped with the reason from mfm_fast.available_backends(device, op).
+On CPU, torch_compile (slow to compile) and triton (only under TRITON_INTERPRET=1) are left out
+unless named in --providers.
+Timing: as triton.testing.do_bench, CUDA events with an L2 flush before every rep on CUDA
+(time.perf_counter on CPU); --warmup runs, then --reps timed reps, fewer (at least 3) when the
+fastest warm-up run says they would take over --budget seconds: median, p20, p80. Peak memory
+(CUDA): the most one call allocates beyond what was allocated before it. Every figure is also a
+ratio to the floor measured in the same run (x-floor) and a speed-up over official and torch_compile.
+A provider that raises or fails --check is reported and left out; the others still run (exit 1).
+Results (every sample) go to bench/results/fft_mask-<device>-<timestamp>.json unless --no-json;
+--plot writes the PNG beside it (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -30,7 +43,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import inspect
 import json
+import math
+import os
 import platform
 import re
 import subprocess
@@ -42,10 +58,23 @@ import torch
 
 import mfm_fast
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD
+from mfm_fast.masks import disc_band
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WORKS = ("corrupt", "loss")
-WORK_TITLES = {"corrupt": "corrupt", "loss": "loss fwd+bwd"}
+WORKS = ("corrupt", "loss_fwd", "loss_bwd", "loss", "step")
+WORK_TITLES = {"corrupt": "corrupt", "loss_fwd": "loss fwd", "loss_bwd": "loss bwd", "loss": "loss fwd+bwd",
+               "step": "step"}
+WORK_OPS = {"corrupt": ("corrupt",), "loss_fwd": ("masked_freq_loss",), "loss_bwd": ("masked_freq_loss",),
+            "loss": ("masked_freq_loss",), "step": ("corrupt", "masked_freq_loss")}
+PROVIDER_ORDER = ("official", "torch_compile", "reference", "torch", "triton", "cuda")
+
+
+def floor_factor(work: str, pred_bytes: int) -> float:
+    """Bytes per element `work` must move at least, in units of one fp32 copy (8 bytes per element).
+
+    corrupt: read x + write the input; loss fwd: read pred + read x; loss bwd: write grad."""
+    fwd, bwd = pred_bytes + 4, pred_bytes
+    return {"corrupt": 8, "loss_fwd": fwd, "loss_bwd": bwd, "loss": fwd + bwd, "step": 8 + fwd + bwd}[work] / 8
 
 
 # ---- the "official" peer: the released MFM code's op sequence, eager -------------------------
@@ -62,7 +91,7 @@ def official_normalize(x):
     return (x - mean) / std
 
 
-def official_corrupt(x, mask):
+def official_corrupt(x, mask, band=None):
     """fft2 -> fftshift -> * mask -> ifftshift -> ifft2 -> real -> clamp(0, 1) -> normalise."""
     freq = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
     freq = freq * mask[:, None]
@@ -83,58 +112,93 @@ def official_loss(pred, x, mask, gamma=1.0):
     return (loss * (1 - mask)[:, None]).sum() / (1 - mask).sum() / pred.shape[1]
 
 
+# ---- the torch backend's math in plain torch ops, for torch.compile ---------------------------
+
+def _symmetric_half(m):
+    """(N, H, W) fftshift-ed map -> (N, H, W//2 + 1) unshifted half of (m(k) + m(-k)) / 2."""
+    pos = torch.fft.ifftshift(m, dim=(-2, -1))
+    neg = torch.roll(torch.flip(pos, (-2, -1)), (1, 1), (-2, -1))  # neg[k] = pos[-k mod S]
+    return ((pos + neg) * 0.5)[..., : m.shape[-1] // 2 + 1]
+
+
+def _normalize_inline(x):
+    """official_normalize with its constants built in the graph (torch.compile does not trace lru_cache)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def careful_corrupt(x, mask):
+    """irfft2(rfft2(x) * symmetrised half mask), clamp, normalise; complex values as (re, im) pairs for Inductor."""
+    spec = torch.view_as_real(torch.fft.rfft2(x)) * _symmetric_half(mask)[:, None, :, :, None]
+    out = torch.fft.irfft2(torch.view_as_complex(spec), s=x.shape[-2:])
+    return _normalize_inline(out.clamp(0, 1))
+
+
+def careful_loss(pred, x, mask):
+    """One ortho rfft2 of pred - normalise(x); columns 1 .. W/2 - 1 stand for two full-grid columns."""
+    spec = torch.view_as_real(torch.fft.rfft2(pred.float() - _normalize_inline(x), norm="ortho"))
+    dist = torch.sqrt(spec.square().sum(-1) + 1e-12)
+    half = dist.shape[-1]
+    colw = torch.cat([dist.new_ones(1), dist.new_full((half - 2,), 2.0), dist.new_ones(1)])
+    weight = _symmetric_half(1 - mask) * colw
+    return (dist * weight[:, None]).sum() / ((1 - mask).sum() * pred.shape[1])
+
+
+_compile_mode = None  # set by run() from --compile-mode
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str, mode):
+    return torch.compile({"corrupt": careful_corrupt, "loss": careful_loss}[name], mode=mode, dynamic=False)
+
+
+def _raise_recompile_limit(limit=64):
+    """Every (batch, size, dtype) is one more graph of the same two functions; the default limit is 8."""
+    for attr in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, attr):
+            setattr(torch._dynamo.config, attr, max(getattr(torch._dynamo.config, attr), limit))
+
+
+# ---- mfm_fast providers -----------------------------------------------------------------------
+
+# mfm_fast.corrupt's `mask_band` promise (the mask is constant outside the box |ky|, |kx| < band),
+# passed when this version of mfm_fast has it.
+HAS_MASK_BAND = "mask_band" in inspect.signature(mfm_fast.corrupt).parameters
+
+
 def _mfm_provider(backend):
-    return {
-        "corrupt": lambda x, mask: mfm_fast.corrupt(x, mask, backend=backend),
-        "loss": lambda pred, x, mask: mfm_fast.masked_freq_loss(pred, x, mask, normalize_target=True,
-                                                                backend=backend),
-    }
+    def corrupt(x, mask, band=None):
+        extra = {"mask_band": band} if band is not None else {}
+        return mfm_fast.corrupt(x, mask, backend=backend, **extra)
+
+    def loss(pred, x, mask):
+        return mfm_fast.masked_freq_loss(pred, x, mask, normalize_target=True, backend=backend)
+    return {"corrupt": corrupt, "loss": loss}
 
 
-# Every provider but "copy" (the floor, measured separately). Tests monkeypatch entries here.
-PROVIDERS = {"official": {"corrupt": official_corrupt, "loss": official_loss},
-             **{name: _mfm_provider(name) for name in mfm_fast.BACKENDS}}
+# Every provider but "copy" (the floor, measured separately): {"corrupt": f(x, mask, band=None),
+# "loss": f(pred, x, mask) -> scalar with autograd}. Tests monkeypatch entries here.
+PROVIDERS = {
+    "official": {"corrupt": official_corrupt, "loss": official_loss},
+    "torch_compile": {"corrupt": lambda x, mask, band=None: _compiled("corrupt", _compile_mode)(x, mask),
+                      "loss": lambda pred, x, mask: _compiled("loss", _compile_mode)(pred, x, mask)},
+    **{name: _mfm_provider(name) for name in mfm_fast.BACKENDS},
+}
 
 
-# ---- timing -----------------------------------------------------------------------------------
-
-def time_fn(fn, device, warmup, reps, budget_s):
-    """Milliseconds per call of fn(): `warmup` untimed calls, then up to `reps` timed ones."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=device)  # bigger than any L2
-        pairs, start = [], time.perf_counter()
-        for i in range(reps):
-            flush.zero_()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            pairs.append((begin, end))
-            if i >= 2 and time.perf_counter() - start > budget_s:
-                break
-        torch.cuda.synchronize(device)
-        return [b.elapsed_time(e) for b, e in pairs]
-    samples, start = [], time.perf_counter()
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return samples
+def unavailable(provider: str, work: str, device_type: str):
+    """None if `provider` can run `work` on `device_type` tensors, else the reason."""
+    if provider not in mfm_fast.BACKENDS:
+        return None
+    for op in WORK_OPS[work]:
+        reason = mfm_fast.available_backends(device_type, op)[provider]
+        if reason is not None:
+            return reason
+    return None
 
 
-def percentile(values, q):
-    """Linear-interpolation percentile, q in [0, 100]."""
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
+# ---- inputs, work items and timing ------------------------------------------------------------
 
 def make_inputs(batch, size, r1, p_low, dtype, device):
     gen = torch.Generator(device).manual_seed(0)
@@ -144,16 +208,96 @@ def make_inputs(batch, size, r1, p_low, dtype, device):
     return x, mask, pred
 
 
-def work_fn(provider, work, x, mask, pred):
+def mask_band(r1, size):
+    """The mask_band promise of the bench's masks (r2 = 999: the disc of radius r1 is the only feature)."""
+    return disc_band(size, size, r1, 999) if HAS_MASK_BAND else None
+
+
+def work_fns(provider, work, x, mask, pred, band):
+    """(setup, fn): setup() runs untimed before every timed fn() (None if not needed)."""
+    corrupt, loss_fn = PROVIDERS[provider]["corrupt"], PROVIDERS[provider]["loss"]
     if work == "corrupt":
-        corrupt = PROVIDERS[provider]["corrupt"]
-        return lambda: corrupt(x, mask)
-    loss_fn = PROVIDERS[provider]["loss"]
+        return None, lambda: corrupt(x, mask, band=band)
+    if work == "loss_fwd":
+        return None, lambda: loss_fn(pred, x, mask)
+    if work == "loss_bwd":
+        state = {}
+
+        def forward():
+            pred.grad = None
+            state["loss"] = loss_fn(pred, x, mask)
+        return forward, lambda: state.pop("loss").backward()
 
     def step():
+        if work == "step":
+            corrupt(x, mask, band=band)
         pred.grad = None
         loss_fn(pred, x, mask).backward()
-    return step
+    return None, step
+
+
+@functools.lru_cache(maxsize=4)
+def _l2_flush_buffer(device):
+    return torch.empty(256 * 2 ** 20, dtype=torch.int8, device=device)  # bigger than any L2
+
+
+def time_fn(fn, device, warmup, reps, budget_s, setup=None):
+    """Milliseconds per call of fn(): `warmup` untimed calls, then `reps` timed ones (setup() before each,
+    untimed), fewer (at least 3) when the fastest warm-up call says they would take over budget_s."""
+    setup = setup or (lambda: None)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    fastest = math.inf
+    for _ in range(warmup):
+        setup()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        fastest = min(fastest, time.perf_counter() - t0)
+    n = min(reps, max(3, int(budget_s / fastest))) if fastest < math.inf else reps
+    timed = []
+    for _ in range(n):
+        setup()
+        if cuda:
+            _l2_flush_buffer(device).zero_()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            timed.append((begin, end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            timed.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize(device)
+        return [b.elapsed_time(e) for b, e in timed]
+    return timed
+
+
+def peak_mib(fn, device, pred, setup=None):
+    """MiB one call of fn() allocates beyond what was allocated before it (CUDA only, else None)."""
+    if device.type != "cuda":
+        return None
+    pred.grad = None
+    if setup:
+        setup()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def percentile(values, q):
+    """Linear-interpolation percentile, q in [0, 100]."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 # ---- --check: every provider against the reference backend ----------------------------------
@@ -167,88 +311,178 @@ def _loss_and_grad(provider, pred, x, mask):
     loss = PROVIDERS[provider]["loss"](pred, x, mask)
     loss.backward()
     grad, pred.grad = pred.grad.detach().clone(), None
-    return loss.detach(), grad
+    return loss.detach().clone(), grad
 
 
-def run_checks(providers, x, mask, pred, tol):
-    """Print PASS / FAIL per provider; return True when all pass."""
-    ref_out = PROVIDERS["reference"]["corrupt"](x, mask)
+def run_checks(providers, device, x, mask, pred, band, tol):
+    """Print PASS / FAIL per provider; return {provider: set of the ops (as in WORK_OPS) that failed}."""
+    ref_out = PROVIDERS["reference"]["corrupt"](x, mask, band=band)
     ref_loss, ref_grad = _loss_and_grad("reference", pred, x, mask)
-    all_ok = True
+    failed = {}
     for name in providers:
         if name == "reference":
             continue
-        try:
-            out = PROVIDERS[name]["corrupt"](x, mask)
-            loss, grad = _loss_and_grad(name, pred, x, mask)
-            errs = {"corrupt": _rel(out, ref_out), "loss": _rel(loss, ref_loss), "grad": _rel(grad, ref_grad)}
-            ok = out.shape == ref_out.shape and all(e <= tol for e in errs.values())  # NaN fails too
-            detail = "  ".join(f"{k} {v:.1e}" for k, v in errs.items())
-        except Exception as exc:  # a provider that raises fails its check; the others still run
-            ok, detail = False, f"raised {type(exc).__name__}: {exc}"
-        all_ok &= ok
-        print(f"  check {name:<10} {'PASS' if ok else 'FAIL'}  (max |err| / max |ref|, tol {tol:.0e})  {detail}")
-    return all_ok
+        errs, bad = {}, set()
+        for op, work in (("corrupt", "corrupt"), ("masked_freq_loss", "loss")):
+            if unavailable(name, work, device.type) is not None:
+                continue
+            try:
+                if work == "corrupt":
+                    out = PROVIDERS[name]["corrupt"](x, mask, band=band)
+                    got = {"corrupt": _rel(out, ref_out) if out.shape == ref_out.shape else math.inf}
+                else:
+                    loss, grad = _loss_and_grad(name, pred, x, mask)
+                    got = {"loss": _rel(loss, ref_loss), "grad": _rel(grad, ref_grad)}
+                errs.update(got)
+                if not all(v <= tol for v in got.values()):  # NaN fails too
+                    bad.add(op)
+            except Exception as exc:  # a provider that raises fails its check; the others still run
+                errs[work] = f"raised {type(exc).__name__}: {exc}"
+                bad.add(op)
+        if not errs:
+            continue  # it runs none of the checked ops here (listed as skipped)
+        if bad:
+            failed[name] = bad
+        detail = "  ".join(f"{k} {v:.1e}" if not isinstance(v, str) else f"{k} {v}" for k, v in errs.items())
+        print(f"  check {name:<13} {'FAIL' if bad else 'PASS'}  (max |err| / max |ref|, tol {tol:.0e})  {detail}")
+    return failed
 
 
-def bench_batch(providers, works, x, mask, pred, device, warmup, reps, budget, loss_floor_factor):
-    """Time every (work, provider) on one batch and print its table; return (records, no provider raised)."""
+# ---- one block of the table: every (work, provider) on one set of inputs ----------------------
+
+def bench_block(providers, works, inputs, device, opts, failed, meta):
+    """Time every runnable (work, provider); print the table; return (records, no provider raised)."""
+    x, mask, pred, band = inputs
     out = torch.empty_like(x)
-    copy_ms = time_fn(lambda: out.copy_(x), device, warmup, reps, budget)
-    print(f"{'work':<13} {'provider':<10} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'x-floor':>8} "
-          f"{'vs official':>12}")
+    copy_ms = time_fn(lambda: out.copy_(x), device, opts.warmup, opts.reps, opts.budget)
+    del out
+    print(f"{'work':<13} {'provider':<14} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'x-floor':>8} "
+          f"{'vs official':>12} {'vs compile':>11} {'peak MiB':>9}")
     records, ok = [], True
     for work in works:
-        factor = 1.0 if work == "corrupt" else loss_floor_factor
-        rows = {"copy": [t * factor for t in copy_ms]}
+        factor = floor_factor(work, pred.element_size())
+        rows = {"copy": ([t * factor for t in copy_ms], None)}
         for name in providers:
+            if unavailable(name, work, device.type) is not None:
+                continue
+            if failed.get(name, set()) & set(WORK_OPS[work]):
+                print(f"  {name} {WORK_TITLES[work]}: not timed (failed --check)")
+                continue
             try:
-                rows[name] = time_fn(work_fn(name, work, x, mask, pred), device, warmup, reps, budget)
+                setup, fn = work_fns(name, work, x, mask, pred, band)
+                samples = time_fn(fn, device, opts.warmup, opts.reps, opts.budget, setup)
+                rows[name] = (samples, peak_mib(fn, device, pred, setup))
             except Exception as exc:  # report and go on with the other providers
-                print(f"  {name} {work}: raised {type(exc).__name__}: {exc}")
+                print(f"  {name} {WORK_TITLES[work]}: raised {type(exc).__name__}: {exc}")
                 ok = False
-        floor = percentile(rows["copy"], 50)
-        official = percentile(rows["official"], 50) if "official" in rows else None
-        for name, samples in rows.items():
-            med = percentile(samples, 50)
-            rec = {"batch": x.shape[0], "work": work, "provider": name, "median_ms": med,
-                   "p20_ms": percentile(samples, 20), "p80_ms": percentile(samples, 80),
-                   "x_floor": med / floor, "speedup_vs_official": official / med if official else None,
-                   "samples_ms": samples}
-            label = name
-            if name == "copy" and work == "loss":
-                rec["note"] = f"loss floor = {factor:g} x the measured copy time"
-                label = f"copy x{factor:g}"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            pred.grad = None
+        med = {name: percentile(s, 50) for name, (s, _) in rows.items()}
+        for name, (samples, peak) in rows.items():
+            rec = dict(meta, work=work, provider=name, median_ms=med[name], p20_ms=percentile(samples, 20),
+                       p80_ms=percentile(samples, 80), x_floor=med[name] / med["copy"],
+                       speedup_vs_official=med["official"] / med[name] if "official" in med else None,
+                       speedup_vs_torch_compile=med["torch_compile"] / med[name] if "torch_compile" in med else None,
+                       peak_mib=peak, samples_ms=samples)
+            label = name if name != "copy" else (f"copy x{factor:g}" if factor != 1 else "copy")
+            if name == "copy":
+                rec["note"] = f"floor = {factor:g} x the measured fp32 copy time"
             records.append(rec)
-            vs = f"{rec['speedup_vs_official']:.2f}x" if official else "-"
-            print(f"{WORK_TITLES[work]:<13} {label:<10} {med:>10.3f} {rec['p20_ms']:>9.3f} "
-                  f"{rec['p80_ms']:>9.3f} {rec['x_floor']:>8.2f} {vs:>12}")
+            print(f"{WORK_TITLES[work]:<13} {label:<14} {med[name]:>10.3f} {rec['p20_ms']:>9.3f} "
+                  f"{rec['p80_ms']:>9.3f} {rec['x_floor']:>8.2f} {_ratio(rec['speedup_vs_official']):>12} "
+                  f"{_ratio(rec['speedup_vs_torch_compile']):>11} {'-' if peak is None else f'{peak:.1f}':>9}")
     return records, ok
 
 
-# ---- the run ----------------------------------------------------------------------------------
+def _ratio(v):
+    return "-" if v is None else f"{v:.3g}x"
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 256 on CUDA, 8 on CPU)")
-    p.add_argument("--size", type=int, help="image side (default 224 on CUDA, 64 on CPU)")
-    p.add_argument("--r1", type=float, help="low-band radius (default min(16, size // 8))")
-    p.add_argument("--p-low", type=float, default=0.5)
-    p.add_argument("--providers", default="official,reference,torch,triton,cuda",
-                   help="comma list; the copy floor is always measured")
-    p.add_argument("--work", choices=("corrupt", "loss", "all"), default="all")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of pred")
-    p.add_argument("--reps", type=int, help="timed reps (default 50 on CUDA, 10 on CPU)")
-    p.add_argument("--warmup", type=int, help="untimed runs (default 5 on CUDA, 3 on CPU)")
-    p.add_argument("--budget", type=float, help="seconds per measurement before stopping early "
-                   "(default 20 on CUDA, 2 on CPU)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
-    p.add_argument("--check", action="store_true", help="verify providers against the reference first")
-    p.add_argument("--no-json", action="store_true")
-    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    return p.parse_args(argv)
+
+# ---- output: markdown, plot, JSON -------------------------------------------------------------
+
+def markdown_table(records):
+    """The records as a markdown table (for README.md)."""
+    lines = ["| B | size | pred | work | provider | median ms | x-floor | vs official | vs torch_compile |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['batch']} | {r['size']} | {r['dtype']} | {WORK_TITLES[r['work']]} | {r['provider']} | "
+                     f"{r['median_ms']:.3f} | {r['x_floor']:.1f} | {_ratio(r['speedup_vs_official'])} | "
+                     f"{_ratio(r['speedup_vs_torch_compile'])} |")
+    return "\n".join(lines)
+
+
+def plot(records, path, title):
+    """ms vs batch per provider (log scale), one panel per (work, size, pred dtype), copy floor dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        print(f"--plot: matplotlib cannot be imported ({exc}); pip install matplotlib. No plot written.")
+        return None
+    works = [w for w in WORKS if any(r["work"] == w for r in records)]
+    configs = sorted({(r["size"], r["dtype"]) for r in records})
+    height = 3.2 * len(configs) + 0.7  # 0.7 inch of header: title and legend
+    fig, axes = plt.subplots(len(configs), len(works), figsize=(3.6 * len(works), height), squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(PROVIDER_ORDER)}
+    for i, (size, dtype) in enumerate(configs):
+        for j, work in enumerate(works):
+            ax = axes[i][j]
+            rows = [r for r in records if (r["size"], r["dtype"], r["work"]) == (size, dtype, work)]
+            for name in ["copy"] + [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]:
+                pts = sorted((r["batch"], r["median_ms"]) for r in rows if r["provider"] == name)
+                if not pts:
+                    continue
+                style = dict(color="black", linestyle="--", marker="_", markersize=16, label="copy floor") \
+                    if name == "copy" else \
+                    dict(color=colours[name], marker="o", label=name)
+                ax.plot([b for b, _ in pts], [t for _, t in pts], **style)
+            ax.set_xscale("log", base=2)
+            batches = sorted({r["batch"] for r in rows})
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+            ax.set_yscale("log")
+            ax.set_title(f"{WORK_TITLES[work]} | 3x{size}x{size} pred {dtype}", fontsize=9)
+            ax.set_xlabel("batch")
+            ax.set_ylabel("ms (median)")
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.35 / height),
+               ncol=len(handles), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def versions():
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "mfm_fast": mfm_fast.__version__}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = None
+    return out
+
+
+def git_sha():
+    """HEAD's sha, with "+dirty" when the working tree has changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return None
 
 
 def device_name(device):
@@ -258,12 +492,36 @@ def device_name(device):
     return f"cpu {platform.machine()} ({n} thread{'s' if n != 1 else ''})"
 
 
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except Exception:
-        return None
+# ---- the run ----------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64 256 on CUDA, 8 on CPU)")
+    p.add_argument("--size", type=int, nargs="+", help="image sides (default 224 on CUDA, 64 on CPU)")
+    p.add_argument("--r1", type=float, help="low-band radius (default min(16, size // 8))")
+    p.add_argument("--p-low", type=float, default=0.5)
+    p.add_argument("--providers", default="auto",
+                   help="comma list of " + ", ".join(PROVIDER_ORDER) + " (default: all on CUDA; on CPU all but "
+                   "torch_compile and triton); the copy floor is always measured")
+    p.add_argument("--work", nargs="+", choices=WORKS + ("all",), default=["all"])
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32"], help="dtype(s) of pred")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for torch_compile (e.g. max-autotune-no-cudagraphs; default: default)")
+    p.add_argument("--reps", type=int, help="timed reps (default 50 on CUDA, 30 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed runs (default 5 on CUDA, 3 on CPU)")
+    p.add_argument("--budget", type=float, help="seconds of timed reps per measurement (fewer reps if over) "
+                   "(default 0.5 on CUDA, 2 on CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer reps (20), 3 warm-up runs, a 0.25 s budget per "
+                   "measurement")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
+    p.add_argument("--check", action="store_true", help="verify providers against the reference first")
+    p.add_argument("--plot", action="store_true", help="write a PNG of ms vs batch (needs matplotlib)")
+    p.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
+    p.add_argument("--no-json", action="store_true")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    return p.parse_args(argv)
 
 
 def main(argv=None):
@@ -275,7 +533,23 @@ def main(argv=None):
         torch.set_num_threads(threads)  # run() may change it; leave the caller's process as it was
 
 
+def choose_providers(spec, device):
+    """(providers to run, {provider: reason it is left out entirely}) for --providers."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+    if spec != "auto":
+        return [p.strip() for p in spec.split(",") if p.strip() and p.strip() != "copy"], {}
+    if device.type == "cuda":
+        return list(PROVIDER_ORDER), {}
+    left_out = {"torch_compile": "not in the CPU default (compiling takes long on a small CPU); "
+                                 "ask with --providers"}
+    if interpreted:
+        left_out["triton"] = "on CPU it runs under TRITON_INTERPRET=1 (far too slow to time); ask with --providers"
+    return [p for p in PROVIDER_ORDER if p not in left_out], left_out
+
+
 def run(args):
+    global _compile_mode
+    started = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)",
               file=sys.stderr)
@@ -285,63 +559,104 @@ def run(args):
     gpu = device.type == "cuda"
     if not gpu:
         torch.set_num_threads(max(1, args.threads))
-    batches = args.batch or ([256] if gpu else [8])
-    size = args.size or (224 if gpu else 64)
-    r1 = args.r1 if args.r1 is not None else min(16, size // 8)
-    reps = args.reps or (50 if gpu else 10)
-    warmup = args.warmup if args.warmup is not None else (5 if gpu else 3)
-    budget = args.budget or (20.0 if gpu else 2.0)
-    dtype = DTYPES[args.dtype]
-    works = WORKS if args.work == "all" else (args.work,)
-
-    requested = [p.strip() for p in args.providers.split(",") if p.strip() and p.strip() != "copy"]
-    unknown = [p for p in requested if p not in PROVIDERS]
-    if unknown:
-        print(f"--providers: unknown {unknown}; choose from copy, {', '.join(PROVIDERS)}", file=sys.stderr)
+    batches = args.batch or ([1, 16, 64, 256] if gpu else [8])
+    sizes = args.size or ([224] if gpu else [64])
+    if any(s <= 0 or s % 2 for s in sizes) or any(b <= 0 for b in batches):
+        print("--size: image sides must be even and positive; --batch: positive", file=sys.stderr)
         return 2
-    reasons = mfm_fast.available_backends(device.type)
-    skipped = {p: reasons[p] for p in requested if reasons.get(p) is not None}
-    providers = [p for p in requested if p not in skipped]
+    args.reps = args.reps or (20 if args.quick else 50 if gpu else 30)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.quick or not gpu else 5)
+    args.budget = args.budget or (0.25 if args.quick else 0.5 if gpu else 2.0)
+    works = WORKS if "all" in args.work else tuple(w for w in WORKS if w in args.work)
+    _compile_mode = args.compile_mode
+    _raise_recompile_limit()
+
+    providers, left_out = choose_providers(args.providers, device)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        print(f"--providers: unknown {unknown}; choose from copy, {', '.join(PROVIDER_ORDER)}", file=sys.stderr)
+        return 2
+    skipped = dict(left_out)
+    for name in providers:  # one line per provider and reason, naming the works it covers
+        by_reason = {}
+        for work in works:
+            reason = unavailable(name, work, device.type)
+            if reason is not None:
+                by_reason.setdefault(reason, []).append(WORK_TITLES[work])
+        for reason, ws in by_reason.items():
+            key = name if len(ws) == len(works) else f"{name} ({', '.join(ws)})"
+            skipped[key] = reason
+    if args.check and "reference" not in providers:
+        providers.append("reference")  # the oracle of --check must exist; it is also timed
+    providers = sorted((p for p in providers if any(unavailable(p, w, device.type) is None for w in works)),
+                       key=PROVIDER_ORDER.index)
 
     timer = "CUDA events, L2 flushed per rep" if gpu else "time.perf_counter"
-    print(f"fft_mask bench | {device_name(device)} | torch {torch.__version__} | python {platform.python_version()}"
-          f" | mfm_fast {mfm_fast.__version__}")
-    print(f"config: 3x{size}x{size}, r1={r1:g}, p_low={args.p_low:g}, pred {args.dtype} | {timer}, "
-          f"warm-up {warmup}, reps <= {reps} (<= {budget:g} s each)")
+    vers = versions()
+    print(f"fft_mask bench | {device_name(device)} | torch {vers['torch']} | triton {vers['triton']} | "
+          f"python {vers['python']} | mfm_fast {vers['mfm_fast']} | git {git_sha()}")
+    print(f"config: B {' '.join(map(str, batches))} | 3x{'/'.join(map(str, sizes))} | pred "
+          f"{'/'.join(args.dtype)} | p_low={args.p_low:g} | {timer}, warm-up {args.warmup}, reps <= {args.reps} "
+          f"(<= {args.budget:g} s each) | mask_band promise {'passed' if HAS_MASK_BAND else 'not in this mfm_fast'}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
 
-    # The loss floor: read pred + read x + write grad (pred's dtype), in units of one fp32 copy (read + write x).
-    elem = torch.tensor([], dtype=dtype).element_size()
-    loss_floor_factor = (2 * elem + 4) / 8
     records, all_ok = [], True
-    for batch in batches:
-        x, mask, pred = make_inputs(batch, size, r1, args.p_low, dtype, device)
-        n_low = int((mask.flatten(1)[:, 0] == 0).sum()) if size // 2 > r1 else None  # low-pass drops the corner
-        print(f"\nB={batch}" + (f" ({n_low} low-pass, {batch - n_low} high-pass masks)" if n_low is not None else ""))
-        if args.check:
-            all_ok &= run_checks(providers, x, mask, pred, tol=1e-4 if dtype == torch.float32 else 1e-2)
-        batch_records, ok = bench_batch(providers, works, x, mask, pred, device, warmup, reps, budget,
-                                        loss_floor_factor)
-        records += batch_records
-        all_ok &= ok
-    print(f"\ncopy = out.copy_(x) (read + write the batch once), the floor of corrupt; the floor of loss fwd+bwd "
-          f"is {loss_floor_factor:g} x that copy (read pred + read x + write grad). x-floor = median / floor.")
+    for size in sizes:
+        r1 = args.r1 if args.r1 is not None else min(16, size // 8)
+        band = mask_band(r1, size)
+        for dtype_name in args.dtype:
+            dtype = DTYPES[dtype_name]
+            for batch in batches:
+                try:
+                    x, mask, pred = make_inputs(batch, size, r1, args.p_low, dtype, device)
+                except Exception as exc:  # e.g. out of memory for a big batch: go on with the next
+                    print(f"\nB={batch} 3x{size}x{size}: cannot make the inputs ({type(exc).__name__}: {exc})")
+                    all_ok = False
+                    continue
+                n_low = int((mask.flatten(1)[:, 0] == 0).sum()) if size // 2 > r1 else None  # low-pass drops corners
+                masks = f"; {n_low} low-pass, {batch - n_low} high-pass masks" if n_low is not None else ""
+                print(f"\nB={batch} (3x{size}x{size}, r1={r1:g}, pred {dtype_name}{masks})")
+                failed = {}
+                if args.check:
+                    tol = 1e-4 if dtype == torch.float32 else 1e-2
+                    try:
+                        failed = run_checks(providers, device, x, mask, pred, band, tol)
+                    except Exception as exc:  # the reference itself failed: nothing can be checked
+                        print(f"  check: the reference raised {type(exc).__name__}: {exc}")
+                        failed = {name: {"corrupt", "masked_freq_loss"} for name in providers}
+                    all_ok &= not failed
+                meta = {"batch": batch, "size": size, "r1": r1, "dtype": dtype_name}
+                block, ok = bench_block(providers, works, (x, mask, pred, band), device, args, failed, meta)
+                records += block
+                all_ok &= ok
+                del x, mask, pred
+    print("\nfloor = the fp32 copy out.copy_(x) (read + write the batch once) times the bytes each work must move "
+          "(corrupt 1x; loss fwd: read pred + x; loss bwd: write grad; step: all). x-floor = median / floor; "
+          "vs official / vs compile = their median / this median.")
+    if args.markdown:
+        print("\n" + markdown_table(records))
 
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
+    stem = Path(args.out_dir) / f"fft_mask-{dev_tag}-{stamp}"
+    if not args.no_json or args.plot:
+        stem.parent.mkdir(parents=True, exist_ok=True)
     if not args.no_json:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
-        path = Path(args.out_dir) / f"fft_mask-{dev_tag}-{stamp}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-                   "python": platform.python_version(), "mfm_fast": mfm_fast.__version__, "git_sha": git_sha(),
-                   "timer": timer, "config": {"batch": batches, "size": size, "channels": 3, "r1": r1,
+        payload = {"device": device_name(device), "device_type": device.type, **vers, "git_sha": git_sha(),
+                   "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": sys.argv,
+                   "timer": timer, "config": {"batch": batches, "size": sizes, "channels": 3, "r1": args.r1,
                                               "p_low": args.p_low, "dtype": args.dtype, "works": list(works),
-                                              "providers": ["copy"] + providers, "reps": reps, "warmup": warmup,
-                                              "budget_s": budget, "check": args.check},
+                                              "providers": ["copy"] + providers, "reps": args.reps,
+                                              "warmup": args.warmup, "budget_s": args.budget, "check": args.check,
+                                              "compile_mode": args.compile_mode, "mask_band_passed": HAS_MASK_BAND},
                    "skipped": skipped, "all_ok": all_ok, "samples": records}
-        path.write_text(json.dumps(payload, indent=1))
-        print(f"wrote {path}")
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+        print(f"wrote {stem.with_suffix('.json')}")
+    if args.plot:
+        plot(records, stem.with_suffix(".png"), f"fft_mask | {device_name(device)} | torch {vers['torch']} | "
+             f"{datetime.date.today()}")
+    print(f"done in {time.perf_counter() - started:.1f} s")
     if not all_ok:
         print("FAILED: a provider failed its check or raised (see above)", file=sys.stderr)
         return 1

@@ -1,69 +1,150 @@
-"""Smoke tests of bench/fft_mask.py: it runs, prints its table, writes its JSON, and --check can fail.
+"""Smoke tests of bench/fft_mask.py and bench/e2e_step.py: they run on CPU, print their tables, write
+their JSON / PNG, report skipped or failing providers and go on, and --check can fail.
 
 No test here asserts a duration (GUIDE.md §4): timings are judged from the bench output on a GPU.
 """
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "bench" / "fft_mask.py"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--device", "cpu", "--batch", "2", "--size", "16", "--r1", "4", "--reps", "2", "--warmup", "1"]
+
+
+def load(stem):
+    """bench/<stem>.py as a module, one instance per session (tests/benchmarks shares its compile cache)."""
+    name = f"bench_{stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{stem}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fft_mask", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("fft_mask")
 
 
 def test_bench_runs_checks_and_prints_table(bench, capsys):
-    assert bench.main(TINY + ["--check", "--no-json"]) == 0
+    assert bench.main(TINY + ["--check", "--no-json", "--markdown"]) == 0
     out = capsys.readouterr().out
     for name in ("copy", "official", "torch", "reference"):
         assert f" {name} " in out, name
-    assert "x-floor" in out and "vs official" in out
-    assert "corrupt" in out and "loss fwd+bwd" in out
-    assert "check official   PASS" in out and "check torch      PASS" in out
+    for title in ("corrupt", "loss fwd", "loss bwd", "loss fwd+bwd", "step", "copy x1.5", "copy x2.5"):
+        assert f"{title} " in out, title
+    assert "x-floor" in out and "vs official" in out and "vs compile" in out and "peak MiB" in out
+    assert "check official      PASS" in out and "check torch         PASS" in out
     assert "FAIL" not in out
-    # triton / cuda are either measured or listed as skipped with the reason from available_backends
-    reasons = bench.mfm_fast.available_backends("cpu")
-    for name in ("triton", "cuda"):
-        if reasons[name] is not None:
-            assert f"skipped {name}: {reasons[name]}" in out
+    assert "| B | size | pred | work | provider |" in out
+    # triton / cuda / torch_compile are either measured or listed as skipped with a reason
+    for name in ("triton", "cuda", "torch_compile"):
+        assert f"skipped {name}" in out or f" {name} " in out, name
 
 
-def test_bench_writes_json(bench, tmp_path, capsys):
-    assert bench.main(TINY + ["--work", "corrupt", "--out-dir", str(tmp_path)]) == 0
+def test_bench_skips_per_work_with_the_backend_reason(bench, monkeypatch, capsys):
+    real = bench.mfm_fast.available_backends
+
+    def fake(device_type=None, op=None):
+        reasons = real(device_type, op)
+        return dict(reasons, torch="no loss here (test)") if op == "masked_freq_loss" else reasons
+    monkeypatch.setattr(bench.mfm_fast, "available_backends", fake)
+    assert bench.main(TINY + ["--providers", "official,torch", "--no-json"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped torch (loss fwd, loss bwd, loss fwd+bwd, step): no loss here (test)" in out
+    assert "corrupt       torch " in out and "loss fwd+bwd  torch " not in out
+
+
+def test_bench_writes_json_and_plot(bench, tmp_path, capsys):
+    assert bench.main(TINY + ["--work", "corrupt", "loss", "--batch", "1", "2", "--out-dir", str(tmp_path),
+                              "--plot"]) == 0
     files = list(tmp_path.glob("fft_mask-cpu-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert {"device", "config", "samples", "torch", "python", "git_sha"} <= set(data)
-    assert data["config"]["size"] == 16 and data["config"]["batch"] == [2]
+    assert {"device", "config", "samples", "torch", "triton", "python", "git_sha", "date", "skipped"} <= set(data)
+    assert data["config"]["size"] == [16] and data["config"]["batch"] == [1, 2] and data["all_ok"]
     providers = {rec["provider"] for rec in data["samples"]}
     assert {"copy", "official", "reference", "torch"} <= providers
     for rec in data["samples"]:
-        assert rec["work"] == "corrupt"
+        assert rec["work"] in ("corrupt", "loss") and rec["batch"] in (1, 2)
         assert 1 <= len(rec["samples_ms"]) <= 2 and all(t > 0 for t in rec["samples_ms"])
         assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
+        assert rec["x_floor"] > 0 and rec["speedup_vs_official"] > 0
+    png = files[0].with_suffix(".png")
+    pytest.importorskip("matplotlib")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(files[0]) in capsys.readouterr().out
+
+
+def test_bench_plot_without_matplotlib_says_so(bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert bench.main(TINY + ["--work", "corrupt", "--providers", "torch", "--out-dir", str(tmp_path), "--plot"]) == 0
+    assert "--plot: matplotlib cannot be imported" in capsys.readouterr().out
+    assert list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.png"))
+
+
+def test_bench_goes_on_when_a_provider_raises(bench, monkeypatch, tmp_path, capsys):
+    def broken(x, mask, band=None):
+        raise RuntimeError("boom")
+    monkeypatch.setitem(bench.PROVIDERS["official"], "corrupt", broken)
+    assert bench.main(TINY + ["--out-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "official corrupt: raised RuntimeError: boom" in out
+    assert "corrupt       torch " in out and "step          official " not in out
+    assert "loss fwd+bwd  official " in out  # its loss still runs
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["all_ok"] is False
 
 
 def test_bench_check_fails_on_wrong_corrupt(bench, monkeypatch, capsys):
     right = bench.PROVIDERS["torch"]["corrupt"]
-    monkeypatch.setitem(bench.PROVIDERS["torch"], "corrupt", lambda x, mask: right(x, mask) + 1)
+    monkeypatch.setitem(bench.PROVIDERS["torch"], "corrupt", lambda x, mask, band=None: right(x, mask, band) + 1)
     assert bench.main(TINY + ["--check", "--no-json"]) != 0
     out = capsys.readouterr().out
-    assert "check torch      FAIL" in out
-    assert "check official   PASS" in out
+    assert "check torch         FAIL" in out
+    assert "check official      PASS" in out
+    assert "torch corrupt: not timed (failed --check)" in out and "torch step: not timed (failed --check)" in out
+    assert "loss fwd+bwd  torch " in out  # its loss passed and is timed
 
 
 def test_bench_check_fails_on_wrong_loss_grad(bench, monkeypatch, capsys):
     right = bench.PROVIDERS["torch"]["loss"]
     monkeypatch.setitem(bench.PROVIDERS["torch"], "loss", lambda pred, x, mask: right(pred, x, mask) * 1.01)
     assert bench.main(TINY + ["--work", "loss", "--check", "--no-json"]) != 0
-    assert "check torch      FAIL" in capsys.readouterr().out
+    assert "check torch         FAIL" in capsys.readouterr().out
+
+
+def test_bench_passes_the_mask_band_promise(bench, monkeypatch):
+    if not bench.HAS_MASK_BAND:
+        pytest.skip("this mfm_fast.corrupt has no mask_band")
+    seen = []
+    real = bench.mfm_fast.corrupt
+    monkeypatch.setattr(bench.mfm_fast, "corrupt", lambda *a, **kw: seen.append(kw.get("mask_band")) or real(*a, **kw))
+    assert bench.main(TINY + ["--work", "corrupt", "--providers", "torch", "--no-json"]) == 0
+    assert seen and set(seen) == {bench.disc_band(16, 16, 4, 999)} == {4}
+
+
+def test_bench_torch_compile_provider_passes_check(bench, capsys):
+    assert bench.main(TINY + ["--providers", "torch_compile", "--work", "corrupt", "loss", "--check", "--no-json"]) == 0
+    out = capsys.readouterr().out
+    assert "check torch_compile PASS" in out and "corrupt       torch_compile " in out
+
+
+def test_e2e_step_runs_on_cpu_with_tiny_models(tmp_path, capsys):
+    e2e = load("e2e_step")
+    args = ["--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+    assert e2e.main(args) == 0
+    out = capsys.readouterr().out
+    for model in ("test_vit", "test_resnet"):
+        assert f"{model} " in out
+    assert "ms/step" in out and "MFM share" in out
+    data = json.loads(next(tmp_path.glob("e2e_step-cpu-*.json")).read_text())
+    assert {(r["model"], r["pipeline"]) for r in data["samples"]} == {
+        (m, p) for m in ("test_vit", "test_resnet") for p in ("official", "mfm_fast")}
+    for rec in data["samples"]:
+        assert rec["median_ms"] > 0 and rec["images_per_s"] > 0 and 0 < rec["mfm_ms"]
+    assert data["samples"][1]["backends"]["corrupt"] in ("torch", "triton", "cuda")

@@ -1,0 +1,227 @@
+"""One MFM pre-training step of a timm backbone + MFMHead: the official pipeline versus mfm_fast.
+
+    python bench/e2e_step.py                                  # defaults for the device found
+    python bench/e2e_step.py --models vit_s16 --batch 128     # one model on a GPU
+
+A step: draw masks, corrupt the batch, forward backbone + head under bf16 autocast, the masked
+spectral loss, backward, gradient clipping at 3.0, AdamW step (MFM_SPEC.md §4). Pipelines:
+  official   masks from mfm_fast.make_masks, then the eager replica of the released code's
+             corruption and loss (bench/fft_mask.py: fft2 + fftshift + complex64)
+  mfm_fast   mfm_fast.FrequencyCorruption + mfm_fast.MaskedFreqLoss with backend --backend
+             ("auto": the best one available per op; the table says which ran)
+Models: vit_t16, vit_s16, vit_b16 (timm ViT-*/16 at 224) and resnet50 (channels_last), or any
+timm name; on CPU the default is timm's tiny test models (test_vit, test_resnet at 160).
+p_low is 0.5 for ViTs and 0.3 for CNNs, r1 = min(16, size // 8).
+Reported: ms per step (median, p20, p80; CUDA events or perf_counter), images/s, the MFM
+frequency work (corrupt + loss forward + backward on the step's shapes, timed alone as in
+bench/fft_mask.py) and its share of the step, the peak memory of the steps (CUDA), and the
+speed-up of mfm_fast over official. JSON goes to bench/results/e2e_step-<device>-<stamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fft_mask  # noqa: E402  (bench/fft_mask.py: the official replica, timing helpers)
+
+import mfm_fast  # noqa: E402
+
+MODELS = {"vit_t16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
+          "vit_b16": "vit_base_patch16_224", "resnet50": "resnet50"}
+PIPELINES = ("official", "mfm_fast")
+
+
+def build(name, device):
+    """(model, head, optimizer, image side, is_cnn) for a timm model name, in training mode."""
+    import timm
+    model = timm.create_model(name, num_classes=0)
+    head = mfm_fast.MFMHead.for_timm_model(model)
+    cnn = getattr(model, "patch_embed", None) is None
+    fmt = torch.channels_last if cnn else torch.contiguous_format
+    model.to(device, memory_format=fmt).train()
+    head.to(device, memory_format=fmt).train()
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1.5e-4, betas=(0.9, 0.95))
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return model, head, opt, size, cnn
+
+
+def pipeline_fns(pipeline, r1, p_low, backend):
+    """(corrupt(x) -> (inp, mask), loss(pred, x, mask) -> scalar) for one pipeline."""
+    if pipeline == "official":
+        def corrupt(x):
+            mask = mfm_fast.make_masks(x.shape[0], x.shape[-2], x.shape[-1], r1=r1, p_low=p_low, device=x.device)
+            return fft_mask.official_corrupt(x, mask), mask
+        return corrupt, fft_mask.official_loss
+    corruption = mfm_fast.FrequencyCorruption(r1=r1, p_low=p_low, backend=backend)
+    criterion = mfm_fast.MaskedFreqLoss(normalize_target=True, backend=backend)
+    return corruption, criterion
+
+
+def backends_used(backend, device):
+    """Which mfm_fast backend runs each op (what backend='auto' resolves to here)."""
+    from mfm_fast.dispatch import choose_backend
+    return {op: choose_backend(backend, op, device) for op in ("corrupt", "masked_freq_loss")}
+
+
+def make_step(model, head, opt, corrupt, loss_fn, x, cnn):
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step():
+        inp, mask = corrupt(x)
+        if cnn:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            pred = head(model.forward_features(inp))
+            loss = loss_fn(pred, x, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def mfm_work(corrupt, loss_fn, x):
+    """The MFM frequency work of a step alone: corrupt + loss fwd + bwd with a bf16 pred."""
+    pred = torch.randn(x.shape, device=x.device).to(torch.bfloat16).requires_grad_()
+
+    def work():
+        _, mask = corrupt(x)
+        pred.grad = None
+        loss_fn(pred, x, mask).backward()
+    return work
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--models", nargs="+", help="aliases " + ", ".join(MODELS) + " or timm names "
+                   "(default: all four on CUDA; test_vit test_resnet on CPU)")
+    p.add_argument("--batch", type=int, help="images per step (default 128 on CUDA, 2 on CPU)")
+    p.add_argument("--backend", default="auto", help="mfm_fast backend for the mfm_fast pipeline (default auto)")
+    p.add_argument("--steps", type=int, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
+    p.add_argument("--no-json", action="store_true")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        mfm_fast.dispatch.check_backend_name(args.backend, "--backend")
+        import timm
+    except (ValueError, ImportError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    models = [MODELS.get(m, m) for m in (args.models or (list(MODELS) if gpu else ["test_vit", "test_resnet"]))]
+    batch = args.batch or (128 if gpu else 2)
+    steps = args.steps or (20 if gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    vers = dict(fft_mask.versions(), timm=timm.__version__)
+    print(f"e2e_step bench | {fft_mask.device_name(device)} | torch {vers['torch']} | timm {vers['timm']} | "
+          f"triton {vers['triton']} | mfm_fast {vers['mfm_fast']} | git {fft_mask.git_sha()}")
+    print(f"config: B={batch}, bf16 autocast, AdamW + clip 3.0, warm-up {warmup}, {steps} timed steps; "
+          f"mfm_fast --backend {args.backend}")
+    print(f"{'model':<22} {'pipeline':<9} {'backends':<16} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>8} "
+          f"{'MFM ms':>8} {'MFM share':>9} {'peak MiB':>9} {'speed-up':>8}")
+    records, ok = [], True
+    for name in models:
+        try:
+            torch.manual_seed(0)
+            model, head, opt, size, cnn = build(name, device)
+            x = torch.rand(batch, 3, size, size, device=device)
+        except Exception as exc:
+            print(f"{name:<22} cannot build: {type(exc).__name__}: {exc}")
+            ok = False
+            continue
+        r1, p_low = min(16, size // 8), (0.3 if cnn else 0.5)
+        step_ms = {}
+        for pipeline in PIPELINES:
+            try:
+                corrupt, loss_fn = pipeline_fns(pipeline, r1, p_low, args.backend)
+                used = backends_used(args.backend, device) if pipeline == "mfm_fast" else {}
+                step = make_step(model, head, opt, corrupt, loss_fn, x, cnn)
+                for _ in range(warmup):
+                    step()
+                if gpu:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                samples = fft_mask.time_fn(step, device, 0, steps, budget_s=float("inf"))
+                peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if gpu else None
+                mfm = fft_mask.time_fn(mfm_work(corrupt, loss_fn, x), device, 2, max(steps, 5), budget_s=5.0)
+            except Exception as exc:  # report and go on with the other pipelines and models
+                print(f"{name:<22} {pipeline:<9} raised {type(exc).__name__}: {exc}")
+                ok = False
+                if gpu:
+                    torch.cuda.empty_cache()
+                continue
+            med, mfm_med = fft_mask.percentile(samples, 50), fft_mask.percentile(mfm, 50)
+            step_ms[pipeline] = med
+            speedup = step_ms["official"] / med if "official" in step_ms else None
+            label = "/".join(dict.fromkeys(used.values())) if used else "eager"
+            rec = {"model": name, "pipeline": pipeline, "backends": used, "batch": batch, "size": size, "r1": r1,
+                   "p_low": p_low, "median_ms": med, "p20_ms": fft_mask.percentile(samples, 20),
+                   "p80_ms": fft_mask.percentile(samples, 80), "images_per_s": batch / med * 1e3,
+                   "mfm_ms": mfm_med, "mfm_share": mfm_med / med, "peak_mib": peak,
+                   "speedup_vs_official": speedup, "samples_ms": samples, "mfm_samples_ms": mfm}
+            records.append(rec)
+            print(f"{name:<22} {pipeline:<9} {label:<16} {med:>9.2f} {rec['p20_ms']:>8.2f} {rec['p80_ms']:>8.2f} "
+                  f"{rec['images_per_s']:>8.1f} {mfm_med:>8.2f} {rec['mfm_share']:>8.1%} "
+                  f"{'-' if peak is None else f'{peak:.0f}':>9} {fft_mask._ratio(speedup):>8}")
+        del model, head, opt, x
+        if gpu:
+            torch.cuda.empty_cache()
+    print("MFM ms: corrupt + loss fwd + bwd alone on the step's shapes (bf16 pred); share = MFM ms / ms per step; "
+          "speed-up = official ms per step / this.")
+    if not args.no_json:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
+        path = Path(args.out_dir) / f"e2e_step-{dev_tag}-{stamp}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": fft_mask.device_name(device), "device_type": device.type, **vers,
+                                    "git_sha": fft_mask.git_sha(), "date": datetime.datetime.now().isoformat(
+                                        timespec="seconds"), "command": sys.argv,
+                                    "config": {"models": models, "batch": batch, "steps": steps, "warmup": warmup,
+                                               "backend": args.backend, "autocast": "bf16"},
+                                    "all_ok": ok, "samples": records}, indent=1))
+        print(f"wrote {path}")
+    if not ok:
+        print("FAILED: a model or pipeline raised (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
