@@ -51,24 +51,26 @@ def main(argv=None) -> int:
         path = "band" if band else "general"
         print(f"\n{path} {label}: copy {copy_ms:.4f} ms, torch backend {torch_ms:.4f} ms ({torch_ms / copy_ms:.1f}x copy)")
         if label != "fp32->fp32":  # the full sweep once; other dtypes at the defaults
-            grid = [(64, 32, 4 if band else 8)]
+            grid = [(64, 32, 4, None)]
         elif band:
-            grid = itertools.product((32, 64), (32, 64, 128), (4, 8))
+            grid = [(64, 32, 4, None), (64, 32, 4, 2), (64, 32, 4, 4), (64, 32, 8, 3), (128, 32, 8, 3),
+                    (64, 64, 8, 3), (32, 32, 2, 3), (32, 64, 4, 3), (128, 16, 8, 3), (64, 16, 4, 3)]
         else:
-            grid = itertools.product((16, 32), (32, 64), (4, 8))
+            grid = [(16, 32, 4, None), (16, 64, 4, None), (16, 32, 4, 1), (16, 32, 8, 2)]
         results = []
-        for bm, bk, warps in grid:
+        for bm, bk, warps, stages in grid:
             try:
-                kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps)
+                kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages)
                 err = float((out.float() - ref).abs().max() / ref.abs().max())
-                ms = triton.testing.do_bench(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps))
+                ms = triton.testing.do_bench(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps,
+                                                               stages))
             except Exception as exc:  # a config that does not compile (shared memory, registers) is skipped
-                print(f"  bm={bm:<3} bk={bk:<4} warps={warps}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+                print(f"  bm={bm:<3} bk={bk:<4} warps={warps} stages={stages}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
-            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, ms=ms, x_copy=ms / copy_ms,
+            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, stages=stages, ms=ms, x_copy=ms / copy_ms,
                                 err=err, copy_ms=copy_ms, torch_ms=torch_ms))
         for r in sorted(results, key=lambda r: r["ms"])[:6]:
-            print(f"  bm={r['bm']:<3} bk={r['bk']:<4} warps={r['warps']}: {r['ms']:.4f} ms  "
+            print(f"  bm={r['bm']:<3} bk={r['bk']:<4} warps={r['warps']} stages={r['stages']}: {r['ms']:.4f} ms  "
                   f"{r['x_copy']:.2f}x copy  err {r['err']:.1e}")
         rows += results
     for precision in ("tf32", "bf16", "ieee"):

@@ -220,7 +220,8 @@ def _tables(height: int, width: int, first_ky: int, num_ky: int, num_kx: int, bl
 
 
 def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.Tensor, mask_band: int,
-           precision: str, block_rows: int = 64, block_cols: int = 32, num_warps: Optional[int] = None) -> None:
+           precision: str, block_rows: int = 64, block_cols: int = 32, num_warps: Optional[int] = None,
+           num_stages: Optional[int] = None) -> None:
     """Write the corrupted input into `out` (N, C, H, W) contiguous; the tile sizes are tunable
     (bench/tune_corrupt.py) and are clipped to the padded image."""
     n, channels, height, width = x.shape
@@ -233,7 +234,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         block_rows = min(block_rows, GENERAL_BLOCK_ROWS)
     bm, bk = min(block_rows, hp), min(block_cols, wp)
     common = dict(WP=wp, HP=hp, BM=bm, BK=bk, IS_BYTE=x.dtype == torch.uint8, PRECISION=precision,
-                  INTERPRETED=interp)
+                  INTERPRETED=interp, **({} if num_stages is None else {"num_stages": num_stages}))
     if mask_band > 0:
         r = mask_band
         ew, ewt, eh, eht = _tables(height, width, -(r - 1), 2 * r - 1, r, next_pow2(r), device)
