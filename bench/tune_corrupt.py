@@ -60,18 +60,20 @@ def main(argv=None) -> int:
         results = []
         for bm, bk, warps, stages in grid:
             try:
-                kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages)
+                k = kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages)
+                resources = f"regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} " \
+                            f"smem {getattr(getattr(k, 'metadata', None), 'shared', '?')}"
                 err = float((out.float() - ref).abs().max() / ref.abs().max())
                 ms = triton.testing.do_bench(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps,
                                                                stages))
             except Exception as exc:  # a config that does not compile (shared memory, registers) is skipped
                 print(f"  bm={bm:<3} bk={bk:<4} warps={warps} stages={stages}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
-            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, stages=stages, ms=ms, x_copy=ms / copy_ms,
+            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, stages=stages, resources=resources, ms=ms, x_copy=ms / copy_ms,
                                 err=err, copy_ms=copy_ms, torch_ms=torch_ms))
         for r in sorted(results, key=lambda r: r["ms"])[:6]:
             print(f"  bm={r['bm']:<3} bk={r['bk']:<4} warps={r['warps']} stages={r['stages']}: {r['ms']:.4f} ms  "
-                  f"{r['x_copy']:.2f}x copy  err {r['err']:.1e}")
+                  f"{r['x_copy']:.2f}x copy  err {r['err']:.1e}  {r['resources']}")
         rows += results
     for precision in ("tf32", "bf16", "ieee"):
         x, out = x32, torch.empty_like(x32)
