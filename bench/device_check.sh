@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# One GPU session in one call: install, GPU tests, corruption tile sweep, benchmarks.
+# One GPU session in one call: install, GPU tests, benchmarks, kernel variant sweeps.
 #   bash bench/device_check.sh            # on a GPU machine; logs and results go to $OUT (or bench/results)
-# Every step has its own timeout and a failure does not stop the next one.
+# Every step has its own timeout (seconds, overridable) and a failure does not stop the next one.
+# At most 7 files are written (the device tool brings back 8).
 set -uo pipefail
 out=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$out/gpu.txt"
+log="$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$log"
 pip install -q -e . --no-build-isolation --no-deps 2>&1 | grep -v -i "warning" | tail -2
-python -m mfm_fast.info >> "$out/gpu.txt" 2>&1
-echo "== GPU tests"
-timeout ${TESTS_S:-150} python -m pytest -q -m gpu --benchmark-disable -p no:cacheprovider \
-  tests/test_gpu.py tests/test_triton_corrupt.py $(ls tests/test_triton_loss.py 2>/dev/null) \
-  2>&1 | tee "$out/gpu_tests.log" | tail -12
-echo "== corruption tile sweep"
-timeout ${TUNE_S:-90} python bench/tune_corrupt.py > "$out/tune.log" 2>&1
-grep -A3 -E "^(band|general) fp32->fp32|^precision|u8->bf16" "$out/tune.log" | head -30
+python -m mfm_fast.info >> "$log" 2>&1
+echo "== GPU tests" | tee -a "$log"
+timeout ${TESTS_S:-120} python -m pytest -q -rs -m gpu --benchmark-disable -p no:cacheprovider \
+  tests/test_gpu.py tests/test_triton_corrupt.py tests/test_triton_loss.py 2>&1 | tee -a "$log" | tail -8
 echo "== fft_mask"
-timeout ${BENCH_S:-150} python bench/fft_mask.py --batch 64 256 --check --plot --markdown --quick --out-dir "$out" \
+timeout ${BENCH_S:-120} python bench/fft_mask.py --batch 64 256 --check --plot --markdown --quick --out-dir "$out" \
   > "$out/fft_mask.log" 2>&1
-tail -60 "$out/fft_mask.log"
+grep -E "check |x-floor|^corrupt|^loss|^step|B = |skipped" "$out/fft_mask.log" | head -70
+echo "== loss variants" | tee "$out/tune.log"
+timeout ${TUNE_LOSS_S:-60} python bench/tune_loss.py 2>&1 | tee -a "$out/tune.log"
+echo "== corruption tile sweep"
+timeout ${TUNE_S:-60} python bench/tune_corrupt.py >> "$out/tune.log" 2>&1
+sed -n '/corruption\|band fp32/,$p' "$out/tune.log" | grep -v "^ *File\|^    " | head -40
 echo "== e2e_step"
-timeout ${E2E_S:-80} python bench/e2e_step.py --models vit_s16 --out-dir "$out" > "$out/e2e.log" 2>&1
-tail -12 "$out/e2e.log"
+timeout ${E2E_S:-60} python bench/e2e_step.py --models vit_s16 --out-dir "$out" > "$out/e2e.log" 2>&1
+tail -10 "$out/e2e.log"

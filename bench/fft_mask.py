@@ -172,17 +172,18 @@ def _mfm_provider(backend):
         extra = {"mask_band": band} if band is not None else {}
         return mfm_fast.corrupt(x, mask, backend=backend, **extra)
 
-    def loss(pred, x, mask):
-        return mfm_fast.masked_freq_loss(pred, x, mask, normalize_target=True, backend=backend)
+    def loss(pred, x, mask, band=None):
+        extra = {"mask_band": band} if band is not None else {}
+        return mfm_fast.masked_freq_loss(pred, x, mask, normalize_target=True, backend=backend, **extra)
     return {"corrupt": corrupt, "loss": loss}
 
 
 # Every provider but "copy" (the floor, measured separately): {"corrupt": f(x, mask, band=None),
-# "loss": f(pred, x, mask) -> scalar with autograd}. Tests monkeypatch entries here.
+# "loss": f(pred, x, mask, band=None) -> scalar with autograd}. Tests monkeypatch entries here.
 PROVIDERS = {
-    "official": {"corrupt": official_corrupt, "loss": official_loss},
+    "official": {"corrupt": official_corrupt, "loss": lambda pred, x, mask, band=None: official_loss(pred, x, mask)},
     "torch_compile": {"corrupt": lambda x, mask, band=None: _compiled("corrupt", _compile_mode)(x, mask),
-                      "loss": lambda pred, x, mask: _compiled("loss", _compile_mode)(pred, x, mask)},
+                      "loss": lambda pred, x, mask, band=None: _compiled("loss", _compile_mode)(pred, x, mask)},
     **{name: _mfm_provider(name) for name in mfm_fast.BACKENDS},
 }
 
@@ -219,20 +220,20 @@ def work_fns(provider, work, x, mask, pred, band):
     if work == "corrupt":
         return None, lambda: corrupt(x, mask, band=band)
     if work == "loss_fwd":
-        return None, lambda: loss_fn(pred, x, mask)
+        return None, lambda: loss_fn(pred, x, mask, band=band)
     if work == "loss_bwd":
         state = {}
 
         def forward():
             pred.grad = None
-            state["loss"] = loss_fn(pred, x, mask)
+            state["loss"] = loss_fn(pred, x, mask, band=band)
         return forward, lambda: state.pop("loss").backward()
 
     def step():
         if work == "step":
             corrupt(x, mask, band=band)
         pred.grad = None
-        loss_fn(pred, x, mask).backward()
+        loss_fn(pred, x, mask, band=band).backward()
     return None, step
 
 
@@ -306,9 +307,9 @@ def _rel(a, ref):
     return float((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
 
 
-def _loss_and_grad(provider, pred, x, mask):
+def _loss_and_grad(provider, pred, x, mask, band=None):
     pred.grad = None
-    loss = PROVIDERS[provider]["loss"](pred, x, mask)
+    loss = PROVIDERS[provider]["loss"](pred, x, mask, band=band)
     loss.backward()
     grad, pred.grad = pred.grad.detach().clone(), None
     return loss.detach().clone(), grad
@@ -317,7 +318,7 @@ def _loss_and_grad(provider, pred, x, mask):
 def run_checks(providers, device, x, mask, pred, band, tol):
     """Print PASS / FAIL per provider; return {provider: set of the ops (as in WORK_OPS) that failed}."""
     ref_out = PROVIDERS["reference"]["corrupt"](x, mask, band=band)
-    ref_loss, ref_grad = _loss_and_grad("reference", pred, x, mask)
+    ref_loss, ref_grad = _loss_and_grad("reference", pred, x, mask, band)
     failed = {}
     for name in providers:
         if name == "reference":
@@ -331,7 +332,7 @@ def run_checks(providers, device, x, mask, pred, band, tol):
                     out = PROVIDERS[name]["corrupt"](x, mask, band=band)
                     got = {"corrupt": _rel(out, ref_out) if out.shape == ref_out.shape else math.inf}
                 else:
-                    loss, grad = _loss_and_grad(name, pred, x, mask)
+                    loss, grad = _loss_and_grad(name, pred, x, mask, band)
                     got = {"loss": _rel(loss, ref_loss), "grad": _rel(grad, ref_grad)}
                 errs.update(got)
                 if not all(v <= tol for v in got.values()):  # NaN fails too

@@ -13,22 +13,30 @@ patch_factor > 1) of size h x w, x = pred - target (target normalised in registe
 
 Launches (all in the forward; backward only scales the saved gradient by grad_output):
 
-- full path: ``_mfl_full_fwd_kernel``, grid (KXP / BKX, planes): D for BKX columns and all rows,
-  the loss partial, G, B; B is written "packed" into the fp32 gradient buffer (row y holds
-  [Re B_0, Re B_w/2, Re B_1, Im B_1, ..., Im B_w/2-1]: w floats, as B_0 and B_w/2 are real).
-  ``_mfl_full_inv_kernel``, grid (h / BY, planes): the inverse along W of BY packed rows, written
-  over them (fp32) or into the low-precision gradient.
+- full path: ``_mfl_full_fwd_kernel``, grid (KXP / BKX, planes), one program per BKX half-spectrum
+  columns of a plane: D (all rows) accumulates over BY-row blocks (A_blk = x_blk @ Ew^T,
+  D += Eh[:, blk] @ A_blk); then c, d, the loss partial and G. G goes through the program's own
+  columns of the fp32 gradient buffer, "packed" (row y: [Re_0, Re_w/2, Re_1, Im_1, ..., Im_w/2-1],
+  w floats; Im G of columns 0 and w/2 in a small side buffer), so that B = Eh^H G can stream it in
+  BKC-row chunks; B (whose columns 0 and w/2 are real) is then written packed over G.
+  ``_mfl_full_inv_kernel``, grid (h / BYV, planes): gradient rows = the inverse along W of the
+  packed rows, written over them (fp32) or into the low-precision gradient.
 - band path (``mask_band=R``, a promise that the mask equals its corner m[n, 0, 0] outside the
   centred box |ky|, |kx| < R): planes whose corner is 1 (high-pass MFM images) have weight only
   in the box, so ``_mfl_band_kernel``, grid (planes,), computes D on the (2R-1) x R band and the
   gradient Re(Eh_band^H G Ew_band^H) directly. The choice is per image on the device: full-path
   programs of band planes exit at once and vice versa.
 - loss = sum(partials) * scale: per-program partials and a fixed-order torch.sum (deterministic).
+
+Precision: tl.dot inputs are "tf32x3" by default (three tf32 products: a_lo t + a t_lo + a t, the
+tables pre-split on the host), ~fp32 accuracy; "ieee", "tf32" and "bf16" are the other modes.
+Extra memory: the gradient, plus an fp32 copy of it for bf16 / fp16 pred, and O(planes) scalars.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -40,8 +48,8 @@ from mfm_fast.torch_backend.masked_freq_loss import _target_grad
 
 from ._dft import dft_table, next_pow2
 
-EPS = 1e-12
-PRECISIONS = ("tf32x3", "tf32", "ieee")
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
+BAND_MAX = 32  # widest mask_band the band kernel takes (its (2R-1) x R spectrum stays in registers)
 
 
 # ---------------------------------------------------------------- device helpers
@@ -102,18 +110,67 @@ def _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE: tl.constexp
     return partial, coef
 
 
+@triton.jit
+def _split(a, PREC: tl.constexpr):
+    """For PREC "tf32x3": (hi, lo), a = hi + lo with hi exact in tf32 (round to nearest); else (a, a)."""
+    if PREC == "tf32x3":
+        hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return hi, a - hi
+    else:
+        return a, a
+
+
+@triton.jit
+def _mm(a_hi, a_lo, t_ptrs, lo_off, acc, TAB_LEFT: tl.constexpr, PREC: tl.constexpr):
+    """acc + T @ a (TAB_LEFT) or acc + a @ T, T the table slice at t_ptrs and (a_hi, a_lo) = _split(a).
+
+    PREC "tf32x3": three tf32 products (lo*hi + hi*lo + hi*hi, ~fp32 accuracy) with the table's
+    pre-split tf32 remainder at t_ptrs + lo_off; "bf16": operands rounded to bf16 ("bf16_emulated"
+    under the interpreter, whose bf16 dot is wrong: bf16 products are exact in fp32); else one
+    tl.dot at that input precision ("tf32", "ieee")."""
+    t = tl.load(t_ptrs)
+    if PREC == "tf32x3":
+        t_lo = tl.load(t_ptrs + lo_off)
+        if TAB_LEFT:
+            acc = tl.dot(t, a_lo, acc, input_precision="tf32")
+            acc = tl.dot(t_lo, a_hi, acc, input_precision="tf32")
+            acc = tl.dot(t, a_hi, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a_lo, t, acc, input_precision="tf32")
+            acc = tl.dot(a_hi, t_lo, acc, input_precision="tf32")
+            acc = tl.dot(a_hi, t, acc, input_precision="tf32")
+    elif PREC == "bf16":
+        if TAB_LEFT:
+            acc = tl.dot(t.to(tl.bfloat16), a_hi.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(a_hi.to(tl.bfloat16), t.to(tl.bfloat16), acc)
+    elif PREC == "bf16_emulated":
+        a = a_hi.to(tl.bfloat16).to(tl.float32)
+        t = t.to(tl.bfloat16).to(tl.float32)
+        if TAB_LEFT:
+            acc = tl.dot(t, a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, t, acc, input_precision="ieee")
+    else:
+        if TAB_LEFT:
+            acc = tl.dot(t, a_hi, acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a_hi, t, acc, input_precision=PREC)
+    return acc
+
+
 # ---------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _mfl_full_fwd_kernel(
-        p_ptr, t_ptr, m_ptr, ws_ptr, part_ptr, scale_ptr, stat_ptr, ew_ptr, eh_ptr,
+        p_ptr, t_ptr, m_ptr, ws_ptr, side_ptr, part_ptr, scale_ptr, stat_ptr, ew_ptr, eh_ptr,
         C, PF, h, w,
         sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sm_n, sm_h, sm_w, so_n, so_c, so_h,
         inv_sqrt, gamma,
         HP: tl.constexpr, KXP: tl.constexpr, WP: tl.constexpr, BKX: tl.constexpr, BY: tl.constexpr,
-        BW: tl.constexpr, HAS_MASK: tl.constexpr, BAND: tl.constexpr, NORM: tl.constexpr, T_U8: tl.constexpr,
-        NEED_GRAD: tl.constexpr, GAMMA_MODE: tl.constexpr, PREC: tl.constexpr):
+        BW: tl.constexpr, BKC: tl.constexpr, HAS_MASK: tl.constexpr, BAND: tl.constexpr, NORM: tl.constexpr,
+        T_U8: tl.constexpr, NEED_GRAD: tl.constexpr, GAMMA_MODE: tl.constexpr, PREC: tl.constexpr):
     """Program (column block kb, plane): D[:, kb*BKX : (kb+1)*BKX], the loss partial, and packed B into ws."""
     kb = tl.program_id(0)
     plane = tl.program_id(1)
@@ -144,15 +201,16 @@ def _mfl_full_fwd_kernel(
         for x0 in range(0, w, BW):
             xt = _load_diff(p_base, t_base, y0 + ys0, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
             ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, BKX) slice of Ew^T
-            Ar = tl.dot(xt, tl.load(ew_t), Ar, input_precision=PREC)
-            As = tl.dot(xt, tl.load(ew_t + KXP * WP), As, input_precision=PREC)
+            xh, xl = _split(xt, PREC)
+            Ar = _mm(xh, xl, ew_t, 2 * KXP * WP, Ar, False, PREC)
+            As = _mm(xh, xl, ew_t + KXP * WP, 2 * KXP * WP, As, False, PREC)
         eh_t = eh_ptr + ky[:, None] * HP + (y0 + ys0)[None, :]  # (HP, BY) slice of Eh
-        ch_t = tl.load(eh_t)
-        sh_t = tl.load(eh_t + HP * HP)
-        Dr = tl.dot(ch_t, Ar, Dr, input_precision=PREC)
-        Dr = tl.dot(sh_t, -As, Dr, input_precision=PREC)
-        Dq = tl.dot(ch_t, As, Dq, input_precision=PREC)
-        Dq = tl.dot(sh_t, Ar, Dq, input_precision=PREC)
+        arh, arl = _split(Ar, PREC)
+        ash, asl = _split(As, PREC)
+        Dr = _mm(arh, arl, eh_t, 2 * HP * HP, Dr, True, PREC)
+        Dr = _mm(-ash, -asl, eh_t + HP * HP, 2 * HP * HP, Dr, True, PREC)
+        Dq = _mm(ash, asl, eh_t, 2 * HP * HP, Dq, True, PREC)
+        Dq = _mm(arh, arl, eh_t + HP * HP, 2 * HP * HP, Dq, True, PREC)
     Dr = Dr * inv_sqrt
     Di = Dq * -inv_sqrt
 
@@ -166,25 +224,38 @@ def _mfl_full_fwd_kernel(
     partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
     tl.store(part_ptr, partial)
     if NEED_GRAD:
-        Gr = coef * Dr
-        Gi = coef * Di
-        o_base = ws_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+        # G goes through this program's own packed columns of ws (Im G of columns 0 and w/2, which
+        # have no packed slot, through `side`), so that the inverse along H can stream it in chunks
+        row = ws_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+        side = side_ptr + plane * (2 * HP) + tl.where(kx == 0, 0, HP)
         pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
-        kx_ok = kx < w // 2 + 1
-        im_ok = (kx > 0) & (kx < w // 2)
-        for y0 in range(0, h, BY):
-            ys = y0 + ys0
-            ehT = eh_ptr + ys[:, None] * HP + ky[None, :]  # (BY, HP) slice of Eh^T = Eh (symmetric)
-            ch_t = tl.load(ehT)
-            sh_t = tl.load(ehT + HP * HP)
-            Br = tl.dot(ch_t, Gr, input_precision=PREC)
-            Br = tl.dot(sh_t, -Gi, Br, input_precision=PREC)
-            Bi = tl.dot(sh_t, Gr, input_precision=PREC)
-            Bi = tl.dot(ch_t, Gi, Bi, input_precision=PREC)
-            row = o_base + ys[:, None] * so_h
-            rows_ok = ys[:, None] < h
-            tl.store(row + pos_r[None, :], Br, mask=rows_ok & kx_ok[None, :])
-            tl.store(row + (2 * kx + 1)[None, :], Bi, mask=rows_ok & im_ok[None, :])
+        kx_ok = (kx < w // 2 + 1)[None, :]
+        im_ok = ((kx > 0) & (kx < w // 2))[None, :]
+        edge = ((kx == 0) | (kx == w // 2))[None, :]
+        rows_ok = ky[:, None] < h
+        tl.store(row + ky[:, None] * so_h + pos_r[None, :], coef * Dr, mask=rows_ok & kx_ok)
+        tl.store(row + ky[:, None] * so_h + (2 * kx + 1)[None, :], coef * Di, mask=rows_ok & im_ok)
+        tl.store(side[None, :] + ky[:, None], coef * Di, mask=rows_ok & edge)
+        tl.debug_barrier()  # G visible to the whole program
+        # B[y, kx] for every row y (indexed by `ky`'s range 0..HP), contracted over chunks kc of ky
+        Br = tl.zeros((HP, BKX), tl.float32)
+        Bi = tl.zeros((HP, BKX), tl.float32)
+        for k0 in range(0, h, BKC):  # B = Eh^H G, streamed over chunks of BKC frequencies ky
+            kc = k0 + tl.arange(0, BKC)
+            ok = (kc < h)[:, None]
+            Gr = tl.load(row + kc[:, None] * so_h + pos_r[None, :], mask=ok & kx_ok, other=0.0)
+            Gi = tl.load(row + kc[:, None] * so_h + (2 * kx + 1)[None, :], mask=ok & im_ok, other=0.0)
+            Gi += tl.load(side[None, :] + kc[:, None], mask=ok & edge, other=0.0)
+            grh, grl = _split(Gr, PREC)
+            gih, gil = _split(Gi, PREC)
+            eh_t = eh_ptr + ky[:, None] * HP + kc[None, :]  # (HP, BKC) slice of Eh^T = Eh (symmetric)
+            Br = _mm(grh, grl, eh_t, 2 * HP * HP, Br, True, PREC)
+            Br = _mm(-gih, -gil, eh_t + HP * HP, 2 * HP * HP, Br, True, PREC)
+            Bi = _mm(grh, grl, eh_t + HP * HP, 2 * HP * HP, Bi, True, PREC)
+            Bi = _mm(gih, gil, eh_t, 2 * HP * HP, Bi, True, PREC)
+        tl.debug_barrier()  # every chunk of G read before B overwrites it
+        tl.store(row + ky[:, None] * so_h + pos_r[None, :], Br, mask=rows_ok & kx_ok)
+        tl.store(row + ky[:, None] * so_h + (2 * kx + 1)[None, :], Bi, mask=rows_ok & im_ok)
 
 
 @triton.jit
@@ -209,13 +280,15 @@ def _mfl_full_inv_kernel(
     Br = tl.load(row + pos_r[None, :], mask=rows_ok & (kx < w // 2 + 1)[None, :], other=0.0)
     Bi = tl.load(row + (2 * kx + 1)[None, :], mask=rows_ok & ((kx > 0) & (kx < w // 2))[None, :], other=0.0)
     tl.debug_barrier()  # in place: all loads of the block before the first store
+    brh, brl = _split(Br, PREC)
+    bih, bil = _split(Bi, PREC)
     xs0 = tl.arange(0, BX)
     out_row = out_ptr + off + ys[:, None] * so_h
     for x0 in range(0, w, BX):
         xs = x0 + xs0
         ew = ew_ptr + kx[:, None] * WP + xs[None, :]  # (KXP, BX) slice of Ew
-        g = tl.dot(Br, tl.load(ew), input_precision=PREC)
-        g = tl.dot(-Bi, tl.load(ew + KXP * WP), g, input_precision=PREC)
+        g = _mm(brh, brl, ew, 2 * KXP * WP, tl.zeros((BY, BX), tl.float32), False, PREC)
+        g = _mm(-bih, -bil, ew + KXP * WP, 2 * KXP * WP, g, False, PREC)
         tl.store(out_row + xs[None, :], g.to(out_ptr.dtype.element_ty), mask=rows_ok & (xs < w)[None, :])
 
 
@@ -257,15 +330,16 @@ def _mfl_band_kernel(
         for x0 in range(0, w, BW):
             xt = _load_diff(p_base, t_base, y0 + ys0, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
             ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, RXP) slice of Ew^T
-            Ar = tl.dot(xt, tl.load(ew_t), Ar, input_precision=PREC)
-            As = tl.dot(xt, tl.load(ew_t + KXP * WP), As, input_precision=PREC)
+            xh, xl = _split(xt, PREC)
+            Ar = _mm(xh, xl, ew_t, 2 * KXP * WP, Ar, False, PREC)
+            As = _mm(xh, xl, ew_t + KXP * WP, 2 * KXP * WP, As, False, PREC)
         eb_t = eb_ptr + j[:, None] * HP + (y0 + ys0)[None, :]  # (RYP, BY) slice of the band rows of Eh
-        ch_t = tl.load(eb_t)
-        sh_t = tl.load(eb_t + RYP * HP)
-        Dr = tl.dot(ch_t, Ar, Dr, input_precision=PREC)
-        Dr = tl.dot(sh_t, -As, Dr, input_precision=PREC)
-        Dq = tl.dot(ch_t, As, Dq, input_precision=PREC)
-        Dq = tl.dot(sh_t, Ar, Dq, input_precision=PREC)
+        arh, arl = _split(Ar, PREC)
+        ash, asl = _split(As, PREC)
+        Dr = _mm(arh, arl, eb_t, 2 * RYP * HP, Dr, True, PREC)
+        Dr = _mm(-ash, -asl, eb_t + RYP * HP, 2 * RYP * HP, Dr, True, PREC)
+        Dq = _mm(ash, asl, eb_t, 2 * RYP * HP, Dq, True, PREC)
+        Dq = _mm(arh, arl, eb_t + RYP * HP, 2 * RYP * HP, Dq, True, PREC)
     Dr = Dr * inv_sqrt
     Di = Dq * -inv_sqrt
 
@@ -276,23 +350,24 @@ def _mfl_band_kernel(
     partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
     tl.store(part_ptr, partial)
     if NEED_GRAD:
-        Gr = coef * Dr
-        Gi = coef * Di
+        grh, grl = _split(coef * Dr, PREC)
+        gih, gil = _split(coef * Di, PREC)
         o_base = out_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
         for y0 in range(0, h, BY):
             ys = y0 + ys0
             ebT = eb_ptr + j[None, :] * HP + ys[:, None]  # (BY, RYP) slice of Eh_band^T
-            ch_t = tl.load(ebT)
-            sh_t = tl.load(ebT + RYP * HP)
-            Br = tl.dot(ch_t, Gr, input_precision=PREC)
-            Br = tl.dot(sh_t, -Gi, Br, input_precision=PREC)
-            Bi = tl.dot(sh_t, Gr, input_precision=PREC)
-            Bi = tl.dot(ch_t, Gi, Bi, input_precision=PREC)
+            zero = tl.zeros((BY, RXP), tl.float32)
+            Br = _mm(grh, grl, ebT, 2 * RYP * HP, zero, True, PREC)
+            Br = _mm(-gih, -gil, ebT + RYP * HP, 2 * RYP * HP, Br, True, PREC)
+            Bi = _mm(grh, grl, ebT + RYP * HP, 2 * RYP * HP, zero, True, PREC)
+            Bi = _mm(gih, gil, ebT, 2 * RYP * HP, Bi, True, PREC)
+            brh, brl = _split(Br, PREC)
+            bih, bil = _split(Bi, PREC)
             for x0 in range(0, w, BW):
                 xs = x0 + xs0
                 ew = ew_ptr + kx[:, None] * WP + xs[None, :]  # (RXP, BW) slice of Ew
-                g = tl.dot(Br, tl.load(ew), input_precision=PREC)
-                g = tl.dot(-Bi, tl.load(ew + KXP * WP), g, input_precision=PREC)
+                g = _mm(brh, brl, ew, 2 * KXP * WP, tl.zeros((BY, BW), tl.float32), False, PREC)
+                g = _mm(-bih, -bil, ew + KXP * WP, 2 * KXP * WP, g, False, PREC)
                 tl.store(o_base + ys[:, None] * so_h + xs[None, :], g.to(out_ptr.dtype.element_ty),
                          mask=(ys[:, None] < h) & (xs < w)[None, :])
 
@@ -318,12 +393,37 @@ def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor([mean, std], dtype=torch.float32).to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def _table(precision: str, *args) -> torch.Tensor:
+    """dft_table(*args) as the kernels read it: for "tf32x3" (4, F, N) = [cos, sin] rounded to tf32 (as
+    _split in the kernels) and the fp32 remainders; bf16 for "bf16"; else the (2, F, N) fp32 table."""
+    table = dft_table(*args)
+    if precision == "tf32x3":
+        hi = ((table.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+        return torch.cat([hi, table - hi]).contiguous()
+    return table.to(torch.bfloat16) if precision == "bf16" else table
+
+
 def _gamma_mode(gamma: float) -> int:
     return 1 if gamma == 1.0 else (2 if gamma == 2.0 else 0)
 
 
+def _config(h: int, w: int) -> dict:
+    """Block sizes for an h x w plane (powers of two >= 16: tl.dot needs every dimension >= 16).
+
+    HP, WP, KXP: padded rows, columns and half-spectrum columns. Forward kernel: BKX half-spectrum
+    columns per program, BY x BW input tiles, BKC frequencies per step of the inverse along H;
+    inverse kernel: BYV rows per program, BX output columns per step; band kernel: BY x BW tiles.
+    Chosen so that at 224 x 224 the sm_90 builds fit shared memory (forward 146 KiB with tf32x3)
+    without register spills; to be tuned on the GPU."""
+    HP, WP, KXP = next_pow2(h), next_pow2(w), next_pow2(w // 2 + 1)
+    return dict(HP=HP, WP=WP, KXP=KXP, BKX=min(32, KXP), BY=min(16, HP), BW=min(32, WP), BKC=min(16, HP),
+                BYV=min(32, HP), BX=min(32, WP), fwd_warps=8, warps=4, num_stages=2)
+
+
 def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
              mask_band, precision, need_grad):
+    """Launch the kernels; returns (loss, grad or an empty tensor)."""
     n, C, H, W = pred.shape
     pf = patch_factor
     h, w = H // pf, W // pf
@@ -331,8 +431,9 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
     dev = pred.device
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    if reduction == "masked":
-        scale = loss_weight / (C * (1.0 - mask.to(torch.float32)).sum()).clamp_min(1e-30)
+    if reduction == "masked":  # the denominator depends only on the mask: known before the kernels run
+        removed = n * H * W - mask.sum(dtype=torch.float64)  # sum of 1 - mask, one read, exact counts
+        scale = (loss_weight / (C * removed).clamp_min(1e-30)).to(torch.float32)
     else:
         scale = torch.full((), loss_weight / (n * C * H * W) if reduction == "mean" else loss_weight,
                            dtype=torch.float32, device=dev)
@@ -340,38 +441,42 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
     stats = _stats(tuple(target_mean), tuple(target_std), dev) if norm else scale
     m = mask if mask is not None else scale
     sm = mask.stride() if mask is not None else (0, 0, 0)
-    band = mask is not None and mask_band is not None
+    band = mask is not None and mask_band is not None and mask_band <= BAND_MAX and 2 * mask_band <= min(h, w)
 
-    HP, WP, KXP = next_pow2(h), next_pow2(w), next_pow2(w // 2 + 1)
-    BY, BW, BKX = min(32, HP), min(64, WP), min(32, KXP)
-    ew = dft_table(w, 0, w // 2 + 1, KXP, WP, dev)
-    eh = dft_table(h, 0, h, HP, HP, dev)
-    n_kb = KXP // BKX
+    cfg = _config(h, w)
+    HP, WP, KXP, BY = cfg["HP"], cfg["WP"], cfg["KXP"], cfg["BY"]
+    stages = cfg["num_stages"]
+    if precision == "bf16" and os.environ.get("TRITON_INTERPRET", "") == "1":
+        precision = "bf16_emulated"
+    ew = _table(precision, w, 0, w // 2 + 1, KXP, WP, dev)
+    eh = _table(precision, h, 0, h, HP, HP, dev)
+    n_kb = KXP // cfg["BKX"]
     partials = torch.empty(planes * (n_kb + int(band)), dtype=torch.float32, device=dev)
     grad = pred.new_empty(pred.shape) if need_grad else pred.new_empty(0)
+    # B (the gradient's half spectrum, packed) lives in the gradient itself when it is fp32
     ws = grad if (not need_grad or grad.dtype == torch.float32) else torch.empty(pred.shape, dtype=torch.float32,
                                                                                   device=dev)
-    so = (C * H * W, H * W, W)
+    so = (C * H * W, H * W, W)  # grad and ws: contiguous (N, C, H, W)
     common = dict(NORM=norm, T_U8=target.dtype == torch.uint8, NEED_GRAD=need_grad,
                   GAMMA_MODE=_gamma_mode(loss_gamma), PREC=precision)
-    args = (C, pf, h, w, *pred.stride(), *target.stride(), *sm, *so)
+    strides = (*pred.stride(), *target.stride(), *sm, *so)
+    side = torch.empty(planes * 2 * HP if need_grad else 0, dtype=torch.float32, device=dev)
     _mfl_full_fwd_kernel[(n_kb, planes)](
-        pred, target, m, ws, partials, scale, stats, ew, eh, *args, 1.0 / (h * w) ** 0.5, float(loss_gamma),
-        HP=HP, KXP=KXP, WP=WP, BKX=BKX, BY=BY, BW=BW, HAS_MASK=mask is not None, BAND=band, **common,
-        num_warps=8 if HP * BKX >= 4096 else 4)
+        pred, target, m, ws, side, partials, scale, stats, ew, eh, C, pf, h, w, *strides, 1.0 / (h * w) ** 0.5,
+        float(loss_gamma), HP=HP, KXP=KXP, WP=WP, BKX=cfg["BKX"], BY=BY, BW=cfg["BW"], BKC=cfg["BKC"],
+        HAS_MASK=mask is not None, BAND=band, **common, num_warps=cfg["fwd_warps"], num_stages=stages)
     if need_grad:
-        BX = min(64, WP)
-        _mfl_full_inv_kernel[(triton.cdiv(h, BY), planes)](
-            ws, grad, m, ew, C, pf, h, w, *sm, *so, KXP=KXP, WP=WP, BY=BY, BX=BX, BAND=band, PREC=precision,
-            num_warps=4)
+        _mfl_full_inv_kernel[(triton.cdiv(h, cfg["BYV"]), planes)](
+            ws, grad, m, ew, C, pf, h, w, *sm, *so, KXP=KXP, WP=WP, BY=cfg["BYV"], BX=cfg["BX"], BAND=band,
+            PREC=precision, num_warps=cfg["warps"], num_stages=stages)
     if band:
         R = int(mask_band)
         RYP, RXP = next_pow2(2 * R - 1), next_pow2(R)
-        eb = dft_table(h, 1 - R, 2 * R - 1, RYP, HP, dev)
+        eb = _table(precision, h, 1 - R, 2 * R - 1, RYP, HP, dev)
         _mfl_band_kernel[(planes,)](
-            pred, target, m, grad, partials[planes * n_kb:], scale, stats, ew, eb, C, pf, h, w, R,
-            *pred.stride(), *target.stride(), *sm, *so, 1.0 / (h * w) ** 0.5, float(loss_gamma),
-            HP=HP, KXP=KXP, WP=WP, RYP=RYP, RXP=RXP, BY=BY, BW=BW, **common, num_warps=4)
+            pred, target, m, grad, partials[planes * n_kb:], scale, stats, ew, eb, C, pf, h, w, R, *strides,
+            1.0 / (h * w) ** 0.5, float(loss_gamma), HP=HP, KXP=KXP, WP=WP, RYP=RYP, RXP=RXP, BY=cfg["BYV"],
+            BW=cfg["BW"], **common, num_warps=cfg["warps"], num_stages=stages)
     return partials.sum() * scale, grad
 
 
@@ -386,8 +491,12 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
     mask_band=R promises mask == mask[n, 0, 0] (per patch tile) outside the centred box |ky|, |kx| < R;
     precision is tl.dot's input_precision ("tf32x3" ~ fp32 accuracy, "tf32" fast, "ieee" exact fp32 FMA).
     """
-    return _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
-                    mask_band, precision, need_grad)
+    args = (pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std, mask_band,
+            precision, need_grad)
+    if pred.is_cuda:
+        with torch.cuda.device(pred.device):  # Triton launches on the current device
+            return _forward(*args)
+    return _forward(*args)
 
 
 @masked_freq_loss.register_fake

@@ -28,7 +28,7 @@ _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 IMPLEMENTED = {
     "reference": set(OPS),
     "torch": set(OPS),
-    "triton": {"corrupt"},
+    "triton": {"corrupt", "masked_freq_loss"},
     "cuda": set(),
 }
 

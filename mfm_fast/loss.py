@@ -10,11 +10,12 @@ from torch import nn
 from . import _validate as V
 from . import reference
 from ._common import IMAGENET_MEAN, IMAGENET_STD
-from .dispatch import check_backend_name, choose_backend
+from .dispatch import check_backend_name, choose_backend, log_fallback_once
 from .torch_backend.masked_freq_loss import masked_freq_loss as _loss_torch
 from .torch_backend.masked_freq_loss import masked_freq_loss_map as _loss_map_torch
 
 REDUCTIONS = ("masked", "mean", "sum", "none")
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 
 
 def _check_normalize_target(normalize_target, channels: int):
@@ -39,11 +40,34 @@ def _check_options(loss_gamma, reduction, alpha, patch_factor, loss_weight):
     return loss_gamma, alpha, patch_factor, loss_weight
 
 
+def _check_triton_options(mask_band, precision):
+    if mask_band is not None:
+        mask_band = V.check_int("mask_band", mask_band, low=1)
+    V.check_choice("precision", precision, PRECISIONS)
+    return mask_band
+
+
+def _check_mask_band(mask: torch.Tensor, mask_band: int, pf: int) -> None:
+    """With value checks on, verify the mask_band promise on every patch tile of the masks (a host sync)."""
+    if not V.value_checks_enabled():
+        return
+    n, height, width = mask.shape
+    h, w = height // pf, width // pf
+    ky = (torch.arange(h, device=mask.device) - h // 2).abs()[:, None]
+    kx = (torch.arange(w, device=mask.device) - w // 2).abs()[None, :]
+    outside = ((ky >= mask_band) | (kx >= mask_band))[None, None, :, None, :]
+    tiles = mask.reshape(n, pf, h, pf, w).to(torch.float32)
+    if bool(((tiles != tiles[:, :, :1, :, :1]) & outside).any()):
+        raise ValueError(f"mask_band: the mask is not constant outside the centred box |ky|, |kx| < {mask_band}; "
+                         "pass mask_band=None for arbitrary masks")
+
+
 def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                      loss_gamma: float = 1.0, reduction: str = "masked", with_matrix: bool = False,
                      alpha: float = 1.0, log_matrix: bool = False, batch_matrix: bool = False,
                      ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
-                     normalize_target=None, backend: str = "auto") -> torch.Tensor:
+                     normalize_target=None, backend: str = "auto", mask_band: Optional[int] = None,
+                     precision: str = "tf32x3") -> torch.Tensor:
     """Masked spectral loss between pred and target.
 
     With F(z) = fftshift(fft2(z, norm="ortho")) per patch and D = F(pred) - F(target):
@@ -79,7 +103,19 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         loss_weight: multiplies the result.
         normalize_target: None / False (off), True (ImageNet mean/std) or (mean, std): target is raw pixels,
             normalised inside the op as (target - mean) / std.
-        backend: "auto" | "reference" | "torch" | "triton" | "cuda" (see mfm_fast.dispatch).
+        backend: "auto" | "reference" | "torch" | "triton" | "cuda" (see mfm_fast.dispatch). The triton
+            backend fuses reductions masked / mean / sum with any gamma, normalize_target and patch_factor
+            for fp32 / bf16 / fp16 pred; other options (reduction "none", with_matrix, ave_spectrum, fp64
+            pred) run on the torch backend, logged once (logger "mfm_fast").
+        mask_band: optional promise R >= 1 that every mask (each patch tile with patch_factor) equals its
+            corner value mask[n, 0, 0] outside the centred box |ky|, |kx| < R around DC (MFM disc masks:
+            R = :func:`mfm_fast.masks.disc_band`, 16 for r1 = 16). The triton backend then computes images
+            whose corner is 1 (high-pass MFM images) on the (2R - 1) x R band of the spectrum only (when
+            R <= 32 and 2R <= the patch side; else it ignores the promise). Other backends ignore it. Not
+            verified (a host sync) unless value checks are on.
+        precision: GEMM precision of the triton backend's DFTs: "tf32x3" (default, fp32-accurate: within
+            1e-5 of the fp64 reference), "ieee" (fp32 FMA, slow), or the fast modes "tf32" / "bf16"
+            (operands rounded to 10 / 7 mantissa bits). Other backends ignore it.
 
     Edge facts: pred == target gives exactly 1e-6 (gamma = 1), not 0. NaN / inf in pred or
     target propagate (see :func:`mfm_fast.set_value_checks` for an opt-in error).
@@ -100,6 +136,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         raise ValueError(f"patch_factor: {patch_factor} gives {height // patch_factor} x {width // patch_factor} "
                          "patches; patch sides must be even")
     target_mean, target_std = _check_normalize_target(normalize_target, channels)
+    mask_band = _check_triton_options(mask_band, precision)
     if mask is None:
         if reduction == "masked":
             raise ValueError("mask: reduction='masked' needs the (N, H, W) keep mask; pass mask=... "
@@ -111,6 +148,8 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         also = f" or per patch (N, H/pf, W/pf) = ({n}, {height // patch_factor}, {width // patch_factor})" \
             if patch_factor > 1 else ""
         mask = V.check_mask(mask, n, height, width, pred.device, also=also)
+        if mask_band is not None:
+            _check_mask_band(mask, mask_band, patch_factor)
     V.check_finite("pred", pred)
     V.check_finite("target", target)
 
@@ -122,10 +161,20 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
             pred, target, mask, loss_gamma=loss_gamma, reduction=reduction, with_matrix=with_matrix, alpha=alpha,
             log_matrix=log_matrix, batch_matrix=batch_matrix, ave_spectrum=ave_spectrum, patch_factor=patch_factor,
             loss_weight=loss_weight, target_mean=target_mean, target_std=target_std)
+    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    if name == "triton":
+        import kernels.masked_freq_loss as triton_loss  # imports triton: only once the backend is chosen
+
+        why = triton_loss.unsupported_reason(pred, reduction, with_matrix, ave_spectrum)
+        if why is None:
+            loss, _ = triton_loss.masked_freq_loss(pred, target, mask, loss_gamma, reduction, patch_factor,
+                                                   loss_weight, target_mean, target_std, mask_band, precision,
+                                                   need_grad)
+            return loss
+        log_fallback_once("masked_freq_loss", "triton", "torch", why)
     if reduction == "none":
         return _loss_map_torch(pred, target, mask, loss_gamma, with_matrix, alpha, log_matrix, batch_matrix,
                                ave_spectrum, patch_factor, loss_weight, target_mean, target_std)
-    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     loss, _ = _loss_torch(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
                           ave_spectrum, patch_factor, loss_weight, target_mean, target_std, need_grad)
     return loss
@@ -145,7 +194,7 @@ class MaskedFreqLoss(nn.Module):
                  alpha: float = 1.0, log_matrix: bool = False, batch_matrix: bool = False,
                  ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
                  normalize_target: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", mask_band: Optional[int] = None, precision: str = "tf32x3"):
         super().__init__()
         self.loss_gamma, self.alpha, self.patch_factor, self.loss_weight = _check_options(
             loss_gamma, reduction, alpha, patch_factor, loss_weight)
@@ -155,13 +204,16 @@ class MaskedFreqLoss(nn.Module):
         _check_normalize_target(normalize_target, None)  # fail at construction, not at the first step
         self.normalize_target = normalize_target
         self.backend = check_backend_name(backend)
+        self.mask_band = _check_triton_options(mask_band, precision)
+        self.precision = precision
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return masked_freq_loss(pred, target, mask, loss_gamma=self.loss_gamma, reduction=self.reduction,
                                 with_matrix=self.with_matrix, alpha=self.alpha, log_matrix=self.log_matrix,
                                 batch_matrix=self.batch_matrix, ave_spectrum=self.ave_spectrum,
                                 patch_factor=self.patch_factor, loss_weight=self.loss_weight,
-                                normalize_target=self.normalize_target, backend=self.backend)
+                                normalize_target=self.normalize_target, backend=self.backend,
+                                mask_band=self.mask_band, precision=self.precision)
 
     def extra_repr(self) -> str:
         return (f"loss_gamma={self.loss_gamma:g}, reduction={self.reduction!r}, with_matrix={self.with_matrix}, "

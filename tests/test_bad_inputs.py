@@ -184,12 +184,8 @@ CASES = [
      r"^backend: expected one of"),
     ("FrequencyCorruption-backend-unknown", lambda: FrequencyCorruption(backend="numpy"), ValueError,
      r"^backend: expected one of"),
-    ("loss-backend-triton", lambda: loss(backend="triton"), NotImplementedError,
-     r"^backend='triton'.*not implemented"),
     ("loss-backend-cuda", lambda: loss(backend="cuda"), NotImplementedError, r"^backend='cuda'.*not implemented"),
     ("corrupt-backend-cuda", lambda: corr(backend="cuda"), NotImplementedError, r"^backend='cuda'.*not implemented"),
-    ("MaskedFreqLoss-backend-triton-forward", lambda: MaskedFreqLoss(backend="triton")(img(), img(), msk()),
-     NotImplementedError, r"^backend='triton'.*not implemented"),
     ("FrequencyCorruption-backend-cuda-forward", lambda: FrequencyCorruption(r1=2, backend="cuda")(img()),
      NotImplementedError, r"^backend='cuda'.*not implemented"),
 

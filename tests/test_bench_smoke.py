@@ -113,7 +113,7 @@ def test_bench_check_fails_on_wrong_corrupt(bench, monkeypatch, capsys):
 
 def test_bench_check_fails_on_wrong_loss_grad(bench, monkeypatch, capsys):
     right = bench.PROVIDERS["torch"]["loss"]
-    monkeypatch.setitem(bench.PROVIDERS["torch"], "loss", lambda pred, x, mask: right(pred, x, mask) * 1.01)
+    monkeypatch.setitem(bench.PROVIDERS["torch"], "loss", lambda pred, x, mask, band=None: right(pred, x, mask, band) * 1.01)
     assert bench.main(TINY + ["--work", "loss", "--check", "--no-json"]) != 0
     assert "check torch         FAIL" in capsys.readouterr().out
 
