@@ -8,7 +8,7 @@ out=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1
 log="$out/gpu.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$log"
-pip install -q -e . --no-build-isolation --no-deps 2>&1 | grep -v -i "warning" | tail -2
+python -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | grep -v -i "warning" | tail -2
 python -m mfm_fast.info >> "$log" 2>&1
 echo "== GPU tests" | tee -a "$log"
 timeout ${TESTS_S:-120} python -m pytest -q -rs -m gpu --benchmark-disable -p no:cacheprovider \

@@ -36,10 +36,10 @@ def test_corrupt_parity_224(backend, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_loss_parity_224(backend, dtype, batch):
     x, pred0, mask = batch
-    p_ref = pred0.to(dtype).cpu().double().requires_grad_(True)
+    p_ref = pred0.to(dtype).cpu().double().requires_grad_(True)  # fresh leaves: the fixture is shared
     ref = mfm_fast.masked_freq_loss(p_ref, x.cpu().double(), mask.cpu(), normalize_target=True, backend="reference")
     ref.backward()
-    pred = pred0.to(dtype).requires_grad_(True)
+    pred = pred0.to(dtype).clone().requires_grad_(True)
     loss = mfm_fast.masked_freq_loss(pred, x, mask, normalize_target=True, backend=backend)
     loss.backward()
     assert max_rel_err(loss.cpu(), ref) <= 1e-5
