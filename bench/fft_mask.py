@@ -56,9 +56,10 @@ from pathlib import Path
 
 import torch
 
-import mfm_fast
-from mfm_fast import IMAGENET_MEAN, IMAGENET_STD
-from mfm_fast.masks import disc_band
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without `pip install -e .`
+import mfm_fast  # noqa: E402
+from mfm_fast import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mfm_fast.masks import disc_band  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WORKS = ("corrupt", "loss_fwd", "loss_bwd", "loss", "step")
