@@ -1,5 +1,10 @@
-"""Triton kernels for mfm_fast (the ``triton`` backend).
+"""Triton kernels for mfm_fast (the ``triton`` backend), one op per file.
 
-Not implemented in this version: ``backend="triton"`` raises NotImplementedError and
-``backend="auto"`` uses the torch backend. See mfm_fast.dispatch.
+- corrupt.py: frequency corruption; one launch for MFM disc masks (the ``mask_band`` promise),
+  two for any other mask. ``torch.ops.mfm_fast.corrupt_triton``.
+- masked_freq_loss.py: the masked spectral loss with its gradient computed in the forward
+  launches. ``torch.ops.mfm_fast.masked_freq_loss_triton``.
+- _dft.py: the cached DFT tables both use (DFT-as-GEMM on ``tl.dot``).
+
+Selected through mfm_fast.dispatch; on CPU tensors they run only under TRITON_INTERPRET=1.
 """
