@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["mfm_fast", "mfm_fast.*", "kernels", "kernels.*"]),
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "train": ["timm", "torchvision", "tqdm", "matplotlib"],
+        "train": ["timm", "torchvision", "tqdm", "matplotlib", "scikit-image>=0.25"],
         "test": ["pytest", "pytest-benchmark"],
     },
     license="MIT",

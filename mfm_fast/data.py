@@ -1,0 +1,253 @@
+"""Data for pre-training and the linear probe: the MFM augmentation and a built-in photo dataset.
+
+Every random choice of a sample is drawn from its own ``random.Random("seed:epoch:index")``, so
+a sample depends only on (seed, epoch, index), never on the worker that loads it or on the global
+RNG: a resumed run sees exactly the crops an uninterrupted run would have seen.
+
+Samples are uint8 tensors (3, S, S) (a quarter of the bytes of float32 through the loader and the
+host-to-device copy); the trainer converts and normalises them on the device.
+
+Built-in data needing no download: the natural photographs that scikit-image (>= 0.25) ships
+inside its wheel under ``skimage/data`` (:data:`SKIMAGE_PHOTOS`), and ``lfw_subset.npy`` (100
+faces + 100 non-faces, 25 x 25 grey). Each photo is split once: the first ``train_frac`` of its
+longer side is the "train" region, the rest the held-out "val" region, so a probe evaluated on
+val crops never sees pixels that pre-training or the probe's training saw.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+
+# Natural photographs bundled in scikit-image's wheel (colour first, then grey); the synthetic
+# test patterns (chessboard, phantom, logo, text, ...) are left out.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "ihc", "motorcycle_left",
+                  "motorcycle_right", "retina", "rocket",
+                  "brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel", "moon")
+_EXTS = (".png", ".jpg")
+
+
+def skimage_data_dir() -> Path:
+    """The folder ``skimage/data`` of the installed scikit-image (no network access)."""
+    try:
+        import skimage
+    except ImportError as exc:
+        raise ImportError("the built-in dataset needs scikit-image >= 0.25 (its wheel bundles the photos): "
+                          "pip install scikit-image, or pass --data-path / --synthetic") from exc
+    return Path(skimage.__file__).parent / "data"
+
+
+def load_photos(names: Sequence[str] = SKIMAGE_PHOTOS) -> List[Image.Image]:
+    """The bundled photos as RGB PIL images (grey ones converted to RGB), in ``names`` order (cached: do not
+    modify them in place)."""
+    return list(_load_photos(tuple(names)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_photos(names: Tuple[str, ...]) -> Tuple[Image.Image, ...]:
+    folder, photos = skimage_data_dir(), []
+    for name in names:
+        path = next((folder / (name + ext) for ext in _EXTS if (folder / (name + ext)).exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"photo {name!r} is not in {folder}; scikit-image >= 0.25 bundles "
+                                    f"{', '.join(SKIMAGE_PHOTOS)}")
+        with Image.open(path) as img:
+            photos.append(img.convert("RGB"))
+    return tuple(photos)
+
+
+def load_faces() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-image's lfw_subset: (200, 25, 25) float images in [0, 1] and labels (1 = face: the first 100)."""
+    images = np.load(skimage_data_dir() / "lfw_subset.npy")
+    labels = (np.arange(len(images)) < 100).astype(np.int64)
+    return images, labels
+
+
+def split_box(width: int, height: int, split: str, train_frac: float = 0.7) -> Tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a photo's "train" (first train_frac of the longer side) or "val" region."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split: expected 'train', 'val' or 'all', got {split!r}")
+    if split == "all":
+        return 0, 0, width, height
+    if width >= height:
+        cut = int(round(width * train_frac))
+        return (0, 0, cut, height) if split == "train" else (cut, 0, width, height)
+    cut = int(round(height * train_frac))
+    return (0, 0, width, cut) if split == "train" else (0, cut, width, height)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The private RNG of one sample (string seeds are hashed with SHA-512: the same in every process)."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+def random_resized_crop_box(width: int, height: int, scale: Tuple[float, float], ratio: Tuple[float, float],
+                            rng: random.Random) -> Tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with an explicit RNG: (left, top, w, h).
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); 10 tries, then a centre crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class MFMTransform:
+    """The MFM augmentation: RandomResizedCrop(size, scale, bicubic) + horizontal flip -> uint8 (3, S, S).
+
+    ``transform(img, rng, box=None)``: ``box`` (left, top, right, bottom) restricts the crop to a region.
+    """
+
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
+        self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
+
+    def __call__(self, img: Image.Image, rng: random.Random, box=None) -> torch.Tensor:
+        x0, y0, x1, y1 = box if box is not None else (0, 0, img.width, img.height)
+        left, top, w, h = random_resized_crop_box(x1 - x0, y1 - y0, self.scale, self.ratio, rng)
+        left, top = left + x0, top + y0
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        if self.flip and rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_uint8_tensor(out)
+
+    def __repr__(self) -> str:
+        return f"MFMTransform(size={self.size}, scale={self.scale}, bicubic, flip={self.flip})"
+
+
+class _Seeded(Dataset):
+    """Base: per-sample RNG from (seed, epoch, index); call set_epoch(e) before each epoch's DataLoader iterator."""
+
+    seed, epoch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class PhotoCrops(_Seeded):
+    """Crops of scikit-image's bundled photos; item i is a crop of photo i % P, its label.
+
+    Args:
+        split: "train" / "val" (regions of :func:`split_box`) or "all".
+        length: number of items per epoch (a virtual length: crops are random).
+        transform: called as transform(img, rng, box); default :class:`MFMTransform` (size).
+    """
+
+    def __init__(self, size: int, split: str = "train", length: int = 4096, seed: int = 0,
+                 transform: Optional[Callable] = None, train_frac: float = 0.7,
+                 names: Sequence[str] = SKIMAGE_PHOTOS):
+        self.photos = load_photos(names)
+        self.names = tuple(names)
+        self.boxes = [split_box(p.width, p.height, split, train_frac) for p in self.photos]
+        self.length, self.seed = int(length), int(seed)
+        self.transform = transform if transform is not None else MFMTransform(size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.photos)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        label = index % len(self.photos)
+        rng = sample_rng(self.seed, self.epoch, index)
+        return self.transform(self.photos[label], rng, self.boxes[label]), label
+
+
+class SquareCrops:
+    """Probe transform: a random square of side U(min_frac, 1) x the region's short side, bicubic to size."""
+
+    def __init__(self, size: int, min_frac: float = 0.5):
+        self.size, self.min_frac = size, min_frac
+
+    def __call__(self, img: Image.Image, rng: random.Random, box=None) -> torch.Tensor:
+        x0, y0, x1, y1 = box if box is not None else (0, 0, img.width, img.height)
+        side = max(1, int(round(min(x1 - x0, y1 - y0) * rng.uniform(self.min_frac, 1.0))))
+        left, top = x0 + rng.randint(0, x1 - x0 - side), y0 + rng.randint(0, y1 - y0 - side)
+        return to_uint8_tensor(img.resize((self.size, self.size), Image.BICUBIC,
+                                          box=(left, top, left + side, top + side)))
+
+
+class FolderImages(_Seeded):
+    """An ImageFolder tree (root/class/xxx.jpg) with a seeded transform: items (uint8 (3, S, S), class index)."""
+
+    def __init__(self, root, transform: Callable, seed: int = 0):
+        from torchvision.datasets import ImageFolder
+        self.folder = ImageFolder(str(root))
+        self.transform, self.seed = transform, int(seed)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.folder.classes)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        path, label = self.folder.samples[index]
+        img = self.folder.loader(path)
+        return self.transform(img, sample_rng(self.seed, self.epoch, index)), label
+
+
+class CenterCrop:
+    """Evaluation transform: resize the shorter side to size / 0.875 (bicubic), centre crop size."""
+
+    def __init__(self, size: int, crop_pct: float = 0.875):
+        self.size, self.crop_pct = size, crop_pct
+
+    def __call__(self, img: Image.Image, rng=None, box=None) -> torch.Tensor:
+        img = img.convert("RGB")
+        short = int(round(self.size / self.crop_pct))
+        scale = short / min(img.width, img.height)
+        img = img.resize((max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))),
+                         Image.BICUBIC)
+        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+        return to_uint8_tensor(img.crop((left, top, left + self.size, top + self.size)))
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (seeded shuffle, drop_last) that can start part-way into an epoch: ``start`` items."""
+
+    start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+def check_data_path(path, flag: str = "--data-path") -> Path:
+    """The folder, or a ValueError naming the flag."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is not a directory (expected an ImageFolder tree root/class/img.jpg)")
+    return p
