@@ -6,9 +6,12 @@
 set -uo pipefail
 out=${OUT:-bench/results}
 export PYTHONUNBUFFERED=1
+# On the lent H200 (2026-11-30) `pip install -e .` left `import mfm_fast` failing outside the repo root
+# (run 3: silently; run 4: "error originates from a subprocess"), so the checkout goes on the path too.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log="$out/gpu.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$log"
-python -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | grep -v -i "warning" | tail -2
+python -m pip install -e . --no-build-isolation --no-deps > "$out/pip.log" 2>&1 || tail -30 "$out/pip.log"
 python -m mfm_fast.info >> "$log" 2>&1
 echo "== GPU tests" | tee -a "$log"
 timeout ${TESTS_S:-120} python -m pytest -q -rs -m gpu --benchmark-disable -p no:cacheprovider \
