@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 .PHONY: install test bench info clean
 
-$(STAMP): requirements.txt setup.py
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m pip install -e .
@@ -28,4 +28,4 @@ info: $(STAMP)
 	$(BIN)/python -m mfm_fast.info
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks mfm_fast/_C*.so mfm_fast/_build_info.json

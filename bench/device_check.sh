@@ -11,8 +11,11 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log="$out/gpu.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$log"
-python -m pip install -e . --no-build-isolation --no-deps > "$out/pip.log" 2>&1 || tail -30 "$out/pip.log"
+MAX_JOBS=${MAX_JOBS:-8} python -m pip install -e . --no-build-isolation --no-deps > "$out/pip.log" 2>&1 || tail -30 "$out/pip.log"
 python -m mfm_fast.info >> "$log" 2>&1
+echo "== CUDA extension tests (own process: a kernel fault cannot take the other steps down)" | tee -a "$log"
+timeout ${CUDA_EXT_S:-180} python -m pytest -q -rs --benchmark-disable -p no:cacheprovider tests/test_cuda_ext.py 2>&1 \
+  | tee -a "$log" | tail -12
 echo "== GPU tests" | tee -a "$log"
 timeout ${TESTS_S:-120} python -m pytest -q -rs -m gpu --benchmark-disable -p no:cacheprovider \
   tests/test_gpu.py tests/test_triton_corrupt.py tests/test_triton_loss.py 2>&1 | tee -a "$log" | tail -8

@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate as V
 from . import reference
 from ._common import IMAGENET_MEAN, IMAGENET_STD
-from .dispatch import check_backend_name, choose_backend, log_fallback_once
+from .dispatch import backend_unavailable_reason, check_backend_name, choose_backend, log_fallback_once
 from .masks import disc_band, make_masks
 from .torch_backend.corrupt import corrupt as _corrupt_torch
 
@@ -88,6 +88,19 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
         name = "torch"
     if name == "reference":
         return reference.corrupt(x, mask, mean, std, out_dtype)
+    if name == "cuda":
+        from . import cuda_backend
+
+        if x.dtype == torch.float64 or out_dtype == torch.float64:
+            log_fallback_once("corrupt", "cuda", "torch", "float64 is computed in float64 by the torch backend")
+            return _corrupt_torch(x, mask, mean, std, out_dtype)
+        why = backend_unavailable_reason("cuda", x.device.type, "corrupt", (channels, height, width))
+        if why is not None:
+            if backend == "cuda":
+                raise RuntimeError(f"backend='cuda' for corrupt on {x.device.type}: {why}")
+            log_fallback_once("corrupt", "cuda", "torch", why)
+            return _corrupt_torch(x, mask, mean, std, out_dtype)
+        return cuda_backend.corrupt(x, mask, mean, std, out_dtype)
     if name == "triton":
         kernels = _triton_corrupt_module()
         band = band if band and kernels.band_fits(band, height, width) else 0

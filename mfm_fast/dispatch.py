@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -22,10 +22,14 @@ logger = logging.getLogger("mfm_fast")
 BACKENDS = ("reference", "torch", "triton", "cuda")
 OPS = ("corrupt", "masked_freq_loss")
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+_CUDA_UNVALIDATED = ("auto skips it: the CUDA extension kernels are not yet validated on a GPU (only their host "
+                     "build is tested); ask for backend='cuda' to use it")
 # (backend, op) pairs that work but that ``auto`` does not pick, with the measured reason.
 AUTO_SKIPS = {
     ("triton", "masked_freq_loss"): "auto skips it: measured slower than the torch backend on an H200 "
                                     "(fwd+bwd 3.7 ms vs 2.4 ms at B=256, 3x224x224); ask for backend='triton' to use it",
+    ("cuda", "corrupt"): _CUDA_UNVALIDATED,
+    ("cuda", "masked_freq_loss"): _CUDA_UNVALIDATED,
 }
 
 # Which ops each fast backend implements in this version. A backend/op pair missing here is
@@ -34,7 +38,7 @@ IMPLEMENTED = {
     "reference": set(OPS),
     "torch": set(OPS),
     "triton": {"corrupt", "masked_freq_loss"},
-    "cuda": set(),
+    "cuda": {"corrupt", "masked_freq_loss"},
 }
 
 _logged: set = set()
@@ -62,8 +66,11 @@ def _triton_reason(device_type: Optional[str]) -> Optional[str]:
     return None
 
 
-def backend_unavailable_reason(name: str, device_type: Optional[str] = None, op: Optional[str] = None) -> Optional[str]:
-    """None if backend `name` can run `op` (any op when None) on `device_type` tensors (any when None), else why not."""
+def backend_unavailable_reason(name: str, device_type: Optional[str] = None, op: Optional[str] = None,
+                               size: Optional[Tuple[int, int, int]] = None) -> Optional[str]:
+    """None if backend `name` can run `op` (any op when None) on `device_type` tensors (any when None), else why not.
+
+    `size`: optional (C, H, W) of the images, for backends compiled for some sizes only (cuda)."""
     if name in ("reference", "torch"):
         return None
     reason = _not_implemented(name, op)
@@ -71,7 +78,12 @@ def backend_unavailable_reason(name: str, device_type: Optional[str] = None, op:
         return reason
     if name == "triton":
         return _triton_reason(device_type)
-    return "the CUDA extension backend (csrc/) is not implemented in this version of mfm_fast yet"
+    from . import cuda_backend  # imports mfm_fast._C on first use only
+
+    reason = cuda_backend.unavailable_reason(device_type)
+    if reason is None and size is not None:
+        reason = cuda_backend.size_reason(size[1], size[2], size[0])
+    return reason
 
 
 def available_backends(device_type: Optional[str] = None, op: Optional[str] = None) -> Dict[str, Optional[str]]:

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import __version__
-from .dispatch import BACKENDS, backend_unavailable_reason
+from .dispatch import AUTO_SKIPS, BACKENDS, backend_unavailable_reason
 
 
 def _version(module: str) -> str:
@@ -32,11 +32,22 @@ def report() -> str:
             lines.append(f"GPU {i}        {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
     else:
         lines.append("GPU          none visible (torch.cuda.is_available() is False)")
+    from .cuda_backend import build_info
+
+    info = build_info()
+    if info:
+        lines.append(f"cuda ext     {info.get('status')}" + (f": {info['reason']}" if info.get("reason") else "")
+                     + "".join(f", {k} {info[k]}" for k in ("arch_list", "nvcc", "torch_version", "build_seconds")
+                               if info.get(k) is not None))
+    else:
+        lines.append("cuda ext     no build record (mfm_fast/_build_info.json): not installed with `pip install -e .`")
     lines.append("backends (cpu tensors / cuda tensors):")
     for name in BACKENDS:
         for device_type in ("cpu", "cuda"):
             reason = backend_unavailable_reason(name, device_type)
-            lines.append(f"  {name:<10} {device_type:<4}  {'available' if reason is None else 'unavailable: ' + reason}")
+            skips = sorted({why for (b, _), why in AUTO_SKIPS.items() if b == name}) if device_type == "cuda" else []
+            note = f" ({'; '.join(skips)})" if reason is None and skips else ""
+            lines.append(f"  {name:<10} {device_type:<4}  {'available' + note if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
 

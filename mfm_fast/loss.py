@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate as V
 from . import reference
 from ._common import IMAGENET_MEAN, IMAGENET_STD
-from .dispatch import check_backend_name, choose_backend, log_fallback_once
+from .dispatch import backend_unavailable_reason, check_backend_name, choose_backend, log_fallback_once
 from .torch_backend.masked_freq_loss import masked_freq_loss as _loss_torch
 from .torch_backend.masked_freq_loss import masked_freq_loss_map as _loss_map_torch
 
@@ -106,7 +106,9 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         backend: "auto" | "reference" | "torch" | "triton" | "cuda" (see mfm_fast.dispatch). The triton
             backend fuses reductions masked / mean / sum with any gamma, normalize_target and patch_factor
             for fp32 / bf16 / fp16 pred; other options (reduction "none", with_matrix, ave_spectrum, fp64
-            pred) run on the torch backend, logged once (logger "mfm_fast").
+            pred) run on the torch backend, logged once (logger "mfm_fast"). The cuda backend (CUDA tensors, square
+            224 / 112 planes; other sizes raise) fuses masked / mean / sum with any gamma and normalize_target for
+            patch_factor 1; other options fall back to torch, logged once.
         mask_band: optional promise R >= 1 that every mask (each patch tile with patch_factor) equals its
             corner value mask[n, 0, 0] outside the centred box |ky|, |kx| < R around DC (MFM disc masks:
             R = :func:`mfm_fast.masks.disc_band`, 16 for r1 = 16). The triton backend then computes images
@@ -162,6 +164,17 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
             log_matrix=log_matrix, batch_matrix=batch_matrix, ave_spectrum=ave_spectrum, patch_factor=patch_factor,
             loss_weight=loss_weight, target_mean=target_mean, target_std=target_std)
     need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    if name == "cuda":
+        from . import cuda_backend
+
+        why = backend_unavailable_reason("cuda", pred.device.type, "masked_freq_loss", (channels, height, width))
+        if why is not None and backend == "cuda":
+            raise RuntimeError(f"backend='cuda' for masked_freq_loss on {pred.device.type}: {why}")
+        why = why or cuda_backend.loss_options_reason(pred, target, reduction, with_matrix, ave_spectrum, patch_factor)
+        if why is None:
+            return cuda_backend.masked_freq_loss(pred, target, mask, loss_gamma, reduction, loss_weight, target_mean,
+                                                 target_std, need_grad)
+        log_fallback_once("masked_freq_loss", "cuda", "torch", why)
     if name == "triton":
         import kernels.masked_freq_loss as triton_loss  # imports triton: only once the backend is chosen
 

@@ -184,10 +184,10 @@ CASES = [
      r"^backend: expected one of"),
     ("FrequencyCorruption-backend-unknown", lambda: FrequencyCorruption(backend="numpy"), ValueError,
      r"^backend: expected one of"),
-    ("loss-backend-cuda", lambda: loss(backend="cuda"), NotImplementedError, r"^backend='cuda'.*not implemented"),
-    ("corrupt-backend-cuda", lambda: corr(backend="cuda"), NotImplementedError, r"^backend='cuda'.*not implemented"),
+    ("loss-backend-cuda", lambda: loss(backend="cuda"), RuntimeError, r"^backend='cuda' for \w+ on cpu: the CUDA ext"),
+    ("corrupt-backend-cuda", lambda: corr(backend="cuda"), RuntimeError, r"^backend='cuda' for \w+ on cpu: the CUDA ext"),
     ("FrequencyCorruption-backend-cuda-forward", lambda: FrequencyCorruption(r1=2, backend="cuda")(img()),
-     NotImplementedError, r"^backend='cuda'.*not implemented"),
+     RuntimeError, r"^backend='cuda' for \w+ on cpu: the CUDA ext"),
 
     # --- radii / p_low / n / low --------------------------------------------------------------
     ("make_masks-r1-negative", lambda: make_masks(N, H, W, r1=-1), ValueError, r"^r1: must be >= 0"),

@@ -1,0 +1,95 @@
+// Masked spectral loss (MFM_SPEC.md §3), forward and gradient in one pass: one CTA per (image, channel)
+// plane computes D = rfft2_ortho(pred - normalise(target)) in shared memory, its partial sum of
+// colw * w * d, and (when asked) the gradient scale * irfft2_ortho(w gamma s^(gamma-2) D) in pred's dtype.
+// Deterministic: per-plane partials reduced by a fixed tree, then summed in plane order by one thread.
+// No host sync: the masked reduction's denominator is summed on the device before the plane pass.
+#include "launch.h"
+
+namespace mfm {
+
+constexpr int kRedThreads = 256;
+
+// Fixed-order tree sum of one double per thread (blockDim.x a power of two <= kRedThreads).
+__device__ double block_sum(double v, double* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double out = red[0];
+  __syncthreads();
+  return out;
+}
+
+// removed[n] = sum over image n of (1 - mask).
+template <int S>
+__global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask, double* removed) {
+  __shared__ double red[kRedThreads];
+  const double v = block_sum(removed_count<S>(mask, blockIdx.x, threadIdx.x, blockDim.x), red);
+  if (threadIdx.x == 0) removed[blockIdx.x] = v;
+}
+
+// partials[plane] = scale * sum(colw w d) of the plane; scale from the reduction (masked: from removed[]).
+template <int S>
+__global__ void __launch_bounds__(256) loss_kernel(LossArgs args, int images, int reduction, float loss_weight,
+                                                   const double* removed, double* partials) {
+  extern __shared__ float4 smem_f4[];
+  cf* tw = reinterpret_cast<cf*>(smem_f4);
+  cf* spec = tw + S;
+  double* red = reinterpret_cast<double*>(spec + S * (S / 2 + 1));
+  make_twiddles<S>(tw, threadIdx.x, blockDim.x);
+  float scale = loss_weight;
+  if (reduction == kMasked) {
+    double z = 0.0;
+    for (int n = 0; n < images; ++n) z += removed[n];  // same order in every CTA
+    z *= args.channels;
+    scale = static_cast<float>(loss_weight / (z > 1e-30 ? z : 1e-30));
+  } else if (reduction == kMean) {
+    scale = static_cast<float>(loss_weight / (static_cast<double>(images) * args.channels * S * S));
+  }
+  __syncthreads();
+  const double acc = loss_plane<S>(args, blockIdx.x, scale, spec, tw, threadIdx.x, blockDim.x);
+  const double total = block_sum(acc, red);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total * scale;
+}
+
+__global__ void finish_kernel(const double* partials, int planes, float* loss) {
+  double s = 0.0;
+  for (int i = 0; i < planes; ++i) s += partials[i];
+  *loss = static_cast<float>(s);
+}
+
+template <int S>
+static cudaError_t launch(const LossArgs& args, int images, int reduction, float loss_weight, double* ws,
+                          float* loss_out, cudaStream_t stream) {
+  const int planes = images * args.channels;
+  double* removed = ws;
+  double* partials = ws + images;
+  if (reduction == kMasked) {
+    removed_kernel<S><<<images, kRedThreads, 0, stream>>>(args.mask, removed);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int threads = S >= 224 ? 256 : 128;
+  const size_t smem = sizeof(cf) * (S + S * (S / 2 + 1)) + sizeof(double) * threads;
+  cudaError_t err = cudaFuncSetAttribute(loss_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  loss_kernel<S><<<planes, threads, smem, stream>>>(args, images, reduction, loss_weight, removed, partials);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  finish_kernel<<<1, 1, 0, stream>>>(partials, planes, loss_out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, int reduction, float loss_weight,
+                                    double* workspace, float* loss_out, cudaStream_t stream) {
+  switch (side) {
+    case 224: return launch<224>(args, images, reduction, loss_weight, workspace, loss_out, stream);
+    case 112: return launch<112>(args, images, reduction, loss_weight, workspace, loss_out, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace mfm

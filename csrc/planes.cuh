@@ -1,0 +1,186 @@
+// The two ops' per-plane maths (MFM_SPEC.md §2 corruption, §3 masked spectral loss, half-spectrum form),
+// shared verbatim by the CUDA kernels (csrc/corrupt.cu, csrc/masked_freq_loss.cu) and the CPU kernels
+// of the same ops (csrc/ops.cpp). Torch-free apart from c10's Half / BFloat16 conversions.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "fft.cuh"
+
+namespace mfm {
+
+enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2, kU8 = 3 };
+constexpr int kMaxChannels = 8;
+
+struct Stats {  // per-channel mean / std, passed by value to the kernels
+  float mean[kMaxChannels];
+  float std[kMaxChannels];
+};
+
+// Element i of a plane buffer as float ([0, 1] for uint8: v / 255).
+MFM_HD float load_elem(const void* p, int dt, int64_t i) {
+  switch (dt) {
+    case kF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    case kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case kU8: return static_cast<float>(static_cast<const uint8_t*>(p)[i]) / 255.f;
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+MFM_HD void store_elem(void* p, int dt, int64_t i, float v) {
+  switch (dt) {
+    case kF16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
+    case kBF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Symmetrised keep mask (m(k) + m(-k)) / 2 at the unshifted frequency (ky, kx) of an fftshift-ed S x S mask.
+template <int S>
+MFM_HD float sym_mask(const float* m, int ky, int kx) {
+  const int y1 = (ky + S / 2) % S, x1 = (kx + S / 2) % S;
+  const int y2 = ((S - ky) % S + S / 2) % S, x2 = ((S - kx) % S + S / 2) % S;
+  return 0.5f * (m[y1 * S + x1] + m[y2 * S + x2]);
+}
+
+// ---------------------------------------------------------------- corruption
+struct CorruptArgs {
+  const void* x;
+  int x_dt;
+  const float* mask;  // (N, S, S) float32, fftshift-ed keep mask
+  void* out;
+  int out_dt;
+  int channels;
+  Stats stats;
+};
+
+struct PlaneLoad {
+  const void* p;
+  int dt;
+  int64_t off;
+  int S;
+  MFM_HD float operator()(int y, int x) const { return load_elem(p, dt, off + y * S + x); }
+};
+
+template <int S>
+struct CorruptSpectral {
+  const float* m;
+  MFM_HD void operator()(int ky, int kx, cf& v) const {
+    v = cscale(v, sym_mask<S>(m, ky, kx) * (1.f / (S * S)));  // irfft2 normalisation folded in
+  }
+};
+
+struct CorruptStore {
+  void* out;
+  int dt;
+  int64_t off;
+  int S;
+  float mean, std;
+  MFM_HD void operator()(int y, int x, float v) const {
+    v = v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
+    store_elem(out, dt, off + y * S + x, (v - mean) / std);
+  }
+};
+
+// Corrupt plane `plane` (= n * C + c). spec: S * (S / 2 + 1) complex scratch, tw: twiddles of length S.
+template <int S>
+MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, cf* spec, const cf* tw, int tid, int nth) {
+  const int n = plane / a.channels, c = plane % a.channels;
+  const int64_t off = static_cast<int64_t>(plane) * S * S;
+  PlaneLoad load{a.x, a.x_dt, off, S};
+  CorruptSpectral<S> spectral{a.mask + static_cast<int64_t>(n) * S * S};
+  CorruptStore store{a.out, a.out_dt, off, S, a.stats.mean[c], a.stats.std[c]};
+  plane_pipeline<S>(spec, tw, tid, nth, load, spectral, store, true);
+}
+
+// ---------------------------------------------------------------- masked spectral loss
+enum Reduction : int { kMasked = 0, kMean = 1, kSum = 2 };
+
+struct LossArgs {
+  const void* pred;
+  int pred_dt;
+  const void* target;
+  int target_dt;
+  const float* mask;  // (N, S, S) keep mask or nullptr (weight 1 everywhere)
+  void* grad;         // (N, C, S, S) in grad_dt, or nullptr
+  int grad_dt;
+  int channels;
+  float gamma;
+  bool normalize_target;
+  Stats stats;
+};
+
+struct DiffLoad {  // pred - normalise(target), in float
+  const void* p;
+  int pdt;
+  const void* t;
+  int tdt;
+  int64_t off;
+  int S;
+  bool norm;
+  float mean, std;
+  MFM_HD float operator()(int y, int x) const {
+    const int64_t i = off + y * S + x;
+    float t_v = load_elem(t, tdt, i);
+    if (norm) t_v = (t_v - mean) / std;
+    return load_elem(p, pdt, i) - t_v;
+  }
+};
+
+template <int S>
+struct LossSpectral {
+  const float* m;     // this image's mask or nullptr
+  float gamma;
+  float grad_scale;   // scale * gamma / S (the 1/S is the ortho inverse), 0 when no gradient is wanted
+  bool need_grad;
+  double acc;         // this thread's sum of colw * w * d
+  MFM_HD void operator()(int ky, int kx, cf& v) {
+    const cf D = cscale(v, 1.f / S);  // ortho forward
+    const float s2 = D.x * D.x + D.y * D.y + 1e-12f;
+    const float w = m ? 1.f - sym_mask<S>(m, ky, kx) : 1.f;
+    const bool one = gamma == 1.f;
+    const float d = one ? sqrtf(s2) : powf(s2, 0.5f * gamma);
+    const float colw = (kx == 0 || kx == S / 2) ? 1.f : 2.f;
+    acc += static_cast<double>(colw * w * d);
+    if (need_grad) {
+      const float slope = one ? 1.f / sqrtf(s2) : powf(s2, 0.5f * gamma - 1.f);
+      v = cscale(D, w * slope * grad_scale);
+    }
+  }
+};
+
+struct GradStore {
+  void* g;
+  int dt;
+  int64_t off;
+  int S;
+  MFM_HD void operator()(int y, int x, float v) const { store_elem(g, dt, off + y * S + x, v); }
+};
+
+// One plane of the loss: returns this thread's share of sum(colw * w * d) (unscaled) and, when a.grad,
+// writes scale * dL/dpred for the plane. scale: the reduction's factor (loss_weight / Z etc.).
+template <int S>
+MFM_HD double loss_plane(const LossArgs& a, int plane, float scale, cf* spec, const cf* tw, int tid, int nth) {
+  const int n = plane / a.channels, c = plane % a.channels;
+  const int64_t off = static_cast<int64_t>(plane) * S * S;
+  DiffLoad load{a.pred, a.pred_dt, a.target, a.target_dt, off, S, a.normalize_target, a.stats.mean[c],
+                a.stats.std[c]};
+  const bool need_grad = a.grad != nullptr;
+  LossSpectral<S> spectral{a.mask ? a.mask + static_cast<int64_t>(n) * S * S : nullptr, a.gamma,
+                           need_grad ? scale * a.gamma / S : 0.f, need_grad, 0.0};
+  GradStore store{a.grad, a.grad_dt, off, S};
+  plane_pipeline<S>(spec, tw, tid, nth, load, spectral, store, need_grad);
+  return spectral.acc;
+}
+
+// This thread's share of sum(1 - mask) over image n's S x S mask (the masked reduction's denominator / C).
+template <int S>
+MFM_HD double removed_count(const float* mask, int n, int tid, int nth) {
+  const float* m = mask + static_cast<int64_t>(n) * S * S;
+  double acc = 0.0;
+  for (int i = tid; i < S * S; i += nth) acc += 1.0 - static_cast<double>(m[i]);
+  return acc;
+}
+
+}  // namespace mfm

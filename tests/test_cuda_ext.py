@@ -1,0 +1,388 @@
+"""The CUDA extension backend (mfm_fast._C, csrc/).
+
+Without a GPU (CI): the extension is built by `pip install -e .`, imports, registers its ops with the
+right fake shapes and autograd, gives documented errors, and its CPU kernels, which run the SAME
+per-plane C++ code (csrc/fft.cuh, csrc/planes.cuh) as the CUDA kernels, match the fp64 reference at
+224 x 224 and 112 x 112. With a GPU (marked `gpu`): the CUDA kernels against the fp64 reference.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mfm_fast
+from mfm_fast import cuda_backend, dispatch
+from conftest import max_rel_err
+
+SKIPPED_BUILD = (os.environ.get("MFM_FAST_SKIP_CUDA_BUILD", "") not in ("", "0")
+                 or cuda_backend.build_info().get("status") == "skipped")
+needs_ext = pytest.mark.skipif(SKIPPED_BUILD, reason="installed with MFM_FAST_SKIP_CUDA_BUILD=1")
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+OPS = torch.ops.mfm_fast
+MEAN, STD = list(mfm_fast.IMAGENET_MEAN), list(mfm_fast.IMAGENET_STD)
+
+
+def masks(kind, n, side, generator=None):
+    """(n, side, side) float32 keep masks: MFM low / high pass, a band, or random values (not Hermitian)."""
+    r1 = side // 14
+    if kind == "low":
+        return mfm_fast.make_masks(n, side, side, r1=r1, low=torch.ones(n, dtype=torch.bool))
+    if kind == "high":
+        return mfm_fast.make_masks(n, side, side, r1=r1, low=torch.zeros(n, dtype=torch.bool))
+    if kind == "band":
+        return mfm_fast.make_masks(n, side, side, r1=r1, r2=3 * r1, low=torch.arange(n) % 2 == 0)
+    return torch.rand(n, side, side, generator=generator)  # random: non-Hermitian, fractional
+
+
+def ref_loss(pred, target, mask, **kw):
+    """fp64 reference loss and dloss/dpred."""
+    p = pred.detach().double().requires_grad_(True)
+    t = target if target.dtype == torch.uint8 else target.double()
+    loss = mfm_fast.masked_freq_loss(p, t, mask, backend="reference", **kw)
+    loss.backward()
+    return loss.detach(), p.grad
+
+
+def cpu_kernel_loss(pred, target, mask, gamma=1.0, reduction="masked", weight=1.0, norm=False, need_grad=True):
+    m = mask.float().contiguous() if mask is not None else None
+    return OPS.masked_freq_loss_cuda(pred, target, m, gamma, reduction, weight, MEAN if norm else None,
+                                     STD if norm else None, need_grad)
+
+
+# ------------------------------------------------------------------ build, registration, errors (no GPU)
+@needs_ext
+def test_extension_built_and_reported():
+    info = cuda_backend.build_info()
+    assert info.get("status") == "built", f"the CUDA extension was not built: {info} (MFM_FAST_SKIP_CUDA_BUILD=1 skips)"
+    assert info["torch_version"] == torch.__version__ and info["arch_list"] and info["nvcc"]
+    import mfm_fast._C  # noqa: F401
+    assert cuda_backend.unavailable_reason() is None
+    for op in ("corrupt_cuda", "masked_freq_loss_cuda"):
+        assert hasattr(OPS, op)
+    out = subprocess.run([sys.executable, "-m", "mfm_fast.info"], capture_output=True, text=True, check=True).stdout
+    assert "cuda ext     built" in out and "arch_list" in out
+
+
+def test_dispatch_declares_cuda_but_auto_skips_it():
+    assert dispatch.IMPLEMENTED["cuda"] == {"corrupt", "masked_freq_loss"}
+    for op in ("corrupt", "masked_freq_loss"):
+        assert "not yet validated on a GPU" in dispatch.AUTO_SKIPS[("cuda", op)]
+        assert dispatch.backend_unavailable_reason("cuda", "cpu", op) is not None
+
+
+@needs_ext
+def test_unsupported_sizes_are_reported():
+    reason = dispatch.backend_unavailable_reason("cuda", None, "corrupt", (3, 64, 64))
+    assert reason is not None and "224 x 224 / 112 x 112" in reason
+    assert dispatch.backend_unavailable_reason("cuda", None, "corrupt", (3, 224, 224)) is None
+    assert "channels" in dispatch.backend_unavailable_reason("cuda", None, "corrupt", (9, 112, 112))
+
+
+@needs_ext
+@pytest.mark.parametrize("op", ["corrupt", "loss"])
+def test_cpu_tensors_give_the_documented_error(op):
+    x = torch.rand(1, 3, 112, 112)
+    m = masks("low", 1, 112)
+    with pytest.raises(RuntimeError, match=r"^backend='cuda' for \w+ on cpu: the CUDA extension backend runs on "
+                                           r"CUDA tensors only"):
+        if op == "corrupt":
+            mfm_fast.corrupt(x, m, backend="cuda")
+        else:
+            mfm_fast.masked_freq_loss(torch.randn_like(x), x, m, backend="cuda")
+
+
+@needs_ext
+@pytest.mark.parametrize("case, call, match", [
+    ("rank", lambda x, m: OPS.corrupt_cuda(x[0], m, MEAN, STD, torch.float32), r"must be \(N, C, H, W\)"),
+    ("size", lambda x, m: OPS.corrupt_cuda(x[..., :64, :64].contiguous(), m, MEAN, STD, torch.float32),
+     r"224 x 224 or 112 x 112"),
+    ("non-square", lambda x, m: OPS.corrupt_cuda(x[..., :56].contiguous(), m, MEAN, STD, torch.float32),
+     r"224 x 224 or 112 x 112"),
+    ("contiguity", lambda x, m: OPS.corrupt_cuda(x.transpose(2, 3), m, MEAN, STD, torch.float32), "contiguous"),
+    ("x-dtype", lambda x, m: OPS.corrupt_cuda(x.double(), m, MEAN, STD, torch.float32), "float32, float16"),
+    ("out-dtype", lambda x, m: OPS.corrupt_cuda(x, m, MEAN, STD, torch.float64), "out_dtype must be"),
+    ("mask-dtype", lambda x, m: OPS.corrupt_cuda(x, m.bool(), MEAN, STD, torch.float32), "mask must be float32"),
+    ("mask-shape", lambda x, m: OPS.corrupt_cuda(x, m[:, :56], MEAN, STD, torch.float32), r"mask must be \(N, H, W\)"),
+    ("stats", lambda x, m: OPS.corrupt_cuda(x, m, MEAN[:2], STD, torch.float32), "need 3 values"),
+    ("loss-target-shape", lambda x, m: OPS.masked_freq_loss_cuda(x, x[:, :2].contiguous(), m, 1.0, "masked", 1.0,
+                                                                 None, None, False), "does not match"),
+    ("loss-reduction", lambda x, m: OPS.masked_freq_loss_cuda(x, x, m, 1.0, "avg", 1.0, None, None, False),
+     "reduction must be"),
+    ("loss-masked-needs-mask", lambda x, m: OPS.masked_freq_loss_cuda(x, x, None, 1.0, "masked", 1.0, None, None,
+                                                                      False), "needs a mask"),
+    ("loss-u8-pred", lambda x, m: OPS.masked_freq_loss_cuda(x.byte(), x, m, 1.0, "mean", 1.0, None, None, False),
+     "pred must be float32"),
+])
+def test_op_checks(case, call, match):
+    x = torch.rand(2, 3, 112, 112)
+    m = masks("low", 2, 112)
+    with pytest.raises(RuntimeError, match=match):
+        call(x, m)
+
+
+@needs_ext
+def test_fake_tensor_shapes_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(5, 3, 224, 224, dtype=torch.uint8)
+        m = torch.empty(5, 224, 224)
+        out = OPS.corrupt_cuda(x, m, MEAN, STD, torch.bfloat16)
+        assert out.shape == x.shape and out.dtype == torch.bfloat16
+        p = torch.empty(5, 3, 224, 224, dtype=torch.float16)
+        loss, grad = OPS.masked_freq_loss_cuda(p, p, m, 1.0, "masked", 1.0, None, None, True)
+        assert loss.shape == () and loss.dtype == torch.float32 and grad.shape == p.shape and grad.dtype == p.dtype
+        _, empty = OPS.masked_freq_loss_cuda(p, p, m, 1.0, "masked", 1.0, None, None, False)
+        assert empty.numel() == 0
+    x = torch.rand(1, 2, 112, 112)
+    m = masks("random", 1, 112)
+    torch.library.opcheck(OPS.corrupt_cuda, (x, m, MEAN[:2], STD[:2], torch.float32))
+    p = torch.randn(1, 2, 112, 112, requires_grad=True)
+    torch.library.opcheck(OPS.masked_freq_loss_cuda, (p, x, m, 1.0, "masked", 1.0, MEAN[:2], STD[:2], True))
+
+
+@needs_ext
+def test_compiles_fullgraph():
+    x = torch.rand(1, 3, 112, 112)
+    m = masks("low", 1, 112)
+
+    def f(p):
+        loss, _ = OPS.masked_freq_loss_cuda(p, x, m, 1.0, "masked", 1.0, MEAN, STD, True)
+        return loss
+
+    p = torch.randn(1, 3, 112, 112, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(p).backward()
+    p2 = p.detach().clone().requires_grad_(True)
+    f(p2).backward()
+    assert torch.equal(p.grad, p2.grad)
+
+
+# ------------------------------------------------------------------ the kernel maths, host build (no GPU)
+@needs_ext
+@pytest.mark.parametrize("side", [224, 112])
+@pytest.mark.parametrize("kind", ["low", "high", "band", "random"])
+def test_host_corrupt_matches_reference(side, kind):
+    g = torch.Generator().manual_seed(side)
+    n = 2
+    x = torch.rand(n, 3, side, side, generator=g)
+    m = masks(kind, n, side, g)
+    ref = mfm_fast.corrupt(x.double(), m, backend="reference")
+    out = OPS.corrupt_cuda(x, m.float().contiguous(), MEAN, STD, torch.float32)
+    assert out.dtype == torch.float32 and max_rel_err(out, ref) <= 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.uint8, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
+def test_host_corrupt_dtypes(dtype, out_dtype):
+    side = 112
+    x = torch.rand(2, 3, side, side)
+    x = (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
+    m = masks("band", 2, side)
+    ref = mfm_fast.corrupt(x if dtype == torch.uint8 else x.double(), m, backend="reference", out_dtype=torch.float64)
+    same = mfm_fast.corrupt(x, m, backend="torch", out_dtype=out_dtype)  # torch on the same dtypes
+    out = OPS.corrupt_cuda(x, m, MEAN, STD, out_dtype)
+    assert out.dtype == out_dtype
+    err, err_torch = (out.double() - ref).abs().max(), (same.double() - ref).abs().max()
+    assert err <= 2 * err_torch + 1e-5 * ref.abs().max()
+
+
+@needs_ext
+@pytest.mark.parametrize("side", [224, 112])
+@pytest.mark.parametrize("kind", ["low", "high", "band", "random"])
+def test_host_loss_matches_reference(side, kind):
+    g = torch.Generator().manual_seed(side + 1)
+    n = 2
+    x = torch.rand(n, 3, side, side, generator=g)
+    pred = torch.randn(n, 3, side, side, generator=g)
+    m = masks(kind, n, side, g)
+    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    loss, grad = cpu_kernel_loss(pred, x, m, norm=True)
+    assert loss.dtype == torch.float32 and max_rel_err(loss, ref) <= 1e-5
+    assert max_rel_err(grad, ref_grad) <= 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("gamma, reduction, weight", [(0.5, "masked", 1.0), (2.0, "mean", 0.5), (1.0, "sum", 2.0),
+                                                      (1.5, "mean", 1.0)])
+def test_host_loss_options(gamma, reduction, weight):
+    side = 112
+    x = torch.rand(3, 3, side, side)
+    pred = torch.randn(3, 3, side, side)
+    m = masks("band", 3, side) if reduction != "mean" or gamma != 1.5 else None
+    ref, ref_grad = ref_loss(pred, x, m, loss_gamma=gamma, reduction=reduction, loss_weight=weight)
+    loss, grad = cpu_kernel_loss(pred, x, m, gamma, reduction, weight)
+    assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
+
+
+@needs_ext
+def test_host_loss_edge_facts_and_low_precision():
+    side = 112
+    x = torch.rand(2, 3, side, side)
+    t = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    loss, _ = cpu_kernel_loss(t, x, masks("low", 2, side), norm=True, need_grad=False)
+    assert abs(loss.item() - 1e-6) <= 1e-11  # pred == normalise(target): exactly the epsilon's sqrt
+    u8 = (x * 255).round().to(torch.uint8)
+    pred = torch.randn(2, 3, side, side).to(torch.bfloat16)
+    m = masks("high", 2, side)
+    ref, ref_grad = ref_loss(pred, u8, m, normalize_target=True)
+    loss, grad = cpu_kernel_loss(pred, u8, m, norm=True)
+    assert grad.dtype == torch.bfloat16 and max_rel_err(loss, ref) <= 1e-5
+    p = pred.detach().requires_grad_(True)
+    mfm_fast.masked_freq_loss(p, u8, m, normalize_target=True, backend="torch").backward()
+    err, err_torch = (grad.double() - ref_grad).abs().max(), (p.grad.double() - ref_grad).abs().max()
+    assert err <= 2 * err_torch + 1e-12
+
+
+@needs_ext
+def test_host_loss_autograd_scales_by_grad_output():
+    side = 112
+    x = torch.rand(2, 3, side, side)
+    m = masks("random", 2, side)
+    pred = torch.randn(2, 3, side, side, requires_grad=True)
+    target = x.clone().requires_grad_(True)
+    loss, _ = OPS.masked_freq_loss_cuda(pred, target, m, 1.0, "masked", 1.0, MEAN, STD, True)
+    (3.0 * loss).backward()
+    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    assert max_rel_err(pred.grad, 3.0 * ref_grad) <= 1e-5
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    assert max_rel_err(target.grad, -3.0 * ref_grad / std) <= 1e-5
+
+
+@needs_ext
+def test_host_wrappers_take_any_layout():
+    """cuda_backend's entry points (what backend="cuda" calls) on CPU tensors: channels_last, bool masks."""
+    side = 112
+    x = torch.rand(2, 3, side, side).contiguous(memory_format=torch.channels_last)
+    m = masks("low", 2, side).bool()
+    out = cuda_backend.corrupt(x, m, MEAN, STD, torch.float32)
+    assert max_rel_err(out, mfm_fast.corrupt(x.double(), m, backend="reference")) <= 1e-5
+    pred = torch.randn(2, 3, side, side).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    loss = cuda_backend.masked_freq_loss(pred, x, m, 1.0, "masked", 1.0, MEAN, STD, True)
+    loss.backward()
+    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(pred.grad, ref_grad) <= 1e-5
+
+
+# ------------------------------------------------------------------ CUDA kernels (GPU only)
+def gpu(f):
+    """Marks a test `gpu`: skipped without a CUDA device or without the extension."""
+    for mark in needs_gpu + [needs_ext]:
+        f = mark(f)
+    return f
+
+
+def _gpu_batch(n, side, kind, dtype=torch.float32, seed=0):
+    """x, pred, mask on the GPU (drawn on the CPU, so every run sees the same values)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, side, side, generator=g)
+    pred = torch.randn(n, 3, side, side, generator=g).to(dtype)
+    return x.cuda(), pred.cuda(), masks(kind, n, side, g).cuda()
+
+
+@gpu
+@pytest.mark.parametrize("side", [224, 112])
+@pytest.mark.parametrize("kind", ["low", "high", "band", "random"])
+@pytest.mark.parametrize("n", [1, 256])
+def test_gpu_corrupt_parity(side, kind, n):
+    x, _, m = _gpu_batch(n, side, kind)
+    ref = mfm_fast.corrupt(x.double(), m, backend="reference")  # fp64 oracle, on the GPU
+    out = mfm_fast.corrupt(x, m, backend="cuda")
+    assert out.is_cuda and out.dtype == torch.float32 and max_rel_err(out, ref) <= 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8])
+def test_gpu_corrupt_dtypes(dtype):
+    x, _, m = _gpu_batch(8, 224, "band")
+    x = (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
+    out_dtype = torch.float32 if dtype == torch.uint8 else dtype
+    ref = mfm_fast.corrupt(x if dtype == torch.uint8 else x.double(), m, backend="reference", out_dtype=torch.float64)
+    same = mfm_fast.corrupt(x, m, backend="torch", out_dtype=out_dtype)
+    out = mfm_fast.corrupt(x, m, backend="cuda", out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    assert (out.double() - ref).abs().max() <= 2 * (same.double() - ref).abs().max() + 1e-5 * ref.abs().max()
+
+
+@gpu
+@pytest.mark.parametrize("side", [224, 112])
+@pytest.mark.parametrize("kind", ["low", "high", "band", "random"])
+@pytest.mark.parametrize("n", [1, 256])
+def test_gpu_loss_parity_fwd_bwd(side, kind, n):
+    x, pred, m = _gpu_batch(n, side, kind, seed=1)
+    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    p = pred.clone().requires_grad_(True)
+    loss = mfm_fast.masked_freq_loss(p, x, m, normalize_target=True, backend="cuda")
+    loss.backward()
+    assert loss.dtype == torch.float32 and max_rel_err(loss, ref) <= 1e-5
+    assert max_rel_err(p.grad, ref_grad) <= 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_loss_low_precision(dtype):
+    x, pred, m = _gpu_batch(16, 224, "low", dtype=dtype, seed=2)
+    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    got = {}
+    for backend in ("torch", "cuda"):
+        p = pred.clone().requires_grad_(True)
+        loss = mfm_fast.masked_freq_loss(p, x, m, normalize_target=True, backend=backend)
+        loss.backward()
+        got[backend] = (loss.detach(), p.grad)
+    assert got["cuda"][1].dtype == dtype and max_rel_err(got["cuda"][0], ref) <= 1e-5
+    err = (got["cuda"][1].double() - ref_grad).abs().max()
+    assert err <= 2 * (got["torch"][1].double() - ref_grad).abs().max() + 1e-12
+
+
+@gpu
+@pytest.mark.parametrize("gamma, reduction", [(0.5, "masked"), (2.0, "mean"), (1.0, "sum")])
+def test_gpu_loss_options_channels_last_and_strided_grad_output(gamma, reduction):
+    x, pred, m = _gpu_batch(4, 112, "band", seed=3)
+    ref, ref_grad = ref_loss(pred, x, m, loss_gamma=gamma, reduction=reduction)
+    p = pred.contiguous(memory_format=torch.channels_last).requires_grad_(True)  # non-contiguous NCHW input
+    loss = mfm_fast.masked_freq_loss(p, x, m, loss_gamma=gamma, reduction=reduction, backend="cuda")
+    go = torch.tensor([3.0, -1.0], device="cuda")[::2].view(())  # a grad_output that is a view
+    loss.backward(go)
+    assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(p.grad, 3.0 * ref_grad) <= 1e-5
+
+
+@gpu
+def test_gpu_determinism_and_current_stream():
+    x, pred, m = _gpu_batch(64, 224, "random", seed=4)
+    runs = []
+    for _ in range(2):
+        p = pred.clone().requires_grad_(True)
+        loss = mfm_fast.masked_freq_loss(p, x, m, normalize_target=True, backend="cuda")
+        loss.backward()
+        runs.append((loss.detach(), p.grad, mfm_fast.corrupt(x, m, backend="cuda")))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # bit-identical reruns
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = mfm_fast.corrupt(x, m, backend="cuda")
+    s.synchronize()
+    assert torch.equal(out, runs[0][2])
+
+
+@gpu
+def test_gpu_compile_fullgraph():
+    x, pred, m = _gpu_batch(2, 224, "low", seed=5)
+    f = lambda p: mfm_fast.masked_freq_loss(p, x, m, normalize_target=True, backend="cuda")  # noqa: E731
+    p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    torch.compile(f, fullgraph=True)(p1).backward()
+    f(p2).backward()
+    assert torch.equal(p1.grad, p2.grad)
+
+
+@gpu
+def test_gpu_auto_does_not_pick_cuda_and_sizes_raise():
+    assert dispatch.choose_backend("auto", "corrupt", torch.device("cuda")) != "cuda"
+    assert dispatch.choose_backend("auto", "masked_freq_loss", torch.device("cuda")) != "cuda"
+    x = torch.rand(1, 3, 64, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="224 x 224 / 112 x 112"):
+        mfm_fast.corrupt(x, masks("low", 1, 64).cuda(), backend="cuda")
