@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from mfm_fast._common import compute_dtype
-from mfm_fast.torch_backend.masked_freq_loss import _target_grad
+from mfm_fast.torch_backend.masked_freq_loss import register_saved_grad_autograd
 
 from ._dft import dft_table, next_pow2
 
@@ -506,18 +506,4 @@ def _(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, targ
     return loss, (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.target_std = inputs[8]
-    ctx.target_dtype = inputs[1].dtype
-
-
-def _backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    scaled = grad * grad_loss.to(grad.dtype)
-    grad_pred = scaled if ctx.needs_input_grad[0] else None
-    grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
-    return (grad_pred, grad_target) + (None,) * 10
-
-
-masked_freq_loss.register_autograd(_backward, setup_context=_setup_context)
+register_saved_grad_autograd(masked_freq_loss, num_inputs=12, target_std_index=8)

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .torch_backend.masked_freq_loss import register_saved_grad_autograd
+
 SIDES = (224, 112)
 MAX_CHANNELS = 8
 _INFO_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
@@ -103,8 +105,7 @@ def loss_options_reason(pred: torch.Tensor, target: torch.Tensor, reduction: str
 def _register() -> None:
     torch.library.register_fake("mfm_fast::corrupt_cuda")(_corrupt_fake)
     torch.library.register_fake("mfm_fast::masked_freq_loss_cuda")(_loss_fake)
-    torch.library.register_autograd("mfm_fast::masked_freq_loss_cuda", _loss_backward,
-                                    setup_context=_loss_setup_context)
+    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda", num_inputs=9, target_std_index=7)
 
 
 def _corrupt_fake(x, mask, mean, std, out_dtype):
@@ -113,22 +114,6 @@ def _corrupt_fake(x, mask, mean, std, out_dtype):
 
 def _loss_fake(pred, target, mask, loss_gamma, reduction, loss_weight, target_mean, target_std, need_grad):
     return pred.new_empty((), dtype=torch.float32), (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
-
-
-def _loss_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.target_std = inputs[7]
-    ctx.target_dtype = inputs[1].dtype
-
-
-def _loss_backward(ctx, grad_loss, _grad_of_grad):
-    from .torch_backend.masked_freq_loss import _target_grad
-
-    (grad,) = ctx.saved_tensors
-    scaled = grad * grad_loss.to(grad.dtype)
-    grad_pred = scaled if ctx.needs_input_grad[0] else None
-    grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
-    return (grad_pred, grad_target) + (None,) * 7
 
 
 # ------------------------------------------------------------------ entry points used by the public API

@@ -113,21 +113,27 @@ def _target_grad(grad_pred, target_std, dtype):
     return grad.to(dtype)
 
 
-def _loss_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.target_std = inputs[13]
-    ctx.target_dtype = inputs[1].dtype
+def register_saved_grad_autograd(op, num_inputs: int, target_std_index: int) -> None:
+    """Autograd for a loss op (pred, target, ...) -> (loss, dloss/dpred computed in the forward pass):
+    backward scales the saved gradient by grad_output (any strides) and maps it to the target
+    (-grad, divided by the normalisation std when the op normalised the target). Shared by the
+    torch, triton and cuda backends."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.target_std = inputs[target_std_index]
+        ctx.target_dtype = inputs[1].dtype
+
+    def backward(ctx, grad_loss, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        scaled = grad * grad_loss.to(grad.dtype)
+        grad_pred = scaled if ctx.needs_input_grad[0] else None
+        grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
+        return (grad_pred, grad_target) + (None,) * (num_inputs - 2)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def _loss_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    scaled = grad * grad_loss.to(grad.dtype)
-    grad_pred = scaled if ctx.needs_input_grad[0] else None
-    grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
-    return (grad_pred, grad_target) + (None,) * 13
-
-
-masked_freq_loss.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+register_saved_grad_autograd(masked_freq_loss, num_inputs=15, target_std_index=13)
 
 
 @torch.library.custom_op("mfm_fast::masked_freq_loss_map_torch", mutates_args=())
