@@ -46,7 +46,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import platform
 import re
 import subprocess
@@ -59,6 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without `pip install -e .`
 import mfm_fast  # noqa: E402
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mfm_fast import _official  # noqa: E402
+from mfm_fast.dispatch import triton_interpreted  # noqa: E402
 from mfm_fast.masks import disc_band  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,37 +81,13 @@ def floor_factor(work: str, pred_bytes: int) -> float:
 
 # ---- the "official" peer: the released MFM code's op sequence, eager -------------------------
 
-@functools.lru_cache(maxsize=8)
-def _imagenet_stats(device: torch.device):
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return mean, std
-
-
-def official_normalize(x):
-    mean, std = _imagenet_stats(x.device)
-    return (x - mean) / std
-
-
 def official_corrupt(x, mask, band=None):
-    """fft2 -> fftshift -> * mask -> ifftshift -> ifft2 -> real -> clamp(0, 1) -> normalise."""
-    freq = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
-    freq = freq * mask[:, None]
-    img = torch.fft.ifft2(torch.fft.ifftshift(freq, dim=(-2, -1))).real
-    return official_normalize(img.clamp(0, 1))
+    """mfm_fast._official.corrupt (fft2 -> fftshift -> * mask -> ifftshift -> ifft2 -> real -> clamp ->
+    normalise); `band` is ignored: the released code has no such promise."""
+    return _official.corrupt(x, mask)
 
 
-def official_spectrum(z):
-    freq = torch.fft.fftshift(torch.fft.fft2(z.float(), norm="ortho"), dim=(-2, -1))
-    return torch.stack([freq.real, freq.imag], -1)
-
-
-def official_loss(pred, x, mask, gamma=1.0):
-    """Two ortho spectra, squared difference of (re, im), sqrt, masked mean over the batch."""
-    target = official_normalize(x)
-    dist = (official_spectrum(pred) - official_spectrum(target)) ** 2
-    loss = torch.sqrt(dist.sum(-1) + 1e-12) ** gamma
-    return (loss * (1 - mask)[:, None]).sum() / (1 - mask).sum() / pred.shape[1]
+official_loss = _official.loss  # two ortho spectra, squared (re, im) difference, sqrt, masked batch mean
 
 
 # ---- the torch backend's math in plain torch ops, for torch.compile ---------------------------
@@ -537,7 +514,7 @@ def main(argv=None):
 
 def choose_providers(spec, device):
     """(providers to run, {provider: reason it is left out entirely}) for --providers."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+    interpreted = triton_interpreted()
     if spec != "auto":
         return [p.strip() for p in spec.split(",") if p.strip() and p.strip() != "copy"], {}
     if device.type == "cuda":

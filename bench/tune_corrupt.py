@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     b, s = args.batch, args.size
     x32 = torch.rand(b, 3, s, s, device="cuda", generator=g)
     mask = mfm_fast.make_masks(b, s, s, r1=args.r1, generator=g, device="cuda")
-    stats = kc._stats(tuple(mfm_fast.IMAGENET_MEAN), tuple(mfm_fast.IMAGENET_STD), x32.device)
+    stats = kc.channel_stats(tuple(mfm_fast.IMAGENET_MEAN), tuple(mfm_fast.IMAGENET_STD), x32.device)
     cases = [("fp32->fp32", x32, torch.float32), ("u8->bf16", (x32 * 255).round().to(torch.uint8), torch.bfloat16),
              ("fp32->bf16", x32, torch.bfloat16)]
     rows = []

@@ -1,4 +1,5 @@
-"""DFT tables for the DFT-as-GEMM Triton kernels, built once per (size, frequencies, device) and cached.
+"""Cached device constants for the DFT-as-GEMM Triton kernels: DFT tables, built once per (size,
+frequencies, device), and the per-channel normalisation statistics.
 
 A length-n DFT restricted to a set of frequencies k is a GEMM with the table
 ``E[k, m] = exp(-2 pi i k m / n) = cos(2 pi k m / n) - i sin(2 pi k m / n)``; its inverse uses the
@@ -40,3 +41,9 @@ def dft_table(n: int, first_freq: int, num_freqs: int, freq_pad: int, n_pad: int
     table[0, :num_freqs, :n] = torch.cos(angle)
     table[1, :num_freqs, :n] = torch.sin(angle)
     return table.to(device=device, dtype=dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def channel_stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
+    """(2, C) float32 [mean; std] on the device, cached so no host-to-device copy per call."""
+    return torch.tensor([mean, std], dtype=torch.float32, device=device)

@@ -30,17 +30,16 @@ mantissa bits: faster, with errors near 1e-3 / 1e-2 of max |output| (measured in
 from __future__ import annotations
 
 import functools
-import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dft import dft_table, next_pow2
+from mfm_fast.dispatch import triton_interpreted
 
-PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
+from ._dft import channel_stats, dft_table, next_pow2
+
 BAND_MAX = 64          # widest band the one-launch path keeps in registers
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
@@ -189,19 +188,9 @@ def _corrupt_inverse_rows_kernel(
         _normalise_store(out_ptr + plane * H * W, y, rows, cols, H, W, mean, inv_std)
 
 
-@functools.lru_cache(maxsize=32)
-def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
-    """(2, C) float32 [mean; std] on the device, cached so no host-to-device copy per call."""
-    return torch.tensor([mean, std], dtype=torch.float32, device=device)
-
-
 def band_fits(mask_band: int, height: int, width: int) -> bool:
     """True when the band path can take a mask promised constant outside |ky|, |kx| < mask_band."""
     return 1 <= mask_band <= min(BAND_MAX, height // 2, width // 2)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @functools.lru_cache(maxsize=32)
@@ -230,7 +219,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     wp, hp = next_pow2(width), next_pow2(height)
-    interp = _interpreted()
+    interp = triton_interpreted()
     if mask_band == 0:  # the general path's (H x 2 BKX) tiles need small row blocks to fit shared memory
         block_rows = min(block_rows, GENERAL_BLOCK_ROWS)
     bm, bk = min(block_rows, hp), min(block_cols, wp)
@@ -269,7 +258,7 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[fl
     mask is constant outside the band and that :func:`band_fits`); 0 takes the general path.
     """
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    launch(x, mask, _stats(tuple(mean), tuple(std), x.device), out, mask_band, precision)
+    launch(x, mask, channel_stats(tuple(mean), tuple(std), x.device), out, mask_band, precision)
     return out
 
 
@@ -277,7 +266,3 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[fl
 def _(x, mask, mean, std, out_dtype, mask_band, precision):
     return x.new_empty(x.shape, dtype=out_dtype)
 
-
-def ceil_band(r1: float) -> int:
-    """The box half-width R that holds the disc d^2 < r1^2 of integer offsets: |ky|, |kx| <= R - 1."""
-    return max(1, math.ceil(r1))

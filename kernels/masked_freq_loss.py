@@ -36,7 +36,6 @@ Extra memory: the gradient, plus an fp32 copy of it for bf16 / fp16 pred, and O(
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -44,11 +43,11 @@ import triton
 import triton.language as tl
 
 from mfm_fast._common import compute_dtype
+from mfm_fast.dispatch import triton_interpreted
 from mfm_fast.torch_backend.masked_freq_loss import register_saved_grad_autograd
 
-from ._dft import dft_table, next_pow2
+from ._dft import channel_stats, dft_table, next_pow2
 
-PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 BAND_MAX = 32  # widest mask_band the band kernel takes (its (2R-1) x R spectrum stays in registers)
 
 
@@ -388,11 +387,6 @@ def unsupported_reason(pred: torch.Tensor, reduction: str, with_matrix: bool, av
     return None
 
 
-@functools.lru_cache(maxsize=16)
-def _stats(mean: tuple, std: tuple, device: torch.device) -> torch.Tensor:
-    return torch.tensor([mean, std], dtype=torch.float32).to(device)
-
-
 @functools.lru_cache(maxsize=64)
 def _table(precision: str, *args) -> torch.Tensor:
     """dft_table(*args) as the kernels read it: for "tf32x3" (4, F, N) = [cos, sin] rounded to tf32 (as
@@ -438,7 +432,7 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
         scale = torch.full((), loss_weight / (n * C * H * W) if reduction == "mean" else loss_weight,
                            dtype=torch.float32, device=dev)
     norm = target_mean is not None
-    stats = _stats(tuple(target_mean), tuple(target_std), dev) if norm else scale
+    stats = channel_stats(tuple(target_mean), tuple(target_std), dev) if norm else scale
     m = mask if mask is not None else scale
     sm = mask.stride() if mask is not None else (0, 0, 0)
     band = mask is not None and mask_band is not None and mask_band <= BAND_MAX and 2 * mask_band <= min(h, w)
@@ -446,7 +440,7 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
     cfg = _config(h, w)
     HP, WP, KXP, BY = cfg["HP"], cfg["WP"], cfg["KXP"], cfg["BY"]
     stages = cfg["num_stages"]
-    if precision == "bf16" and os.environ.get("TRITON_INTERPRET", "") == "1":
+    if precision == "bf16" and triton_interpreted():
         precision = "bf16_emulated"
     ew = _table(precision, w, 0, w // 2 + 1, KXP, WP, dev)
     eh = _table(precision, h, 0, h, HP, HP, dev)

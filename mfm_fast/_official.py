@@ -2,21 +2,30 @@
 
 The same op sequence as ``models/mfm.py`` / ``models/frequency_loss.py`` of Jiahao000/MFM: full
 complex fft2 + fftshift, complex64, two ortho spectra stacked as (re, im). It is the baseline
-that ``python -m mfm_fast.pretrain --pipeline official`` times against mfm_fast; it is also a
+that ``python -m mfm_fast.pretrain --pipeline official`` and ``bench/`` time against mfm_fast; it is also a
 second, independent reading of MFM_SPEC.md §2-3 (tests compare it with mfm_fast).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ._common import IMAGENET_MEAN, IMAGENET_STD
 
 
+@functools.lru_cache(maxsize=8)
+def _imagenet_stats(device: torch.device, dtype: torch.dtype):
+    """(1, 3, 1, 1) mean and std on the device, cached: no host-to-device copy (and sync) per call."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """(x - ImageNet mean) / std on (N, 3, H, W)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(x.device, x.dtype)
     return (x - mean) / std
 
 

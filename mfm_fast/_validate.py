@@ -167,3 +167,26 @@ def check_std(name: str, std: list) -> list:
 def check_out_dtype(out_dtype) -> None:
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of float32, float16, bfloat16, float64, got {out_dtype}")
+
+
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")  # GEMM precisions of the DFT-as-GEMM (Triton) kernels
+
+
+def check_mask_band(mask_band, mask: Optional[torch.Tensor], patch_factor: int = 1) -> Optional[int]:
+    """Validate the ``mask_band`` promise R (None = no promise): every mask (each patch tile) equals its
+    corner value outside the centred box |ky|, |kx| < R. Verified on the data only when value checks
+    are on (a host sync)."""
+    if mask_band is None:
+        return None
+    band = check_int("mask_band", mask_band, low=1)
+    if mask is not None and value_checks_enabled():
+        n, height, width = mask.shape
+        h, w = height // patch_factor, width // patch_factor
+        ky = (torch.arange(h, device=mask.device) - h // 2).abs()[:, None]
+        kx = (torch.arange(w, device=mask.device) - w // 2).abs()[None, :]
+        outside = ((ky >= band) | (kx >= band))[None, None, :, None, :]
+        tiles = mask.reshape(n, patch_factor, h, patch_factor, w).to(torch.float32)
+        if bool(((tiles != tiles[:, :, :1, :, :1]) & outside).any()):
+            raise ValueError(f"mask_band: the mask is not constant outside the centred box |ky|, |kx| < {band}; "
+                             "pass mask_band=None for arbitrary masks")
+    return band

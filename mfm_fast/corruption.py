@@ -14,30 +14,10 @@ from .dispatch import backend_unavailable_reason, check_backend_name, choose_bac
 from .masks import disc_band, make_masks
 from .torch_backend.corrupt import corrupt as _corrupt_torch
 
-PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
-
-
 def _triton_corrupt_module():
     """kernels.corrupt, imported on first use (it imports triton, and TRITON_INTERPRET must be set first)."""
     import kernels.corrupt
     return kernels.corrupt
-
-
-def check_mask_band(mask_band, mask: torch.Tensor) -> int:
-    """Validate the ``mask_band`` promise (0 = none); with value checks on, verify it on the data."""
-    if mask_band is None:
-        return 0
-    band = V.check_int("mask_band", mask_band, low=1)
-    if V.value_checks_enabled():
-        _, height, width = mask.shape
-        ky = (torch.arange(height, device=mask.device) - height // 2).abs()[:, None]
-        kx = (torch.arange(width, device=mask.device) - width // 2).abs()[None, :]
-        outside = (ky >= band) | (kx >= band)
-        corner = mask[:, :1, :1].to(torch.float32)
-        if bool(((mask.to(torch.float32) != corner) & outside).any()):
-            raise ValueError(f"mask_band: the mask is not constant outside the centred box |ky|, |kx| < {band}; "
-                             "pass mask_band=None for arbitrary masks")
-    return band
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
@@ -80,8 +60,8 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
     if x.requires_grad and torch.is_grad_enabled():
         raise ValueError("x: corrupt is not differentiable with respect to the images; pass x.detach()")
     V.check_finite("x", x)
-    V.check_choice("precision", precision, PRECISIONS)
-    band = check_mask_band(mask_band, mask)
+    V.check_choice("precision", precision, V.PRECISIONS)
+    band = V.check_mask_band(mask_band, mask) or 0
     name = choose_backend(backend, "corrupt", x.device)
     if name == "triton" and x.dtype == torch.float64:
         log_fallback_once("corrupt", "triton", "torch", "float64 images are computed in float64 by the torch backend")
@@ -141,7 +121,7 @@ class FrequencyCorruption(nn.Module):
             V.check_out_dtype(out_dtype)
         self.out_dtype = out_dtype
         self.backend = check_backend_name(backend)
-        self.precision = V.check_choice("precision", precision, PRECISIONS)
+        self.precision = V.check_choice("precision", precision, V.PRECISIONS)
 
     def forward(self, x: torch.Tensor, low: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -53,12 +53,17 @@ def _not_implemented(name: str, op: Optional[str]) -> Optional[str]:
     return None
 
 
+def triton_interpreted() -> bool:
+    """True when Triton kernels run under the interpreter (TRITON_INTERPRET=1, CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
 def _triton_reason(device_type: Optional[str]) -> Optional[str]:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton cannot be imported ({type(exc).__name__}: {exc})"
-    interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
+    interpreted = triton_interpreted()
     if device_type == "cpu" and not interpreted:
         return "Triton kernels run on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
     if device_type == "cuda" and (interpreted or not torch.cuda.is_available()):

@@ -15,7 +15,6 @@ from .torch_backend.masked_freq_loss import masked_freq_loss as _loss_torch
 from .torch_backend.masked_freq_loss import masked_freq_loss_map as _loss_map_torch
 
 REDUCTIONS = ("masked", "mean", "sum", "none")
-PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 
 
 def _check_normalize_target(normalize_target, channels: int):
@@ -41,25 +40,8 @@ def _check_options(loss_gamma, reduction, alpha, patch_factor, loss_weight):
 
 
 def _check_triton_options(mask_band, precision):
-    if mask_band is not None:
-        mask_band = V.check_int("mask_band", mask_band, low=1)
-    V.check_choice("precision", precision, PRECISIONS)
-    return mask_band
-
-
-def _check_mask_band(mask: torch.Tensor, mask_band: int, pf: int) -> None:
-    """With value checks on, verify the mask_band promise on every patch tile of the masks (a host sync)."""
-    if not V.value_checks_enabled():
-        return
-    n, height, width = mask.shape
-    h, w = height // pf, width // pf
-    ky = (torch.arange(h, device=mask.device) - h // 2).abs()[:, None]
-    kx = (torch.arange(w, device=mask.device) - w // 2).abs()[None, :]
-    outside = ((ky >= mask_band) | (kx >= mask_band))[None, None, :, None, :]
-    tiles = mask.reshape(n, pf, h, pf, w).to(torch.float32)
-    if bool(((tiles != tiles[:, :, :1, :, :1]) & outside).any()):
-        raise ValueError(f"mask_band: the mask is not constant outside the centred box |ky|, |kx| < {mask_band}; "
-                         "pass mask_band=None for arbitrary masks")
+    V.check_choice("precision", precision, V.PRECISIONS)
+    return V.check_mask_band(mask_band, None)
 
 
 def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
@@ -150,8 +132,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         also = f" or per patch (N, H/pf, W/pf) = ({n}, {height // patch_factor}, {width // patch_factor})" \
             if patch_factor > 1 else ""
         mask = V.check_mask(mask, n, height, width, pred.device, also=also)
-        if mask_band is not None:
-            _check_mask_band(mask, mask_band, patch_factor)
+        V.check_mask_band(mask_band, mask, patch_factor)
     V.check_finite("pred", pred)
     V.check_finite("target", target)
 
