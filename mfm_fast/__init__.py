@@ -1,10 +1,11 @@
-"""mfm_fast: fast, exact Masked Frequency Modeling (MFM, ICLR 2023) for PyTorch.
+"""mfm_fast: fast, exact Masked Frequency Modeling (MFM, ICLR 2023) and FOLK (ICLR 2025) for PyTorch.
 
 Mask convention everywhere: an fftshift-ed **keep** mask (N, H, W), 1 = kept, DC at (H//2, W//2).
 """
 
 from ._common import IMAGENET_MEAN, IMAGENET_STD
 from ._validate import set_value_checks
+from .adaptive_masks import make_adaptive_masks
 from .corruption import FrequencyCorruption, corrupt
 from .dispatch import BACKENDS, available_backends
 from .head import MFMHead, predict_image, tokens_to_map
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "FrequencyCorruption", "IMAGENET_MEAN", "IMAGENET_STD", "MFMHead", "MaskedFreqLoss",
-    "available_backends", "base_mask", "corrupt", "make_masks", "masked_freq_loss", "predict_image",
-    "set_value_checks", "tokens_to_map", "__version__",
+    "available_backends", "base_mask", "corrupt", "make_adaptive_masks", "make_masks", "masked_freq_loss",
+    "predict_image", "set_value_checks", "tokens_to_map", "__version__",
 ]

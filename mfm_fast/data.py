@@ -128,17 +128,58 @@ class MFMTransform:
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
 
-    def __call__(self, img: Image.Image, rng: random.Random, box=None) -> torch.Tensor:
+    def crop(self, img: Image.Image, rng: random.Random, box=None) -> Image.Image:
+        """The cropped, resized, maybe flipped PIL image."""
         x0, y0, x1, y1 = box if box is not None else (0, 0, img.width, img.height)
         left, top, w, h = random_resized_crop_box(x1 - x0, y1 - y0, self.scale, self.ratio, rng)
         left, top = left + x0, top + y0
         out = img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_uint8_tensor(out)
+        return out
+
+    def __call__(self, img: Image.Image, rng: random.Random, box=None) -> torch.Tensor:
+        return to_uint8_tensor(self.crop(img, rng, box))
 
     def __repr__(self) -> str:
         return f"MFMTransform(size={self.size}, scale={self.scale}, bicubic, flip={self.flip})"
+
+
+class TwoViews:
+    """FOLK's two augmented views of one image -> uint8 (2, 3, S, S).
+
+    Each view: its own :class:`MFMTransform` crop and flip, then with probability ``p_jitter`` a colour
+    jitter in random order (DINO's ColorJitter(0.4, 0.4, 0.2, 0.1) for ``jitter`` = 0.4: brightness and
+    contrast factors in 1 +- jitter, saturation in 1 +- jitter / 2, hue shift in +- jitter / 4), then with
+    probability ``p_grey`` conversion to grey (3 equal channels). ``jitter`` = 0 turns colour jitter off.
+    All draws come from the sample's own RNG (see :func:`sample_rng`).
+    """
+
+    def __init__(self, base: MFMTransform, jitter: float = 0.4, p_jitter: float = 0.8, p_grey: float = 0.2):
+        self.base, self.jitter, self.p_jitter, self.p_grey = base, float(jitter), float(p_jitter), float(p_grey)
+
+    def view(self, img: Image.Image, rng: random.Random, box=None) -> torch.Tensor:
+        import torchvision.transforms.functional as TF
+
+        out = self.base.crop(img, rng, box)
+        if self.jitter > 0 and rng.random() < self.p_jitter:
+            j = self.jitter
+            ops = [(TF.adjust_brightness, rng.uniform(max(0.0, 1 - j), 1 + j)),
+                   (TF.adjust_contrast, rng.uniform(max(0.0, 1 - j), 1 + j)),
+                   (TF.adjust_saturation, rng.uniform(max(0.0, 1 - j / 2), 1 + j / 2)),
+                   (TF.adjust_hue, rng.uniform(-min(j / 4, 0.5), min(j / 4, 0.5)))]
+            rng.shuffle(ops)
+            for op, factor in ops:
+                out = op(out, factor)
+        if rng.random() < self.p_grey:
+            out = out.convert("L").convert("RGB")
+        return to_uint8_tensor(out)
+
+    def __call__(self, img: Image.Image, rng: random.Random, box=None) -> torch.Tensor:
+        return torch.stack([self.view(img, rng, box), self.view(img, rng, box)])
+
+    def __repr__(self) -> str:
+        return f"TwoViews({self.base!r}, jitter={self.jitter}, p_jitter={self.p_jitter}, p_grey={self.p_grey})"
 
 
 class _Seeded(Dataset):

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger("mfm_fast")
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
-OPS = ("corrupt", "masked_freq_loss")
+OPS = ("corrupt", "masked_freq_loss", "adaptive_masks")
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 _CUDA_UNVALIDATED = ("auto skips it: the CUDA extension kernels are not yet validated on a GPU (only their host "
                      "build is tested); ask for backend='cuda' to use it")
@@ -34,6 +34,7 @@ AUTO_SKIPS = {
 
 # Which ops each fast backend implements in this version. A backend/op pair missing here is
 # "not implemented" (NotImplementedError when asked for by name; auto skips it and says why).
+# adaptive_masks (FOLK Com / RCom) is reference and torch only: one FFT of one channel and a top-k.
 IMPLEMENTED = {
     "reference": set(OPS),
     "torch": set(OPS),

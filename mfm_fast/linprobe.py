@@ -51,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (--data-path)")
     p.add_argument("--seed", type=int, default=0, help="seed of crops, random init and the classifier")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the encoder")
+    p.add_argument("--teacher", action="store_true",
+                   help="probe the EMA teacher's encoder of a --method folk checkpoint instead of the student's")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -165,6 +167,8 @@ def main(argv=None) -> Dict[str, dict]:
     img_size = args.img_size or (ckpt["args"]["img_size"] if ckpt else 224)
     if ckpt and model != ckpt["args"]["model"]:
         parser.error(f"--model: {model} differs from the checkpoint's {ckpt['args']['model']}")
+    if args.teacher and (ckpt is None or "distiller" not in ckpt):
+        parser.error("--teacher: needs a --method folk checkpoint (it holds the EMA teacher)")
     try:
         device = pretrain.pick_device(args.device)
         train, val = probe_data(args, img_size)
@@ -178,8 +182,10 @@ def main(argv=None) -> Dict[str, dict]:
         torch.manual_seed(args.seed)
         encoder = pretrain.create_encoder(model, img_size).to(device)
         if state is not None:
-            encoder.load_state_dict({k[len("encoder."):]: v for k, v in state["model"].items()
-                                     if k.startswith("encoder.")})
+            weights, prefix = state["model"], "encoder."
+            if args.teacher:  # --method folk checkpoints: the EMA teacher's encoder
+                weights, prefix = state["distiller"], "teacher.module.encoder."
+            encoder.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
         results[name] = probe(encoder, train, val, device, args)
         r = results[name]
         print(f"{name:<12} {model} @ {img_size}px: linear-probe top-1 {100 * r['top1']:.1f}% on {r['n_val']} "

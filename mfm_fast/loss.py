@@ -11,10 +11,12 @@ from . import _validate as V
 from . import reference
 from ._common import IMAGENET_MEAN, IMAGENET_STD
 from .dispatch import backend_unavailable_reason, check_backend_name, choose_backend, log_fallback_once
+from .torch_backend.magnitude_phase_loss import magnitude_phase_loss as _mp_loss_torch
 from .torch_backend.masked_freq_loss import masked_freq_loss as _loss_torch
 from .torch_backend.masked_freq_loss import masked_freq_loss_map as _loss_map_torch
 
 REDUCTIONS = ("masked", "mean", "sum", "none")
+DISTANCES = ("complex", "magnitude_phase")
 
 
 def _check_normalize_target(normalize_target, channels: int):
@@ -39,6 +41,11 @@ def _check_options(loss_gamma, reduction, alpha, patch_factor, loss_weight):
     return loss_gamma, alpha, patch_factor, loss_weight
 
 
+def _check_distance(distance, phase_weight) -> float:
+    V.check_choice("distance", distance, DISTANCES)
+    return V.check_number("phase_weight", phase_weight, low=0.0)
+
+
 def _check_triton_options(mask_band, precision):
     V.check_choice("precision", precision, V.PRECISIONS)
     return V.check_mask_band(mask_band, None)
@@ -49,7 +56,8 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
                      alpha: float = 1.0, log_matrix: bool = False, batch_matrix: bool = False,
                      ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
                      normalize_target=None, backend: str = "auto", mask_band: Optional[int] = None,
-                     precision: str = "tf32x3") -> torch.Tensor:
+                     precision: str = "tf32x3", distance: str = "complex",
+                     phase_weight: float = 1.0) -> torch.Tensor:
     """Masked spectral loss between pred and target.
 
     With F(z) = fftshift(fft2(z, norm="ortho")) per patch and D = F(pred) - F(target):
@@ -100,6 +108,16 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         precision: GEMM precision of the triton backend's DFTs: "tf32x3" (default, fp32-accurate: within
             1e-5 of the fp64 reference), "ieee" (fp32 FMA, slow), or the fast modes "tf32" / "bf16"
             (operands rounded to 10 / 7 mantissa bits). Other backends ignore it.
+        distance: "complex" (default, the released loss: d from |D| as above) or "magnitude_phase":
+            with P = F(pred), T = F(target), |Z|_e = sqrt(|Z|^2 + 1e-12),
+            q = (|P|_e - |T|_e)^2 + 2 phase_weight max(|P|_e |T|_e - Re(P conj T), 0) and
+            d = (q + 1e-12)^(loss_gamma / 2): amplitude error plus magnitude-weighted phase error
+            4 |P||T| sin^2(dphi / 2) (as |D|^2 = (|P| - |T|)^2 + 2 (|P||T| - Re(P conj T))). Everything else
+            (mask weight, reductions, patches, focal matrix from D, ave_spectrum averaging P and T) is
+            unchanged. The gradient stays finite where a magnitude is 0. Not fused: the triton / cuda
+            backends run it on the torch backend (logged once).
+        phase_weight: float >= 0, weight of the phase term (magnitude_phase only): 1 = the complex
+            distance up to the 1e-12 smoothing, 0 = a pure amplitude loss.
 
     Edge facts: pred == target gives exactly 1e-6 (gamma = 1), not 0. NaN / inf in pred or
     target propagate (see :func:`mfm_fast.set_value_checks` for an opt-in error).
@@ -121,6 +139,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
                          "patches; patch sides must be even")
     target_mean, target_std = _check_normalize_target(normalize_target, channels)
     mask_band = _check_triton_options(mask_band, precision)
+    phase_weight = _check_distance(distance, phase_weight)
     if mask is None:
         if reduction == "masked":
             raise ValueError("mask: reduction='masked' needs the (N, H, W) keep mask; pass mask=... "
@@ -143,7 +162,15 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         return reference.masked_freq_loss(
             pred, target, mask, loss_gamma=loss_gamma, reduction=reduction, with_matrix=with_matrix, alpha=alpha,
             log_matrix=log_matrix, batch_matrix=batch_matrix, ave_spectrum=ave_spectrum, patch_factor=patch_factor,
-            loss_weight=loss_weight, target_mean=target_mean, target_std=target_std)
+            loss_weight=loss_weight, target_mean=target_mean, target_std=target_std, distance=distance,
+            phase_weight=phase_weight)
+    if distance == "magnitude_phase":
+        if name != "torch":
+            log_fallback_once("masked_freq_loss", name, "torch", "distance='magnitude_phase' is not fused; "
+                              "it runs as plain torch ops (autograd through rfft2)")
+        return _mp_loss_torch(pred, target, mask, loss_gamma, reduction, phase_weight, with_matrix, alpha,
+                              log_matrix, batch_matrix, ave_spectrum, patch_factor, loss_weight, target_mean,
+                              target_std)
     need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     if name == "cuda":
         from . import cuda_backend
@@ -188,7 +215,8 @@ class MaskedFreqLoss(nn.Module):
                  alpha: float = 1.0, log_matrix: bool = False, batch_matrix: bool = False,
                  ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
                  normalize_target: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
-                 backend: str = "auto", mask_band: Optional[int] = None, precision: str = "tf32x3"):
+                 backend: str = "auto", mask_band: Optional[int] = None, precision: str = "tf32x3",
+                 distance: str = "complex", phase_weight: float = 1.0):
         super().__init__()
         self.loss_gamma, self.alpha, self.patch_factor, self.loss_weight = _check_options(
             loss_gamma, reduction, alpha, patch_factor, loss_weight)
@@ -200,6 +228,8 @@ class MaskedFreqLoss(nn.Module):
         self.backend = check_backend_name(backend)
         self.mask_band = _check_triton_options(mask_band, precision)
         self.precision = precision
+        self.phase_weight = _check_distance(distance, phase_weight)
+        self.distance = distance
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return masked_freq_loss(pred, target, mask, loss_gamma=self.loss_gamma, reduction=self.reduction,
@@ -207,8 +237,12 @@ class MaskedFreqLoss(nn.Module):
                                 batch_matrix=self.batch_matrix, ave_spectrum=self.ave_spectrum,
                                 patch_factor=self.patch_factor, loss_weight=self.loss_weight,
                                 normalize_target=self.normalize_target, backend=self.backend,
-                                mask_band=self.mask_band, precision=self.precision)
+                                mask_band=self.mask_band, precision=self.precision, distance=self.distance,
+                                phase_weight=self.phase_weight)
 
     def extra_repr(self) -> str:
-        return (f"loss_gamma={self.loss_gamma:g}, reduction={self.reduction!r}, with_matrix={self.with_matrix}, "
-                f"patch_factor={self.patch_factor}, backend={self.backend!r}")
+        distance = f"distance={self.distance!r}"
+        if self.distance == "magnitude_phase":
+            distance += f", phase_weight={self.phase_weight:g}"
+        return (f"loss_gamma={self.loss_gamma:g}, reduction={self.reduction!r}, {distance}, "
+                f"with_matrix={self.with_matrix}, patch_factor={self.patch_factor}, backend={self.backend!r}")

@@ -1,6 +1,7 @@
-"""MFM pre-training of a timm backbone with mfm_fast's corruption and MaskedFreqLoss.
+"""MFM (and FOLK) pre-training of a timm backbone with mfm_fast's corruption and MaskedFreqLoss.
 
     python -m mfm_fast.pretrain --device cpu --model test_vit --img-size 64 --batch-size 32 --steps 200
+    python -m mfm_fast.pretrain --method folk --data-path /imagenet/train --preset vit_small --batch-size 128
     python -m mfm_fast.pretrain --data-path /imagenet/train --preset vit_base --batch-size 128
     torchrun --nproc_per_node=8 -m mfm_fast.pretrain --data-path /imagenet/train --preset vit_base --batch-size 128
     python -m mfm_fast.pretrain --synthetic --steps 100 --report-throughput --pipeline official,mfm_fast
@@ -10,6 +11,9 @@ Per step: uint8 batch -> device -> per-image masks + corruption + normalisation 
 (``--task mfm``) or a restoration degradation (sr / deblur / denoise, MFM_SPEC.md §5) ->
 encoder.forward_features -> MFMHead -> MaskedFreqLoss("masked", or "mean" for restoration).
 The recipe (MFM_SPEC.md §4, the released configs) is the default; see ``--help``.
+``--method folk`` (MFM_SPEC.md §6, mfm_fast.folk): each sample is two augmented views; the student sees
+them filtered by per-image Com / RCom masks and is trained on rec_weight x the masked spectral loss +
+distill_weight x the DINO loss against an EMA teacher that sees the other view unfiltered.
 Without --data-path or --synthetic the data are random crops of the photographs bundled in
 scikit-image's wheel (offline; mfm_fast.data).
 """
@@ -37,9 +41,11 @@ from torch import nn
 
 from . import _official
 from . import data as D
-from .corruption import FrequencyCorruption
+from .adaptive_masks import make_adaptive_masks
+from .corruption import FrequencyCorruption, corrupt
 from .head import MFMHead
 from .loss import MaskedFreqLoss
+from .folk import SelfDistillation, teacher_momentum
 from .masks import make_masks
 
 PRESETS = {  # --preset: (timm model, p_low) of the released configs; the optimiser recipe is the same for all
@@ -48,6 +54,10 @@ PRESETS = {  # --preset: (timm model, p_low) of the released configs; the optimi
     "resnet50": ("resnet50", 0.3),
 }
 TASKS = ("mfm", "sr", "deblur", "denoise")
+METHODS = ("mfm", "folk")
+MASKS = ("disc", "adaptive")
+ADAPTIVE_MODES = ("mixed", "com", "rcom")
+DISTANCES = ("complex", "magnitude_phase")
 PIPELINES = ("mfm_fast", "official")
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -93,6 +103,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--r1", type=float, default=None,
                    help="mask radius (default 16 at 224 px, scaled with --img-size: 16 * S / 224)")
     g.add_argument("--r2", type=float, default=999, help="outer radius of the removed ring (999: none)")
+    g.add_argument("--method", choices=METHODS, default="mfm",
+                   help="mfm: masked frequency modeling; folk: FOLK (two views, adaptive masks, reconstruction + "
+                        "self-distillation from an EMA teacher; see the FOLK options below)")
+    g.add_argument("--mask", choices=MASKS, default=None,
+                   help="disc: MFM's low/high-pass discs (and --bands rings); adaptive: FOLK's per-image Com / RCom "
+                        "masks from the image's own spectrum (default: disc for --method mfm, adaptive for folk)")
+    g.add_argument("--adaptive-mode", choices=ADAPTIVE_MODES, default="mixed",
+                   help="--mask adaptive: com keeps the dominant frequencies, rcom removes them, mixed picks one "
+                        "per image (probability --p-com for com)")
+    g.add_argument("--keep-ratio", type=float, default=0.01,
+                   help="--mask adaptive: fraction of frequencies in the dominant set (FOLK's thresholds 0.005, "
+                        "0.01, 0.05 read as this fraction)")
+    g.add_argument("--p-com", type=float, default=0.5, help="--adaptive-mode mixed: probability of a Com mask")
+    g.add_argument("--bands", nargs="+", default=None, metavar="R1,R2",
+                   help="--mask disc: remove these rings r1^2 <= d^2 < r2^2 instead of --r1/--r2 (any number, e.g. "
+                        "--bands 4,8 16,999); masks are still drawn low (rings removed) or high (rings kept)")
+    g.add_argument("--radius-jitter", type=float, default=0.0,
+                   help="--mask disc: shift every radius of every mask by its own U(-delta, delta)")
+    g.add_argument("--mask-patch-factor", type=int, default=1,
+                   help="patch-level masking: a pf x pf grid of patches, each with its own spectrum and mask, for "
+                        "the corruption and the loss (MaskedFreqLoss patch_factor); radii in patch frequency units")
+    g.add_argument("--distance", choices=DISTANCES, default="complex",
+                   help="spectral distance of the loss: complex (MFM's |D|) or magnitude_phase (amplitude error + "
+                        "--phase-weight x magnitude-weighted phase error)")
+    g.add_argument("--phase-weight", type=float, default=1.0,
+                   help="--distance magnitude_phase: weight of the phase term (1: the complex distance, 0: "
+                        "amplitude only)")
     g.add_argument("--loss-gamma", type=float, default=1.0, help="exponent of the spectral distance")
     g.add_argument("--sr-factor", type=int, default=8, help="--task sr: bicubic down/up factor")
     g.add_argument("--blur-sigma", type=float, default=5.0, help="--task deblur: Gaussian sigma (pixels)")
@@ -107,6 +144,31 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="mfm_fast backend of the corruption: auto, torch, triton, cuda or reference")
     g.add_argument("--loss-backend", default="auto",
                    help="mfm_fast backend of MaskedFreqLoss: auto, torch, triton, cuda or reference")
+
+    g = p.add_argument_group("FOLK (--method folk; defaults: DINO's ViT-S/16 recipe)")
+    g.add_argument("--rec-weight", type=float, default=1.0, help="weight of the reconstruction (masked spectral) loss")
+    g.add_argument("--distill-weight", type=float, default=1.0, help="weight of the self-distillation loss")
+    g.add_argument("--dino-out-dim", type=int, default=65536, help="prototypes K of the projection head")
+    g.add_argument("--dino-hidden-dim", type=int, default=2048, help="hidden width of the projection MLP")
+    g.add_argument("--dino-bottleneck-dim", type=int, default=256, help="bottleneck width of the projection MLP")
+    g.add_argument("--dino-layers", type=int, default=3, help="linear layers of the projection MLP")
+    g.add_argument("--no-norm-last-layer", action="store_true",
+                   help="learn the scale of the weight-normalised last layer (DINO fixes it at 1)")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student softmax temperature")
+    g.add_argument("--teacher-temp", type=float, default=0.04, help="teacher softmax temperature (sharpening)")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04,
+                   help="teacher temperature at step 0, linear to --teacher-temp over --warmup-teacher-temp-epochs")
+    g.add_argument("--warmup-teacher-temp-epochs", type=float, default=0, help="teacher temperature warm-up length")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher-output centre")
+    g.add_argument("--momentum-teacher", type=float, default=0.996,
+                   help="EMA momentum of the teacher at step 0, cosine to 1 at the last step")
+    g.add_argument("--freeze-last-layer", type=float, default=1,
+                   help="epochs during which the projection head's last layer is not updated")
+    g.add_argument("--color-jitter", type=float, default=0.4,
+                   help="colour-jitter strength of each view (DINO: 0.4, 0.4, 0.2, 0.1 for brightness, contrast, "
+                        "saturation, hue; 0: off)")
+    g.add_argument("--jitter-p", type=float, default=0.8, help="probability of colour jitter per view")
+    g.add_argument("--grey-p", type=float, default=0.2, help="probability of a grey view")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="ImageFolder root (root/class/img.jpg), e.g. ImageNet train")
@@ -232,13 +294,73 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.p_low = preset_p_low if (preset_p_low is not None and args.model == preset_model) else None
     if args.p_low is not None and not 0 <= args.p_low <= 1:
         raise ArgError(f"--p-low: must be in [0, 1], got {args.p_low}")
+    pf = args.mask_patch_factor
+    if pf < 1 or args.img_size % pf or (args.img_size // pf) % 2:
+        raise ArgError(f"--mask-patch-factor: must be >= 1 and divide --img-size {args.img_size} into even patch "
+                       f"sides, got {pf}")
+    if args.bands is not None and (args.r1 is not None or args.r2 != 999):
+        raise ArgError("--bands: replaces --r1 / --r2; give either the rings or the radii")
     if args.r1 is None:
-        args.r1 = 16 * args.img_size / 224
+        args.r1 = 16 * args.img_size / pf / 224
+    resolve_method_args(args)
     if not 0 <= args.r1 < args.r2:
         raise ArgError(f"--r1: must be >= 0 and < --r2 = {args.r2}, got {args.r1}")
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise ArgError(f"--stop-at: {args.stop_at} is past the last step (--steps {args.steps})")
     return args
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_method_args(args: argparse.Namespace) -> None:
+    """Check --method / --mask / FOLK values in place; raises ArgError naming the flag."""
+    if args.mask is None:
+        args.mask = "adaptive" if args.method == "folk" else "disc"
+    if args.method == "folk" and args.task != "mfm":
+        raise ArgError(f"--method: folk reconstructs masked frequencies; it cannot be combined with --task {args.task}")
+    if not 0 < args.keep_ratio < 1:
+        raise ArgError(f"--keep-ratio: must be in (0, 1), got {args.keep_ratio}")
+    for name in ("p_com", "jitter_p", "grey_p"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ArgError(f"{_flag(name)}: must be in [0, 1], got {getattr(args, name)}")
+    if args.bands is not None:
+        rings = []
+        for text in args.bands:
+            try:
+                r1, r2 = (float(v) for v in str(text).split(","))
+            except ValueError:
+                raise ArgError(f"--bands: expected rings R1,R2 (e.g. 4,8 16,999), got {text!r}") from None
+            if not (0 <= r1 < r2 and math.isfinite(r1)):
+                raise ArgError(f"--bands: each ring needs 0 <= r1 < r2, got {text!r}")
+            rings.append((r1, r2))
+        args.bands = rings
+    nonneg = ("radius_jitter", "phase_weight", "rec_weight", "distill_weight", "warmup_teacher_temp_epochs",
+              "freeze_last_layer", "color_jitter")
+    for name in nonneg:
+        v = getattr(args, name)
+        if not math.isfinite(v) or v < 0:
+            raise ArgError(f"{_flag(name)}: must be a finite value >= 0, got {v}")
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        if not getattr(args, name) > 0:
+            raise ArgError(f"{_flag(name)}: must be > 0, got {getattr(args, name)}")
+    for name in ("center_momentum", "momentum_teacher"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ArgError(f"{_flag(name)}: must be in [0, 1], got {getattr(args, name)}")
+    for name in ("dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_layers"):
+        if getattr(args, name) < 1:
+            raise ArgError(f"{_flag(name)}: must be >= 1, got {getattr(args, name)}")
+    if args.mask == "adaptive" and (args.bands is not None or args.radius_jitter or args.mask_patch_factor > 1):
+        raise ArgError("--mask: adaptive masks take no --bands / --radius-jitter / --mask-patch-factor (disc only)")
+    if args.mask == "adaptive" and args.task != "mfm":
+        raise ArgError(f"--mask: adaptive masks are for --task mfm, not {args.task}")
+    if "official" in args.pipeline.split(","):
+        custom = args.method != "mfm" or args.mask != "disc" or args.bands is not None or args.radius_jitter or \
+            args.mask_patch_factor > 1 or args.distance != "complex"
+        if custom:
+            raise ArgError("--pipeline: official replicates the released MFM code only (--method mfm, disc masks "
+                           "without --bands / --radius-jitter / --mask-patch-factor, --distance complex)")
 
 
 # ---- model ----------------------------------------------------------------------------------------
@@ -272,15 +394,28 @@ def is_vit(encoder: nn.Module) -> bool:
     return hasattr(encoder, "patch_embed") and hasattr(encoder, "num_prefix_tokens")
 
 
-def build_model(args) -> MFMModel:
-    """Encoder + head (stride = patch size for ViTs, the feature reduction, 32 for ResNets); checks the output size."""
+def prediction(out) -> torch.Tensor:
+    """The MFM prediction from a model output: MFMModel returns it, FOLKModel returns (prediction, logits)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def build_model(args) -> nn.Module:
+    """Encoder + head (stride = patch size for ViTs, the feature reduction, 32 for ResNets); checks the output size.
+
+    --method folk adds the DINO projection head on the pooled features (mfm_fast.folk.FOLKModel)."""
     encoder = create_encoder(args.model, args.img_size, args.drop_path)
-    net = MFMModel(encoder, MFMHead.for_timm_model(encoder))
+    if getattr(args, "method", "mfm") == "folk":
+        from .folk import DINOHead, FOLKModel
+        dino = DINOHead(encoder.num_features, args.dino_out_dim, args.dino_hidden_dim, args.dino_bottleneck_dim,
+                        args.dino_layers, norm_last_layer=not args.no_norm_last_layer)
+        net = FOLKModel(encoder, MFMHead.for_timm_model(encoder), dino)
+    else:
+        net = MFMModel(encoder, MFMHead.for_timm_model(encoder))
     was_training = net.training
     net.eval()
     with torch.no_grad():
         try:
-            out = net(torch.zeros(1, 3, args.img_size, args.img_size))
+            out = prediction(net(torch.zeros(1, 3, args.img_size, args.img_size)))
         except Exception as exc:
             raise ArgError(f"--img-size: {args.model} cannot take {args.img_size} px images ({type(exc).__name__}: "
                            f"{exc})") from None
@@ -292,11 +427,12 @@ def build_model(args) -> MFMModel:
     return net
 
 
-def freeze_unused(net: MFMModel, img_size: int) -> list:
-    """Freeze parameters that forward_features never uses (e.g. a classifier's norm), so DDP needs no
+def freeze_unused(net: nn.Module, img_size: int) -> list:
+    """Freeze parameters that the model's forward never uses (e.g. a classifier's norm), so DDP needs no
     find_unused_parameters; returns their names."""
     net.eval()
-    net(torch.zeros(2, 3, img_size, img_size, device=next(net.parameters()).device)).float().sum().backward()
+    out = net(torch.zeros(2, 3, img_size, img_size, device=next(net.parameters()).device))
+    sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     unused = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in net.named_parameters():
         p.grad = None
@@ -306,7 +442,7 @@ def freeze_unused(net: MFMModel, img_size: int) -> list:
     return unused
 
 
-def param_groups(net: MFMModel, weight_decay: float):
+def param_groups(net: nn.Module, weight_decay: float):
     """AdamW groups: decay on >= 2-D weights; none on 1-D params, biases, pos_embed, cls_token (and the
     encoder's no_weight_decay())."""
     skip = set(getattr(net.encoder, "no_weight_decay", lambda: set())())
@@ -322,7 +458,7 @@ def param_groups(net: MFMModel, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(net: MFMModel, args) -> torch.optim.Optimizer:
+def make_optimizer(net: nn.Module, args) -> torch.optim.Optimizer:
     """AdamW(betas, eps 1e-8), fused when the device supports it (then NaN steps are skipped on the device)."""
     groups = param_groups(net, args.weight_decay)
     try:
@@ -378,16 +514,32 @@ class Corruptor:
         self.args, self.device = args, device
         self.gen = torch.Generator(device).manual_seed(seed)
         self.official = args.pipeline == "official"
-        self.corruption = FrequencyCorruption(args.r1, args.r2, args.p_low if args.p_low is not None else 0.5,
-                                              backend=args.corrupt_backend)
+        mask_kind = getattr(args, "mask", "disc")
+        self.adaptive = mask_kind == "adaptive"
+        pf, bands = getattr(args, "mask_patch_factor", 1), getattr(args, "bands", None)  # (older checkpoints lack them)
+        radii = {"bands": bands} if bands is not None else {"r1": args.r1, "r2": args.r2}
+        self.corruption = FrequencyCorruption(p_low=args.p_low if args.p_low is not None else 0.5,
+                                              radius_jitter=getattr(args, "radius_jitter", 0.0), patch_factor=pf,
+                                              backend=args.corrupt_backend, **radii)
         mfm = args.task == "mfm"
+        distance = getattr(args, "distance", "complex")
+        loss_options = {"distance": distance, "phase_weight": args.phase_weight} if distance != "complex" else {}
         self.criterion = MaskedFreqLoss(loss_gamma=args.loss_gamma, reduction="masked" if mfm else "mean",
-                                        normalize_target=True, backend=args.loss_backend)
+                                        normalize_target=True, backend=args.loss_backend, patch_factor=pf,
+                                        **loss_options)
 
     def __call__(self, x: torch.Tensor, low: Optional[torch.Tensor] = None):
+        """x uint8 (N, 3, S, S) -> (encoder input, loss target, keep mask or None). For the masks, ``low`` (bool
+        (N,)) forces low-pass (disc) or Com (adaptive) per image."""
         a = self.args
         if a.task == "mfm":
             n, _, h, w = x.shape
+            if self.adaptive:
+                mask_backend = a.corrupt_backend if a.corrupt_backend in ("reference", "torch") else "auto"
+                com = low if a.adaptive_mode == "mixed" else None  # com / rcom modes fix the choice
+                mask = make_adaptive_masks(x, a.adaptive_mode, a.keep_ratio, p_com=a.p_com, com=com,
+                                           generator=self.gen, backend=mask_backend)
+                return corrupt(x, mask, backend=a.corrupt_backend), x, mask
             if not self.official:
                 inp, mask = self.corruption(x, low=low, generator=self.gen)
                 return inp, x, mask
@@ -408,6 +560,8 @@ class Corruptor:
 
 def build_dataset(args, seed: int):
     transform = D.MFMTransform(args.img_size, scale=(args.min_crop_scale, 1.0))
+    if args.method == "folk":
+        transform = D.TwoViews(transform, jitter=args.color_jitter, p_jitter=args.jitter_p, p_grey=args.grey_p)
     if args.data_path is not None:
         return D.FolderImages(args.data_path, transform, seed=seed)
     return D.PhotoCrops(args.img_size, split="train", length=args.samples_per_epoch, seed=seed, transform=transform)
@@ -429,7 +583,7 @@ def sample_images(args, num: int, seed: int = 0, data_path: Optional[str] = None
 
 
 @torch.no_grad()
-def render(net: MFMModel, corruptor: Corruptor, x: torch.Tensor, path, title: Optional[str] = None,
+def render(net: nn.Module, corruptor: Corruptor, x: torch.Tensor, path, title: Optional[str] = None,
            amp_dtype: Optional[torch.dtype] = None):
     """Corrupt x (masks alternate low / high-pass), reconstruct, write the PNG grid (mfm_fast.visualize)."""
     from .visualize import save_grid
@@ -440,7 +594,7 @@ def render(net: MFMModel, corruptor: Corruptor, x: torch.Tensor, path, title: Op
     was_training = net.training
     net.eval()
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        pred = net(inp)
+        pred = prediction(net(inp))
     net.train(was_training)
     return save_grid(path, x, inp, pred.float(), mask, title=title)
 
@@ -540,6 +694,17 @@ def amp_dtype_of(args, device: torch.device) -> Optional[torch.dtype]:
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
+def make_distiller(net: nn.Module, args, sched: dict, batches_per_epoch: int) -> SelfDistillation:
+    """--method folk: the EMA teacher and DINO loss, with epoch-valued options converted to optimiser steps."""
+    steps_per_epoch = max(1, batches_per_epoch // args.accum_iter)
+    return SelfDistillation(net, sched["total"], momentum_teacher=args.momentum_teacher,
+                            student_temp=args.student_temp, teacher_temp=args.teacher_temp,
+                            warmup_teacher_temp=args.warmup_teacher_temp,
+                            warmup_teacher_temp_steps=int(round(args.warmup_teacher_temp_epochs * steps_per_epoch)),
+                            center_momentum=args.center_momentum,
+                            freeze_last_layer_steps=int(round(args.freeze_last_layer * steps_per_epoch)))
+
+
 def train(args) -> dict:
     """Pre-train as `args` (from get_args_parser) say; returns the run's statistics (see the end)."""
     args = resolve_args(args)
@@ -556,7 +721,8 @@ def train(args) -> dict:
 
 
 class Batches:
-    """Endless per-process uint8 batches (B, 3, S, S) on the device, resumable at (epoch, batch_in_epoch).
+    """Endless per-process uint8 batches (B, 3, S, S) ((B, 2, 3, S, S) view pairs for --method folk) on the device,
+    resumable at (epoch, batch_in_epoch).
 
     Data: --synthetic (one random batch made on the device), --data-path (ImageFolder) or the built-in
     photo crops; a seeded DistributedSampler shards and shuffles each epoch; batches are counted before
@@ -565,7 +731,8 @@ class Batches:
     def __init__(self, args, rank: int, world: int, device: torch.device):
         self.args, self.device, self.epoch, self.batch_in_epoch = args, device, 0, 0
         if args.synthetic:
-            self.fixed = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8,
+            views = (2,) if args.method == "folk" else ()
+            self.fixed = torch.randint(0, 256, (args.batch_size, *views, 3, args.img_size, args.img_size), dtype=torch.uint8,
                                        generator=torch.Generator(device).manual_seed(args.seed + rank), device=device)
             self.per_epoch = max(1, args.samples_per_epoch // (args.batch_size * world))
             return
@@ -673,6 +840,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sched = make_schedule(args, batches.per_epoch, total_batch)
     corruptor = Corruptor(args, device, seed=args.seed + rank)
+    folk = args.method == "folk"
+    distiller = make_distiller(net, args, sched, batches.per_epoch) if folk else None
 
     # resume: weights, optimiser, scaler, schedule, step, data position, every random stream
     step = 0
@@ -685,6 +854,10 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
             raise ArgError(f"--resume: {resume} holds a {ckpt['args']['model']} model, not --model {args.model}")
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if folk:
+            if "distiller" not in ckpt:
+                raise ArgError(f"--resume: {resume} is not a --method folk checkpoint (no teacher)")
+            distiller.load_state_dict(ckpt["distiller"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         if ckpt["schedule"] != sched and is_main:
@@ -706,7 +879,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
             save_checkpoint({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
                              "epoch": batches.epoch, "batch_in_epoch": batches.batch_in_epoch, "schedule": sched,
-                             "args": vars(args), "rng": rngs, "world_size": world, "format": 1}, ckpt_path)
+                             "args": vars(args), "rng": rngs, "world_size": world, "format": 1,
+                             **({"distiller": distiller.state_dict()} if folk else {})}, ckpt_path)
 
     log_file = open(out_dir / "log.jsonl", "a") if is_main else None
 
@@ -728,6 +902,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     # on-device running sums, read only at log steps (the loop's only host syncs)
     zero = torch.zeros((), device=device)
     loss_sum, good_steps, skipped, first_bad = zero.clone(), zero.clone(), zero.clone(), zero - 1
+    parts_sum = zero.new_zeros(2)  # --method folk: reconstruction and distillation losses
 
     def check_finite_so_far() -> None:
         bad = int(first_bad.item())
@@ -752,20 +927,31 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     model.train()
     while step < end_step:
         # forward + backward over accum_iter micro-batches
-        step_loss = zero.clone()
+        step_loss, part_sum_step = zero.clone(), parts_sum.new_zeros(2)
         for micro in range(args.accum_iter):
             x = next(stream)
             if args.overfit_batch:
                 corruptor.gen.manual_seed(args.seed + rank)  # the same masks every step
                 stream = itertools.repeat(x)
+            if folk:  # (B, 2, 3, S, S) -> the 2B views [u; v]: the student sees them filtered, the teacher clean
+                x = x.transpose(0, 1).reshape(-1, *x.shape[2:])
             inp, target, mask = corruptor(x)
             if args.channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             no_sync = world > 1 and micro < args.accum_iter - 1
+            autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
             with ddp_model.no_sync() if no_sync else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    pred = model(inp)
-                loss = corruptor.loss(pred, target, mask)
+                with autocast:
+                    out = model(inp)
+                loss = corruptor.loss(prediction(out), target, mask)
+                if folk:
+                    clean = _official.normalize(x.float() / 255)
+                    with autocast:
+                        teacher_logits = distiller.teacher_logits(
+                            clean.contiguous(memory_format=torch.channels_last) if args.channels_last else clean)
+                    distill = distiller(out[1], teacher_logits, step)
+                    part_sum_step += torch.stack([loss.detach(), distill.detach()]) / args.accum_iter
+                    loss = args.rec_weight * loss + args.distill_weight * distill
                 scaler.scale(loss / args.accum_iter).backward()
             step_loss += loss.detach() / args.accum_iter
 
@@ -773,7 +959,12 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
         lr = lr_at(step, sched)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if folk:
+            distiller.cancel_last_layer_grads(step)
         bad, grad_norm = optimizer_step(net, optimizer, scaler, step_loss, args, world)
+        if folk:
+            distiller.update_teacher(step)
+            parts_sum += torch.where(bad, zero, part_sum_step)
         first_bad = torch.where(bad & (first_bad < 0), float(step), first_bad)
         loss_sum += torch.where(bad, zero, step_loss)
         good_steps += (~bad).float()
@@ -784,23 +975,28 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
         if timed_from is None and step - start_step == timing_warmup:
             timed_from = (sync(), step)
         if step % args.log_every == 0 or step == end_step:
-            stats = torch.stack([loss_sum, good_steps, skipped, grad_norm.float()])
+            stats = torch.cat([torch.stack([loss_sum, good_steps, skipped, grad_norm.float()]), parts_sum])
             if world > 1:
                 dist.all_reduce(stats)
                 stats[3] /= world
-            loss_total, n_good, n_skipped, gnorm = stats.tolist()  # host sync
+            loss_total, n_good, n_skipped, gnorm, rec_total, distill_total = stats.tolist()  # host sync
             check_finite_so_far()
             now = time.perf_counter()
             ips = (step - steps_at_log) * total_batch / max(now - t_log, 1e-9)
             record = {"step": step, "epoch": batches.epoch, "loss": loss_total / max(n_good, 1), "lr": lr,
                       "grad_norm": gnorm, "images_per_s": ips, "skipped": int(n_skipped), "time": time.time()}
+            if folk:
+                record.update(loss_rec=rec_total / max(n_good, 1), loss_distill=distill_total / max(n_good, 1),
+                              teacher_momentum=teacher_momentum(step - 1, sched["total"], args.momentum_teacher))
             history.append(record)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
             if is_main and args.no_progress:
-                print(f"step {step}/{end_step} loss {record['loss']:.5f} lr {lr:.3e} grad_norm {gnorm:.3f} "
+                parts = f" (rec {record['loss_rec']:.5f} distill {record['loss_distill']:.5f})" if folk else ""
+                print(f"step {step}/{end_step} loss {record['loss']:.5f}{parts} lr {lr:.3e} grad_norm {gnorm:.3f} "
                       f"{ips:.1f} img/s" + (f" skipped {int(n_skipped)}" if n_skipped else ""), flush=True)
             loss_sum.zero_()
+            parts_sum.zero_()
             good_steps.zero_()
             t_log, steps_at_log = now, step
         if not args.no_checkpoint and step % args.save_every == 0 and step < end_step:
@@ -822,7 +1018,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     timed_steps = step - timed_from[1] if timed_from else 0
     seconds = t_end - timed_from[0] if timed_from else float("nan")
     result = {
-        "model": args.model, "pipeline": args.pipeline, "task": args.task, "device": str(device),
+        "model": args.model, "pipeline": args.pipeline, "method": args.method, "task": args.task,
+        "views_per_image": 2 if folk else 1, "device": str(device),
         "world_size": world, "batch_size": args.batch_size, "total_batch": total_batch, "img_size": args.img_size,
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "compile": args.compile,
         "channels_last": args.channels_last, "start_step": start_step, "final_step": step,
@@ -860,7 +1057,7 @@ def main(argv=None) -> dict:
     if args.report_throughput and int(os.environ.get("RANK", "0")) == 0:
         base = results[0]["images_per_s"]
         for r in results:
-            keys = ("pipeline", "model", "device", "world_size", "total_batch", "img_size", "amp", "compile",
+            keys = ("pipeline", "method", "views_per_image", "model", "device", "world_size", "total_batch", "img_size", "amp", "compile",
                     "timed_steps", "images_per_s", "step_ms", "peak_mem_gb", "final_loss")
             print(json.dumps({**{k: r[k] for k in keys}, "speedup_vs_first": r["images_per_s"] / base}))
     return results[-1]

@@ -11,6 +11,13 @@ log(1 + |fftshift(fft2(grey image))|), DC in the centre, on the original's grey 
 
     python -m mfm_fast.visualize --checkpoint output/mfm_pretrain/checkpoint.pth
     python -m mfm_fast.visualize --checkpoint ckpt.pth --data-path /imagenet/val --num 6 --output vis.png
+
+``--views folk`` needs no checkpoint: it draws the FOLK image-adaptive masks of one bundled photo, one
+row per keep ratio: original | spectrum with the Com (dominant, kept) set in red | its centre zoomed |
+Com view | RCom view | the spectrum of each view (:func:`save_mask_views`).
+
+    python -m mfm_fast.visualize --views folk --output docs/folk_views.png --image astronaut \\
+        --keep-ratio 0.005 0.01 0.05 --size 224
 """
 
 from __future__ import annotations
@@ -103,33 +110,151 @@ def save_grid(path, x: torch.Tensor, inp: torch.Tensor, pred: torch.Tensor, mask
             axes[i][0].set_ylabel(kind, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path, dpi: int = 90, rect=(0, 0, 1, 1)) -> Path:
+    """Lay the figure out within rect, write it atomically (a temporary file, then a rename), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=90, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     os.replace(tmp, path)
     return path
 
 
+VIEW_COLUMNS = ("original", "spectrum, Com set in red", "zoom: centre {zh} x {zw}", "Com view (keeps the set)",
+                "RCom view (removes it)", "Com view spectrum", "RCom view spectrum")
+
+
+def save_mask_views(path, x: torch.Tensor, keep_ratios: Sequence[float] = (0.01,), title: Optional[str] = None,
+                    magnitude: str = "mean") -> Path:
+    """Write the FOLK views of one image, one row per keep ratio; returns the PNG path.
+
+    Columns: original | its log-magnitude spectrum with the Com (kept, dominant) set in red | the same,
+    centre quarter zoomed | Com view | RCom view (``mfm_fast.corrupt`` inputs, de-normalised to pixels)
+    | the spectrum of each view.
+    x: (3, H, W) or (1, 3, H, W) pixels in [0, 1] (or uint8), H and W even.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._validate import PIXEL_DTYPES, check_images
+    from .adaptive_masks import make_adaptive_masks
+    from .corruption import corrupt
+
+    x = x[None] if isinstance(x, torch.Tensor) and x.dim() == 3 else x
+    check_images("x", x, PIXEL_DTYPES)
+    if x.shape[0] != 1 or x.shape[1] != 3:
+        raise ValueError(f"x: expected one RGB image (3, H, W) or (1, 3, H, W), got shape {tuple(x.shape)}")
+    if len(keep_ratios) == 0:
+        raise ValueError("keep_ratios: expected at least one keep ratio (one row each)")
+    x = x.detach().cpu()
+    px = x[0].float() / (255.0 if x.dtype == torch.uint8 else 1.0)
+    spec = log_spectrum(px)
+    lo, hi = float(spec.min()), float(spec.max())
+    height, width = px.shape[-2:]
+    zoom = (slice(height // 2 - height // 8, height // 2 + height // 8 + 1),
+            slice(width // 2 - width // 8, width // 2 + width // 8 + 1))
+    columns = [c.format(zh=zoom[0].stop - zoom[0].start, zw=zoom[1].stop - zoom[1].start) for c in VIEW_COLUMNS]
+    fig, axes = plt.subplots(len(keep_ratios), len(VIEW_COLUMNS), squeeze=False,
+                             figsize=(2.6 * len(VIEW_COLUMNS), 2.75 * len(keep_ratios) + (0.4 if title else 0)))
+    for i, ratio in enumerate(keep_ratios):
+        masks = torch.cat([make_adaptive_masks(x, mode, ratio, magnitude=magnitude, backend="torch")
+                           for mode in ("com", "rcom")])
+        views = denormalize(corrupt(torch.cat([x, x]), masks, backend="torch"))
+        kept = masks[0].numpy()
+        marked = np.zeros(kept.shape + (4,))
+        marked[..., 0], marked[..., 1], marked[..., 3] = 1.0, 0.1, kept
+        panels = [(px, None), (spec, marked), (spec[zoom], marked[zoom]), (views[0], None), (views[1], None),
+                  (log_spectrum(views[0]), None), (log_spectrum(views[1]), None)]
+        for j, (im, overlay) in enumerate(panels):
+            ax = axes[i][j]
+            if im.ndim == 2:
+                ax.imshow(im, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            else:
+                ax.imshow(im.permute(1, 2, 0).numpy())
+            if overlay is not None:
+                ax.imshow(overlay, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(columns[j], fontsize=9)
+        axes[i][0].set_ylabel(f"keep_ratio {ratio:g}\nCom keeps {int(kept.sum())} of {height * width}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.005, "Views are the encoder inputs of mfm_fast.corrupt (real part, clamped to [0, 1]). DC is the "
+             "largest frequency, so RCom removes the mean: its negative values clamp to 0 (dark).",
+             ha="center", va="bottom", fontsize=8)
+    return _save(fig, path, rect=(0, 0.03, 1, 1))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("python -m mfm_fast.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by python -m mfm_fast.pretrain")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint written by python -m mfm_fast.pretrain (required unless --views)")
     p.add_argument("--data-path", default=None,
                    help="ImageFolder root to draw images from (default: the held-out 'val' regions of the "
                         "built-in scikit-image photos)")
     p.add_argument("--num", type=int, default=4, help="number of samples (rows); masks alternate low/high-pass")
-    p.add_argument("--output", default=None, help="PNG path (default: <checkpoint folder>/vis/checkpoint.png)")
+    p.add_argument("--output", default=None,
+                   help="PNG path (default: <checkpoint folder>/vis/checkpoint.png; folk_views.png with --views)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and masks")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run the model")
+    views = p.add_argument_group("mask views (no checkpoint)")
+    views.add_argument("--views", choices=("folk",), default=None,
+                       help="draw the FOLK Com / RCom views of one photo instead of reconstructions")
+    views.add_argument("--image", default="astronaut",
+                       help="a scikit-image photo bundled offline (mfm_fast.data.SKIMAGE_PHOTOS); default astronaut")
+    views.add_argument("--keep-ratio", type=float, nargs="+", default=[0.005, 0.01, 0.05],
+                       help="Com's kept fractions in (0, 1), one row each (default 0.005 0.01 0.05)")
+    views.add_argument("--size", type=int, default=224, help="side of the centre square crop (even; default 224)")
+    views.add_argument("--magnitude", choices=("mean", "luminance"), default="mean",
+                       help="the grey image whose spectrum picks the frequencies (default: channel mean)")
     return p
+
+
+def views_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """--views folk: the centre square of a bundled photo, resized to --size, through save_mask_views."""
+    from PIL import Image
+
+    from . import data
+
+    if args.checkpoint is not None:
+        parser.error("--checkpoint: not used with --views (the views need no model)")
+    if args.size < 2 or args.size % 2:
+        parser.error(f"--size: must be even and >= 2, got {args.size}")
+    for r in args.keep_ratio:
+        if not 0 < r < 1:
+            parser.error(f"--keep-ratio: each value must lie in (0, 1), got {r:g}")
+    if args.image not in data.SKIMAGE_PHOTOS:
+        parser.error(f"--image: expected one of {', '.join(data.SKIMAGE_PHOTOS)}, got {args.image!r}")
+    photo = data.load_photos([args.image])[0]
+    side = min(photo.size)
+    left, top = (photo.width - side) // 2, (photo.height - side) // 2
+    img = photo.resize((args.size, args.size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    path = save_mask_views(args.output or "folk_views.png", data.to_uint8_tensor(img), args.keep_ratio,
+                           title=f"FOLK image-adaptive masks of '{args.image}' ({args.size} x {args.size}): "
+                                 f"Com keeps the dominant frequencies (|F| >= k-th largest), RCom removes them",
+                           magnitude=args.magnitude)
+    print(f"wrote {path}")
+    return path
 
 
 def main(argv=None) -> Path:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.views is not None:
+        return views_main(parser, args)
+    if args.checkpoint is None:
+        parser.error("--checkpoint: required (a checkpoint written by python -m mfm_fast.pretrain), "
+                     "unless --views folk draws the adaptive-mask views")
     from . import pretrain
     if args.num < 1:
         parser.error(f"--num: must be >= 1, got {args.num}")
