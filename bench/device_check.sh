@@ -18,7 +18,7 @@ timeout ${CUDA_EXT_S:-180} python -m pytest -q -rs --benchmark-disable -p no:cac
   | tee -a "$log" | tail -12
 echo "== GPU tests" | tee -a "$log"
 timeout ${TESTS_S:-120} python -m pytest -q -rs -m gpu --benchmark-disable -p no:cacheprovider \
-  tests/test_gpu.py tests/test_triton_corrupt.py tests/test_triton_loss.py 2>&1 | tee -a "$log" | tail -8
+  tests/test_gpu.py tests/test_triton_corrupt.py tests/test_triton_loss.py tests/test_adaptive_masks.py 2>&1 | tee -a "$log" | tail -8
 echo "== fft_mask"
 timeout ${BENCH_S:-120} python bench/fft_mask.py --batch 64 256 --check --plot --markdown --quick --out-dir "$out" \
   > "$out/fft_mask.log" 2>&1
@@ -31,3 +31,9 @@ sed -n '/corruption\|band fp32/,$p' "$out/tune.log" | grep -v "^ *File\|^    " |
 echo "== e2e_step"
 timeout ${E2E_S:-60} python bench/e2e_step.py --models vit_s16 --out-dir "$out" > "$out/e2e.log" 2>&1
 tail -10 "$out/e2e.log"
+echo "== pretrain images/s, ViT-S/16 bf16: official vs mfm_fast, then --method mfm vs folk (appended to e2e.log)"
+pre="python -m mfm_fast.pretrain --synthetic --model vit_small_patch16_224 --batch-size ${PRE_B:-256} --steps 40
+     --timing-warmup 15 --no-checkpoint --vis-num 0 --no-progress --log-every 40 --report-throughput"
+timeout ${PRE_S:-150} $pre --pipeline official,mfm_fast --output-dir /tmp/pre1 >> "$out/e2e.log" 2>&1
+timeout ${PRE_S:-150} $pre --method mfm,folk --output-dir /tmp/pre2 >> "$out/e2e.log" 2>&1
+grep '^{' "$out/e2e.log"

@@ -103,9 +103,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--r1", type=float, default=None,
                    help="mask radius (default 16 at 224 px, scaled with --img-size: 16 * S / 224)")
     g.add_argument("--r2", type=float, default=999, help="outer radius of the removed ring (999: none)")
-    g.add_argument("--method", choices=METHODS, default="mfm",
+    g.add_argument("--method", default="mfm",
                    help="mfm: masked frequency modeling; folk: FOLK (two views, adaptive masks, reconstruction + "
-                        "self-distillation from an EMA teacher; see the FOLK options below)")
+                        "self-distillation from an EMA teacher; see the FOLK options below); a comma list "
+                        "(mfm,folk) runs each in turn (with --report-throughput: a cost comparison)")
     g.add_argument("--mask", choices=MASKS, default=None,
                    help="disc: MFM's low/high-pass discs (and --bands rings); adaptive: FOLK's per-image Com / RCom "
                         "masks from the image's own spectrum (default: disc for --method mfm, adaptive for folk)")
@@ -316,6 +317,8 @@ def _flag(name: str) -> str:
 
 def resolve_method_args(args: argparse.Namespace) -> None:
     """Check --method / --mask / FOLK values in place; raises ArgError naming the flag."""
+    if args.method not in METHODS:
+        raise ArgError(f"--method: expected mfm, folk or a comma list of them, got {args.method!r}")
     if args.mask is None:
         args.mask = "adaptive" if args.method == "folk" else "disc"
     if args.method == "folk" and args.task != "mfm":
@@ -708,8 +711,9 @@ def make_distiller(net: nn.Module, args, sched: dict, batches_per_epoch: int) ->
 def train(args) -> dict:
     """Pre-train as `args` (from get_args_parser) say; returns the run's statistics (see the end)."""
     args = resolve_args(args)
-    if "," in args.pipeline:
-        raise ArgError("--pipeline: train() runs one pipeline; main() runs a comma list in turn")
+    if "," in args.pipeline or "," in str(args.method):
+        raise ArgError(f"--{'pipeline' if ',' in args.pipeline else 'method'}: train() runs one; main() runs a comma "
+                       "list in turn")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed(args)
@@ -1014,6 +1018,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
             save_checkpoint(net.encoder.state_dict(), out_dir / "encoder.pth")  # plain timm weights
     picture()
     fingerprints = gather(fingerprint(net), world)
+    teacher_fingerprints = gather(fingerprint(distiller.teacher.module), world) if folk else None
 
     timed_steps = step - timed_from[1] if timed_from else 0
     seconds = t_end - timed_from[0] if timed_from else float("nan")
@@ -1028,7 +1033,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
         "step_ms": 1e3 * seconds / timed_steps if timed_steps else float("nan"),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "final_loss": history[-1]["loss"] if history else None, "skipped": int(skipped.item()),
-        "history": history, "rank_fingerprints": fingerprints,
+        "history": history, "rank_fingerprints": fingerprints, "teacher_fingerprints": teacher_fingerprints,
         "checkpoint": str(ckpt_path) if not args.no_checkpoint else None,
     }
     log({"event": "end", **{k: v for k, v in result.items() if k != "history"}})
@@ -1038,16 +1043,19 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
 
 
 def main(argv=None) -> dict:
-    """CLI entry: parses argv, runs train() (once per --pipeline entry), returns the last run's statistics."""
+    """CLI entry: parses argv, runs train() once per (--method, --pipeline) entry, returns the last run's statistics."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        pipelines = resolve_args(args).pipeline.split(",")
+        methods = [m.strip() for m in str(args.method).split(",") if m.strip()] or [""]
+        runs = [(m, p) for m in methods
+                for p in resolve_args(argparse.Namespace(**{**vars(args), "method": m})).pipeline.split(",")]
         results = []
-        for name in pipelines:
-            run_args = argparse.Namespace(**{**vars(args), "pipeline": name})
-            if len(pipelines) > 1:
-                run_args.output_dir = str(Path(args.output_dir) / name)
+        for method, pipeline in runs:
+            run_args = argparse.Namespace(**{**vars(args), "method": method, "pipeline": pipeline})
+            parts = ([method] if len(methods) > 1 else []) + ([pipeline] if len(runs) > len(methods) else [])
+            if parts:
+                run_args.output_dir = str(Path(args.output_dir, *parts))
             results.append(train(run_args))
     except ArgError as exc:
         parser.error(str(exc))
@@ -1057,8 +1065,8 @@ def main(argv=None) -> dict:
     if args.report_throughput and int(os.environ.get("RANK", "0")) == 0:
         base = results[0]["images_per_s"]
         for r in results:
-            keys = ("pipeline", "method", "views_per_image", "model", "device", "world_size", "total_batch", "img_size", "amp", "compile",
-                    "timed_steps", "images_per_s", "step_ms", "peak_mem_gb", "final_loss")
+            keys = ("pipeline", "method", "views_per_image", "model", "device", "world_size", "total_batch", "img_size",
+                    "amp", "compile", "timed_steps", "images_per_s", "step_ms", "peak_mem_gb", "final_loss")
             print(json.dumps({**{k: r[k] for k in keys}, "speedup_vs_first": r["images_per_s"] / base}))
     return results[-1]
 

@@ -28,3 +28,11 @@ def masks_for(shape, r1=None):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def restore_threads():
+    """Put torch's CPU thread count back after a test that changes it (pretrain --threads)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

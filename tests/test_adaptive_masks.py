@@ -235,6 +235,7 @@ def test_views_cli_names_bad_flags(capsys, argv, flag):
     assert exc.value.code == 2 and f"error: {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_reference_without_host_sync():
     x = torch.cat([photo(64), (torch.rand(7, 3, 64, 64) * 255).byte()]).cuda()

@@ -18,11 +18,7 @@ BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-s
         "--dino-out-dim", "64", "--dino-hidden-dim", "64", "--dino-bottleneck-dim", "32"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # the runs call torch.set_num_threads
 
 
 def run(out_dir, *extra):
@@ -193,6 +189,7 @@ def test_teacher_parameters_are_not_trained():
     (["--student-temp", "0"], "--student-temp"),
     (["--momentum-teacher", "1.5"], "--momentum-teacher"),
     (["--dino-out-dim", "0"], "--dino-out-dim"),
+    (["--method", "mfm,dino"], "--method"),
     (["--mask-patch-factor", "2"], "--mask"),
 ])
 def test_bad_folk_arguments_name_the_flag(tmp_path, capsys, extra, flag):
@@ -236,3 +233,34 @@ def test_bad_mask_options_name_the_flag(tmp_path, capsys, extra, flag):
         pretrain.main(mfm + ["--output-dir", str(tmp_path), "--steps", "1"] + extra)
     assert exc.value.code == 2
     assert f"error: {flag}" in capsys.readouterr().err
+
+
+def test_folk_ddp_two_processes_keep_student_and_teacher_identical(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mfm_fast.pretrain"] + BASE + ["--steps", "3", "--log-every", "1", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    end = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["world_size"] == 2
+    assert end["rank_fingerprints"][0] == end["rank_fingerprints"][1]
+    assert end["teacher_fingerprints"][0] == end["teacher_fingerprints"][1]  # the centre is all-reduced too
+
+
+def test_throughput_report_compares_mfm_and_folk(tmp_path, capsys):
+    import json
+
+    mfm = [a for a in BASE if a not in ("--method", "folk")]
+    stats = pretrain.main(mfm + ["--output-dir", str(tmp_path), "--method", "mfm,folk", "--synthetic", "--steps", "3",
+                                 "--timing-warmup", "1", "--report-throughput", "--no-checkpoint"])
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    assert [(r["method"], r["views_per_image"]) for r in lines] == [("mfm", 1), ("folk", 2)]
+    assert all(r["images_per_s"] > 0 and r["timed_steps"] == 2 for r in lines)
+    assert stats["method"] == "folk"
+    assert (tmp_path / "mfm" / "log.jsonl").exists() and (tmp_path / "folk" / "log.jsonl").exists()

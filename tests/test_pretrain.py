@@ -23,11 +23,7 @@ BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-s
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # the runs call torch.set_num_threads
 
 
 def run(out_dir, *extra):
