@@ -264,3 +264,17 @@ def test_throughput_report_compares_mfm_and_folk(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 and r["timed_steps"] == 2 for r in lines)
     assert stats["method"] == "folk"
     assert (tmp_path / "mfm" / "log.jsonl").exists() and (tmp_path / "folk" / "log.jsonl").exists()
+
+
+def test_folk_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, str(repo / "examples" / "folk_minimal.py"), "--model", "test_vit",
+                           "--img-size", "32", "--steps", "3", "--batch-size", "4", "--out-dim", "256"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3 loss" in proc.stdout and "distill" in proc.stdout
