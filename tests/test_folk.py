@@ -278,3 +278,14 @@ def test_folk_example_runs():
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 loss" in proc.stdout and "distill" in proc.stdout
+
+
+def test_folk_resume_continues_like_an_uninterrupted_run(tmp_path):
+    common = ["--steps", 4, "--log-every", 1, "--lr", 1e-3, "--warmup-steps", 1, "--momentum-teacher", 0.9]
+    whole = run(tmp_path / "whole", *common)
+    run(tmp_path / "parts", *common, "--stop-at", 2)
+    resumed = run(tmp_path / "parts", *common, "--resume", "auto")
+    assert resumed["start_step"] == 2
+    for key in ("loss", "loss_rec", "loss_distill"):
+        assert [r[key] for r in resumed["history"]] == [r[key] for r in whole["history"][2:]], key
+    assert resumed["teacher_fingerprints"] == whole["teacher_fingerprints"]
