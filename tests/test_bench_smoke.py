@@ -148,3 +148,19 @@ def test_e2e_step_runs_on_cpu_with_tiny_models(tmp_path, capsys):
     for rec in data["samples"]:
         assert rec["median_ms"] > 0 and rec["images_per_s"] > 0 and 0 < rec["mfm_ms"]
     assert data["samples"][1]["backends"]["corrupt"] in ("torch", "triton", "cuda")
+
+
+def test_folk_ops_bench_checks_and_prints_every_work(capsys, tmp_path):
+    folk = load("folk_ops")
+    assert folk.main(["--device", "cpu", "--batch", "2", "--size", "16", "--reps", "2", "--warmup", "1", "--check",
+                      "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for work in ("masks", "folk_corrupt", "mp_loss", "loss"):
+        for provider in ("copy", "reference", "torch"):
+            assert any(line.split()[:2] == [work, provider] for line in out.splitlines()), (work, provider)
+    checks = {line.split(":")[0].strip(): float(line.split(":")[1]) for line in out.splitlines()
+              if line.strip().startswith("check ")}
+    assert checks["check masks (fraction differing)"] < 0.01 and checks["check mp_loss grad"] < 1e-4
+    payload = json.loads(next(tmp_path.glob("folk_ops-*.json")).read_text())
+    assert {r["work"] for r in payload["samples"]} == {"masks", "folk_corrupt", "mp_loss", "loss"}
+    assert folk.main(["--device", "cpu", "--providers", "numpy"]) == 2
