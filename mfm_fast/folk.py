@@ -107,7 +107,9 @@ class DINOLoss(nn.Module):
     forward(student_logits (2B, K), teacher_logits (2B, K), teacher_temp) -> scalar, with both inputs laid
     out as [view u of the B images; view v]: 0.5 * (H(t_u, s_v) + H(t_v, s_u)), H(t, s) = mean over images of
     -sum_k t_k log s_k, t = softmax((teacher - center) / teacher_temp), s = softmax(student / student_temp).
-    Computed in float32. In training mode the centre then moves to
+    Computed in float32. ``last_kl`` keeps (detached, on the device) the loss minus the teacher's mean entropy,
+    i.e. 0.5 (KL(t_u || s_v) + KL(t_v || s_u)): the part the student can still remove (the entropy part rises
+    while the centre flattens the teacher). In training mode the centre then moves to
     center_momentum * center + (1 - center_momentum) * mean(teacher logits) (averaged over every process
     under torch.distributed), on the device: no host sync."""
 
@@ -122,8 +124,10 @@ class DINOLoss(nn.Module):
                              f"{tuple(teacher.shape)}")
         teacher = teacher.detach().float()
         log_s = F.log_softmax(student.float() / self.student_temp, dim=-1).chunk(2)
-        t = F.softmax((teacher - self.center) / teacher_temp, dim=-1).chunk(2)
+        log_t = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)
+        t = log_t.exp().chunk(2)
         loss = 0.5 * (-(t[0] * log_s[1]).sum(-1).mean() - (t[1] * log_s[0]).sum(-1).mean())
+        self.last_kl = (loss + (log_t.exp() * log_t).sum(-1).mean()).detach()
         if self.training:
             self.update_center(teacher)
         return loss
@@ -168,7 +172,8 @@ class SelfDistillation(nn.Module):
         return self.teacher.module(x)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, step: int) -> torch.Tensor:
-        """The DINO loss of :class:`DINOLoss` at this step's teacher temperature (updates the centre)."""
+        """The DINO loss of :class:`DINOLoss` at this step's teacher temperature (updates the centre; its KL part
+        is then in ``self.loss.last_kl``)."""
         warm, temp, warm_steps = self.temps
         return self.loss(student_logits, teacher_logits, teacher_temperature(step, warm_steps, warm, temp))
 

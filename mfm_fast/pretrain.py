@@ -906,7 +906,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     # on-device running sums, read only at log steps (the loop's only host syncs)
     zero = torch.zeros((), device=device)
     loss_sum, good_steps, skipped, first_bad = zero.clone(), zero.clone(), zero.clone(), zero - 1
-    parts_sum = zero.new_zeros(2)  # --method folk: reconstruction and distillation losses
+    parts_sum = zero.new_zeros(3)  # --method folk: reconstruction and distillation losses, the latter's KL part
 
     def check_finite_so_far() -> None:
         bad = int(first_bad.item())
@@ -931,7 +931,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     model.train()
     while step < end_step:
         # forward + backward over accum_iter micro-batches
-        step_loss, part_sum_step = zero.clone(), parts_sum.new_zeros(2)
+        step_loss, part_sum_step = zero.clone(), parts_sum.new_zeros(3)
         for micro in range(args.accum_iter):
             x = next(stream)
             if args.overfit_batch:
@@ -954,7 +954,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
                         teacher_logits = distiller.teacher_logits(
                             clean.contiguous(memory_format=torch.channels_last) if args.channels_last else clean)
                     distill = distiller(out[1], teacher_logits, step)
-                    part_sum_step += torch.stack([loss.detach(), distill.detach()]) / args.accum_iter
+                    parts = torch.stack([loss.detach(), distill.detach(), distiller.loss.last_kl])
+                    part_sum_step += parts / args.accum_iter
                     loss = args.rec_weight * loss + args.distill_weight * distill
                 scaler.scale(loss / args.accum_iter).backward()
             step_loss += loss.detach() / args.accum_iter
@@ -983,7 +984,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
             if world > 1:
                 dist.all_reduce(stats)
                 stats[3] /= world
-            loss_total, n_good, n_skipped, gnorm, rec_total, distill_total = stats.tolist()  # host sync
+            loss_total, n_good, n_skipped, gnorm, rec_total, distill_total, kl_total = stats.tolist()  # host sync
             check_finite_so_far()
             now = time.perf_counter()
             ips = (step - steps_at_log) * total_batch / max(now - t_log, 1e-9)
@@ -991,6 +992,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
                       "grad_norm": gnorm, "images_per_s": ips, "skipped": int(n_skipped), "time": time.time()}
             if folk:
                 record.update(loss_rec=rec_total / max(n_good, 1), loss_distill=distill_total / max(n_good, 1),
+                              distill_kl=kl_total / max(n_good, 1),
                               teacher_momentum=teacher_momentum(step - 1, sched["total"], args.momentum_teacher))
             history.append(record)
             log(record)

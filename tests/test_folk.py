@@ -116,13 +116,19 @@ def test_two_views_are_seeded_and_differ():
 
 # ---- pretrain --method folk ------------------------------------------------------------------------------
 
-def test_folk_run_is_finite_and_reconstruction_improves(tmp_path):
-    stats = run(tmp_path, "--steps", 30, "--log-every", 1, "--overfit-batch", "--lr", 1e-3, "--warmup-steps", 0)
+def test_folk_run_is_finite_and_both_losses_improve(tmp_path):
+    # DINO defaults (centring on). On a fixed batch the reconstruction falls, and so does the part of the
+    # distillation loss the student can remove, KL(teacher || student): the cross-entropy itself rises at
+    # first because the centre flattens the teacher (its entropy grows; DINO's guard against collapse).
+    stats = run(tmp_path, "--steps", 60, "--log-every", 1, "--overfit-batch", "--lr", 1e-3, "--warmup-steps", 0)
     assert stats["method"] == "folk" and stats["views_per_image"] == 2
-    for key in ("loss", "loss_rec", "loss_distill"):
+    for key in ("loss", "loss_rec", "loss_distill", "distill_kl"):
         assert all(math.isfinite(r[key]) for r in stats["history"]), key
     rec_first, rec_last = first_last(stats, "loss_rec")
     assert rec_last < 0.8 * rec_first
+    kl_first, kl_last = first_last(stats, "distill_kl", k=5)
+    assert kl_last < 0.7 * kl_first
+    assert all(0 <= r["distill_kl"] <= r["loss_distill"] + 1e-6 for r in stats["history"])
     r = stats["history"][-1]
     assert r["loss"] == pytest.approx(r["loss_rec"] + r["loss_distill"], rel=1e-5)  # weights 1, 1
     ckpt = pretrain.load_checkpoint(tmp_path / "checkpoint.pth")
