@@ -553,6 +553,21 @@ class Corruptor:
         x01 = x.float() / 255
         return _official.normalize(degrade(x01, a, self.gen)), (x01 if self.official else x), None
 
+    def labels(self, low: torch.Tensor) -> Optional[list]:
+        """Picture row names for masks forced by ``low`` (bool (N,)); None: the picture's own low/high-pass guess."""
+        a = self.args
+        if a.task != "mfm":
+            return None
+        if self.adaptive:
+            names = {"com": ["Com"], "rcom": ["RCom"]}.get(a.adaptive_mode) or ["Com", "RCom"]
+            kinds = [names[0] if (len(names) == 1 or bool(b)) else names[1] for b in low.tolist()]
+            return [f"{k}, keep_ratio {a.keep_ratio:g}" for k in kinds]
+        pf = getattr(a, "mask_patch_factor", 1)
+        if getattr(a, "bands", None) is None and pf == 1 and a.r2 * a.r2 > (a.img_size / 2) ** 2 * 2:
+            return None  # MFM discs: low-pass keeps DC, high-pass removes it
+        where = f" ({pf}x{pf} patches)" if pf > 1 else ""
+        return [("rings removed" if bool(b) else "rings kept") + where for b in low.tolist()]
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.official:
             return _official.loss(pred, target, mask, self.args.loss_gamma)
@@ -588,7 +603,7 @@ def sample_images(args, num: int, seed: int = 0, data_path: Optional[str] = None
 @torch.no_grad()
 def render(net: nn.Module, corruptor: Corruptor, x: torch.Tensor, path, title: Optional[str] = None,
            amp_dtype: Optional[torch.dtype] = None):
-    """Corrupt x (masks alternate low / high-pass), reconstruct, write the PNG grid (mfm_fast.visualize)."""
+    """Corrupt x (masks alternate low / high-pass, or Com / RCom), reconstruct, write the PNG grid (mfm_fast.visualize)."""
     from .visualize import save_grid
     low = torch.arange(x.shape[0], device=x.device) % 2 == 0
     state = corruptor.gen.get_state()
@@ -599,7 +614,8 @@ def render(net: nn.Module, corruptor: Corruptor, x: torch.Tensor, path, title: O
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         pred = prediction(net(inp))
     net.train(was_training)
-    return save_grid(path, x, inp, pred.float(), mask, title=title)
+    return save_grid(path, x, inp, pred.float(), mask, title=title, row_labels=corruptor.labels(low),
+                     patch_factor=getattr(corruptor.args, "mask_patch_factor", 1))
 
 
 # ---- runtime helpers ----------------------------------------------------------------------------------

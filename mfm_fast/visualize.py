@@ -31,24 +31,29 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._common import IMAGENET_MEAN, IMAGENET_STD
+from ._common import IMAGENET_MEAN, IMAGENET_STD, from_blocks, to_blocks
 
 COLUMNS = ("original", "spectrum, removed shaded", "corrupted input", "raw prediction", "reconstruction",
            "input spectrum", "reconstruction spectrum")
 
 
-def log_spectrum(img: torch.Tensor) -> np.ndarray:
-    """(3, H, W) image -> (H, W) log(1 + |fftshift(fft2(mean over channels))|)."""
-    grey = img.detach().double().cpu().mean(0)
-    return torch.log1p(torch.fft.fftshift(torch.fft.fft2(grey)).abs()).numpy()
+def _spectrum(z: torch.Tensor, patch_factor: int = 1) -> torch.Tensor:
+    """fftshift(fft2(.)) of each pf x pf patch, laid out in its patch's place: (..., H, W) complex128."""
+    return from_blocks(torch.fft.fftshift(torch.fft.fft2(to_blocks(z.double(), patch_factor)), dim=(-2, -1)),
+                       patch_factor)
 
 
-def fill_removed(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """real(ifft2(ifftshift(F(target) m + F(pred) (1 - m)))), F = fftshift o fft2: (N, C, H, W), any space."""
-    spec = lambda z: torch.fft.fftshift(torch.fft.fft2(z.double()), dim=(-2, -1))  # noqa: E731
+def log_spectrum(img: torch.Tensor, patch_factor: int = 1) -> np.ndarray:
+    """(3, H, W) image -> (H, W) log(1 + |fftshift(fft2(mean over channels))|) (per patch with patch_factor)."""
+    return torch.log1p(_spectrum(img.detach().cpu().mean(0), patch_factor).abs()).numpy()
+
+
+def fill_removed(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_factor: int = 1) -> torch.Tensor:
+    """real(ifft2(ifftshift(F(target) m + F(pred) (1 - m)))), F = fftshift o fft2 (per patch with patch_factor,
+    the mask then one tile per patch): (N, C, H, W), any space."""
     m = mask.double()[:, None]
-    mixed = spec(target) * m + spec(pred) * (1 - m)
-    return torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real.float()
+    mixed = to_blocks(_spectrum(target, patch_factor) * m + _spectrum(pred, patch_factor) * (1 - m), patch_factor)
+    return from_blocks(torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real, patch_factor).float()
 
 
 def denormalize(z: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
@@ -60,13 +65,16 @@ def denormalize(z: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def save_grid(path, x: torch.Tensor, inp: torch.Tensor, pred: torch.Tensor, mask: Optional[torch.Tensor] = None,
-              title: Optional[str] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
+              title: Optional[str] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+              row_labels: Optional[Sequence[str]] = None, patch_factor: int = 1) -> Path:
     """Write the PNG grid; returns its path.
 
     Args:
         x: (N, 3, H, W) clean pixels in [0, 1] (or uint8).
         inp, pred: (N, 3, H, W) encoder input and prediction, in normalised space.
         mask: (N, H, W) fftshift-ed keep mask (1 = kept) or None (restoration tasks).
+        row_labels: N row names (default with a mask: "low-pass" when DC is kept, else "high-pass").
+        patch_factor: the masks are per-patch tiles of a pf x pf grid: spectra and the reconstruction are per patch.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -77,7 +85,7 @@ def save_grid(path, x: torch.Tensor, inp: torch.Tensor, pred: torch.Tensor, mask
     inp_px, pred_px = denormalize(inp.detach().cpu(), mean, std), denormalize(pred, mean, std)
     if mask is not None:
         m, s = (torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std))
-        rec_px = denormalize(fill_removed(pred, (x - m) / s, mask.detach().cpu()), mean, std)
+        rec_px = denormalize(fill_removed(pred, (x - m) / s, mask.detach().cpu(), patch_factor), mean, std)
         columns = COLUMNS
     else:
         rec_px, columns = pred_px, tuple(c for c in COLUMNS if c != "raw prediction")
@@ -85,11 +93,12 @@ def save_grid(path, x: torch.Tensor, inp: torch.Tensor, pred: torch.Tensor, mask
     fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.3 * n + (0.4 if title else 0)),
                              squeeze=False)
     for i in range(n):
-        spec = log_spectrum(x[i])
+        spec = log_spectrum(x[i], patch_factor)
         lo, hi = float(spec.min()), float(spec.max())
         panels = [(x[i], None), (spec, "spec"), (inp_px[i], None)] + \
             ([(pred_px[i], None)] if mask is not None else []) + \
-            [(rec_px[i], None), (log_spectrum(inp_px[i]), "spec"), (log_spectrum(rec_px[i]), "spec")]
+            [(rec_px[i], None), (log_spectrum(inp_px[i], patch_factor), "spec"),
+             (log_spectrum(rec_px[i], patch_factor), "spec")]
         for j, (im, kind) in enumerate(panels):
             ax = axes[i][j]
             if kind == "spec":
@@ -105,7 +114,9 @@ def save_grid(path, x: torch.Tensor, inp: torch.Tensor, pred: torch.Tensor, mask
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(columns[j], fontsize=8)
-        if mask is not None:
+        if row_labels is not None:
+            axes[i][0].set_ylabel(row_labels[i], fontsize=8)
+        elif mask is not None:
             kind = "low-pass" if float(mask[i][mask.shape[1] // 2, mask.shape[2] // 2]) == 1 else "high-pass"
             axes[i][0].set_ylabel(kind, fontsize=8)
     if title:

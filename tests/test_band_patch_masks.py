@@ -6,6 +6,7 @@ by slicing."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,3 +320,20 @@ def test_bad_low_shapes_with_patches():
         mfm_fast.FrequencyCorruption(r1=2, patch_factor=4)(torch.rand(2, 3, 12, 12))
     with pytest.raises(ValueError, match=r"^mask: expected shape"):  # per-patch tiles must come in image layout
         mfm_fast.corrupt(torch.rand(2, 3, 16, 16), torch.ones(2, 8, 8), patch_factor=2)
+
+
+def test_picture_reconstruction_is_per_patch_with_patch_masks():
+    from mfm_fast.visualize import fill_removed, log_spectrum
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    mask = mfm_fast.make_masks(2, 16, 16, r1=2, patch_factor=2, low=torch.tensor([True, False]))
+    got = fill_removed(pred, target, mask, patch_factor=2)
+    for py in range(2):
+        for px in range(2):
+            tile = (slice(None), slice(None), slice(8 * py, 8 * py + 8), slice(8 * px, 8 * px + 8))
+            alone = fill_removed(pred[tile], target[tile], mask[:, tile[2], tile[3]])
+            torch.testing.assert_close(got[tile], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fill_removed(pred, target, torch.ones(2, 16, 16), 2), target, rtol=1e-5, atol=1e-5)
+    spec = log_spectrum(target[0], 2)
+    np.testing.assert_allclose(spec[:8, 8:], log_spectrum(target[0, :, :8, 8:]), rtol=1e-12)
