@@ -250,3 +250,14 @@ def test_cuda_matches_reference_without_host_sync():
     ref = make_adaptive_masks(x.cpu(), "mixed", 0.01, com=com.cpu(), backend="reference")
     differ = fast.cpu() != ref
     assert not (differ & ~band(x.cpu(), 0.01, 2.0 ** -24 * 12)).any()
+
+
+def test_compiles_fullgraph_with_the_corruption():
+    x = torch.rand(4, 3, 32, 32)
+    com = torch.tensor([True, False, True, False])
+
+    def folk_input(x, com):
+        return mfm_fast.corrupt(x, mfm_fast.make_adaptive_masks(x, "mixed", 0.05, com=com))
+
+    compiled = torch.compile(folk_input, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, com), folk_input(x, com), rtol=0, atol=0)
