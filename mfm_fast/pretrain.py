@@ -917,7 +917,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
     def picture() -> None:
         if vis_x is not None:
             render(net, corruptor, vis_x, out_dir / "vis" / f"step_{step:07d}.png", amp_dtype=amp_dtype,
-                   title=f"{args.model}, task {args.task}, step {step}")
+                   title=f"{args.model}, {'method folk' if folk else 'task ' + args.task}, step {step}")
 
     # on-device running sums, read only at log steps (the loop's only host syncs)
     zero = torch.zeros((), device=device)

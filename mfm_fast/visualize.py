@@ -282,8 +282,8 @@ def main(argv=None) -> Path:
     net.load_state_dict(ckpt["model"])
     corruptor = pretrain.Corruptor(train_args, device, seed=args.seed)
     out = args.output or str(Path(args.checkpoint).resolve().parent / "vis" / (Path(args.checkpoint).stem + ".png"))
-    path = pretrain.render(net, corruptor, x, out, title=f"{train_args.model}, step {ckpt['step']}, "
-                                                         f"task {train_args.task}")
+    what = "method folk" if getattr(train_args, "method", "mfm") == "folk" else f"task {train_args.task}"
+    path = pretrain.render(net, corruptor, x, out, title=f"{train_args.model}, step {ckpt['step']}, {what}")
     print(f"wrote {path}")
     return path
 
