@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import __version__
-from .dispatch import AUTO_SKIPS, BACKENDS, backend_unavailable_reason
+from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, backend_unavailable_reason
 
 
 def _version(module: str) -> str:
@@ -41,6 +41,7 @@ def report() -> str:
                                if info.get(k) is not None))
     else:
         lines.append("cuda ext     no build record (mfm_fast/_build_info.json): not installed with `pip install -e .`")
+    lines.append("ops per backend: " + "; ".join(f"{name} {', '.join(sorted(IMPLEMENTED[name]))}" for name in BACKENDS))
     lines.append("backends (cpu tensors / cuda tensors):")
     for name in BACKENDS:
         for device_type in ("cpu", "cuda"):

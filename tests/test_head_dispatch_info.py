@@ -85,11 +85,12 @@ def test_info_module_runs():
     for name in mfm_fast.BACKENDS:
         assert name in out
     assert "reference  cpu   available" in out
+    assert "triton corrupt, masked_freq_loss;" in out  # adaptive_masks: reference and torch only
 
 
 def test_import_needs_no_gpu_and_exports_public_api():
     for name in ("MaskedFreqLoss", "masked_freq_loss", "corrupt", "FrequencyCorruption", "make_masks", "MFMHead",
-                 "available_backends", "set_value_checks"):
+                 "make_adaptive_masks", "available_backends", "set_value_checks"):
         assert hasattr(mfm_fast, name)
 
 
