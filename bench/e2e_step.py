@@ -120,12 +120,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return fft_mask.run_restoring_threads(run, parse_args(argv))
 
 
 def run(args):

@@ -503,13 +503,17 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_restoring_threads(run_fn, args):
+    """run_fn(args), then torch's CPU thread count back as the caller had it (a CPU run sets --threads)."""
     threads = torch.get_num_threads()
     try:
-        return run(args)
+        return run_fn(args)
     finally:
-        torch.set_num_threads(threads)  # run() may change it; leave the caller's process as it was
+        torch.set_num_threads(threads)
+
+
+def main(argv=None):
+    return run_restoring_threads(run, parse_args(argv))
 
 
 def choose_providers(spec, device):

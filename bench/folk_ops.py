@@ -90,7 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="compare torch with the fp64 reference first")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    args = p.parse_args(argv)
+    return fft_mask.run_restoring_threads(run, p.parse_args(argv))
+
+
+def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
         return 2
@@ -104,17 +107,8 @@ def main(argv=None) -> int:
     if size <= 0 or size % 2 or any(b <= 0 for b in batches) or not 0 < args.keep_ratio < 1:
         print("--size: even and positive; --batch: positive; --keep-ratio: in (0, 1)", file=sys.stderr)
         return 2
-    threads = torch.get_num_threads()
     if not gpu:
         torch.set_num_threads(max(1, args.threads))
-    try:
-        return _run(args, device, providers, batches, size)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(args, device, providers, batches, size) -> int:
-    gpu = device.type == "cuda"
     vers = fft_mask.versions()
     print(f"folk_ops bench | {fft_mask.device_name(device)} | torch {vers['torch']} | git {fft_mask.git_sha()} | "
           f"3x{size}x{size}, keep_ratio {args.keep_ratio:g}, fp32")

@@ -79,6 +79,19 @@ def _load_diff(p_base, t_base, ys, xs, h, w, sp_h, sp_w, st_h, st_w, mean, std,
 
 
 @triton.jit
+def _target_stats(stat_ptr, plane, C, PF, NORM: tl.constexpr):
+    """(mean, std) normalising the target of this plane's channel (stats laid out [mean x C, std x C]) when
+    NORM, else (0, 1)."""
+    mean = 0.0
+    std = 1.0
+    if NORM:
+        ch = (plane // (PF * PF)) % C
+        mean = tl.load(stat_ptr + ch)
+        std = tl.load(stat_ptr + C + ch)
+    return mean, std
+
+
+@triton.jit
 def _sym_weight(m_base, sm_h, sm_w, ky, kx, valid, h, w):
     """((1 - m(k)) + (1 - m(-k))) / 2 at k = (ky, kx), ky >= -h, read from the fftshift-ed mask; 0 where not valid."""
     r_pos = (ky + h + h // 2) % h
@@ -181,12 +194,7 @@ def _mfl_full_fwd_kernel(
             return
     p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
     t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
-    mean = 0.0
-    std = 1.0
-    if NORM:
-        ch = (plane // (PF * PF)) % C
-        mean = tl.load(stat_ptr + ch)
-        std = tl.load(stat_ptr + C + ch)
+    mean, std = _target_stats(stat_ptr, plane, C, PF, NORM)
 
     kx = kb * BKX + tl.arange(0, BKX)
     ky = tl.arange(0, HP)
@@ -310,12 +318,7 @@ def _mfl_band_kernel(
         return
     p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
     t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
-    mean = 0.0
-    std = 1.0
-    if NORM:
-        ch = (plane // (PF * PF)) % C
-        mean = tl.load(stat_ptr + ch)
-        std = tl.load(stat_ptr + C + ch)
+    mean, std = _target_stats(stat_ptr, plane, C, PF, NORM)
 
     j = tl.arange(0, RYP)  # band row j is frequency ky = j - (R - 1)
     kx = tl.arange(0, RXP)

@@ -125,9 +125,10 @@ class DINOLoss(nn.Module):
         teacher = teacher.detach().float()
         log_s = F.log_softmax(student.float() / self.student_temp, dim=-1).chunk(2)
         log_t = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)
-        t = log_t.exp().chunk(2)
+        p_t = log_t.exp()
+        t = p_t.chunk(2)
         loss = 0.5 * (-(t[0] * log_s[1]).sum(-1).mean() - (t[1] * log_s[0]).sum(-1).mean())
-        self.last_kl = (loss + (log_t.exp() * log_t).sum(-1).mean()).detach()
+        self.last_kl = (loss + (p_t * log_t).sum(-1).mean()).detach()  # + the mean teacher entropy
         if self.training:
             self.update_center(teacher)
         return loss

@@ -46,7 +46,7 @@ from .corruption import FrequencyCorruption, corrupt
 from .head import MFMHead
 from .loss import MaskedFreqLoss
 from .folk import SelfDistillation, teacher_momentum
-from .masks import make_masks
+from .masks import disc_band, make_masks
 
 PRESETS = {  # --preset: (timm model, p_low) of the released configs; the optimiser recipe is the same for all
     "vit_small": ("vit_small_patch16_224", 0.5),
@@ -233,33 +233,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of an argparse destination: warmup_steps -> --warmup-steps."""
+    return "--" + name.replace("_", "-")
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill preset-derived defaults and check every value; raises ArgError naming the flag."""
     args = argparse.Namespace(**vars(args))
     preset_model, preset_p_low = PRESETS[args.preset] if args.preset else (None, None)
     args.model = args.model or preset_model or "vit_small_patch16_224"
     positive = ("img_size", "batch_size", "accum_iter", "epochs", "samples_per_epoch", "log_every", "save_every",
-                "sr_factor")
+                "sr_factor", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_layers")
     for name in positive:
         if getattr(args, name) < 1:
-            raise ArgError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+            raise ArgError(f"{_flag(name)}: must be >= 1, got {getattr(args, name)}")
     for name in ("steps", "warmup_steps", "stop_at"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "warmup_steps" else 1):
-            raise ArgError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'warmup_steps' else 1}, got {v}")
+            raise ArgError(f"{_flag(name)}: must be >= {0 if name == 'warmup_steps' else 1}, got {v}")
     if args.threads is not None and args.threads < 1:
         raise ArgError(f"--threads: must be >= 1, got {args.threads}")
     for name in ("vis_every", "vis_num", "num_workers", "timing_warmup"):
         if getattr(args, name) < 0:
-            raise ArgError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+            raise ArgError(f"{_flag(name)}: must be >= 0, got {getattr(args, name)}")
     if args.img_size % 2:
         raise ArgError(f"--img-size: must be even (the spectrum's DC sits at S // 2), got {args.img_size}")
     if not 0 < args.min_crop_scale <= 1:
         raise ArgError(f"--min-crop-scale: must be in (0, 1], got {args.min_crop_scale}")
-    for name in ("blr", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path", "noise_sigma"):
+    nonneg = ("blr", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path", "noise_sigma", "radius_jitter",
+              "phase_weight", "rec_weight", "distill_weight", "warmup_teacher_temp_epochs", "freeze_last_layer",
+              "color_jitter")
+    for name in nonneg:
         v = getattr(args, name)
         if not math.isfinite(v) or v < 0:
-            raise ArgError(f"--{name.replace('_', '-')}: must be a finite value >= 0, got {v}")
+            raise ArgError(f"{_flag(name)}: must be a finite value >= 0, got {v}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ArgError(f"--lr: must be > 0, got {args.lr}")
     if not all(0 <= b < 1 for b in args.betas):
@@ -279,7 +287,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     from .dispatch import BACKENDS
     for name in ("corrupt_backend", "loss_backend"):
         if getattr(args, name) not in BACKENDS + ("auto",):
-            raise ArgError(f"--{name.replace('_', '-')}: expected auto or one of {', '.join(BACKENDS)}, "
+            raise ArgError(f"{_flag(name)}: expected auto or one of {', '.join(BACKENDS)}, "
                            f"got {getattr(args, name)!r}")
     if args.data_path is not None and args.synthetic:
         raise ArgError("--synthetic: cannot be combined with --data-path")
@@ -311,10 +319,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def resolve_method_args(args: argparse.Namespace) -> None:
     """Check --method / --mask / FOLK values in place; raises ArgError naming the flag."""
     if args.method not in METHODS:
@@ -325,7 +329,7 @@ def resolve_method_args(args: argparse.Namespace) -> None:
         raise ArgError(f"--method: folk reconstructs masked frequencies; it cannot be combined with --task {args.task}")
     if not 0 < args.keep_ratio < 1:
         raise ArgError(f"--keep-ratio: must be in (0, 1), got {args.keep_ratio}")
-    for name in ("p_com", "jitter_p", "grey_p"):
+    for name in ("p_com", "jitter_p", "grey_p", "center_momentum", "momentum_teacher"):
         if not 0 <= getattr(args, name) <= 1:
             raise ArgError(f"{_flag(name)}: must be in [0, 1], got {getattr(args, name)}")
     if args.bands is not None:
@@ -339,21 +343,9 @@ def resolve_method_args(args: argparse.Namespace) -> None:
                 raise ArgError(f"--bands: each ring needs 0 <= r1 < r2, got {text!r}")
             rings.append((r1, r2))
         args.bands = rings
-    nonneg = ("radius_jitter", "phase_weight", "rec_weight", "distill_weight", "warmup_teacher_temp_epochs",
-              "freeze_last_layer", "color_jitter")
-    for name in nonneg:
-        v = getattr(args, name)
-        if not math.isfinite(v) or v < 0:
-            raise ArgError(f"{_flag(name)}: must be a finite value >= 0, got {v}")
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         if not getattr(args, name) > 0:
             raise ArgError(f"{_flag(name)}: must be > 0, got {getattr(args, name)}")
-    for name in ("center_momentum", "momentum_teacher"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise ArgError(f"{_flag(name)}: must be in [0, 1], got {getattr(args, name)}")
-    for name in ("dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_layers"):
-        if getattr(args, name) < 1:
-            raise ArgError(f"{_flag(name)}: must be >= 1, got {getattr(args, name)}")
     if args.mask == "adaptive" and (args.bands is not None or args.radius_jitter or args.mask_patch_factor > 1):
         raise ArgError("--mask: adaptive masks take no --bands / --radius-jitter / --mask-patch-factor (disc only)")
     if args.mask == "adaptive" and args.task != "mfm":
@@ -517,18 +509,19 @@ class Corruptor:
         self.args, self.device = args, device
         self.gen = torch.Generator(device).manual_seed(seed)
         self.official = args.pipeline == "official"
-        mask_kind = getattr(args, "mask", "disc")
-        self.adaptive = mask_kind == "adaptive"
-        pf, bands = getattr(args, "mask_patch_factor", 1), getattr(args, "bands", None)  # (older checkpoints lack them)
-        radii = {"bands": bands} if bands is not None else {"r1": args.r1, "r2": args.r2}
+        self.adaptive = getattr(args, "mask", "disc") == "adaptive"  # (older checkpoints lack the new options)
+        # adaptive masks have reference and torch backends only; "auto" picks torch for the others
+        self.mask_backend = args.corrupt_backend if args.corrupt_backend in ("reference", "torch") else "auto"
+        self.pf, self.bands = getattr(args, "mask_patch_factor", 1), getattr(args, "bands", None)
+        radii = {"bands": self.bands} if self.bands is not None else {"r1": args.r1, "r2": args.r2}
         self.corruption = FrequencyCorruption(p_low=args.p_low if args.p_low is not None else 0.5,
-                                              radius_jitter=getattr(args, "radius_jitter", 0.0), patch_factor=pf,
-                                              backend=args.corrupt_backend, **radii)
+                                              radius_jitter=getattr(args, "radius_jitter", 0.0),
+                                              patch_factor=self.pf, backend=args.corrupt_backend, **radii)
         mfm = args.task == "mfm"
         distance = getattr(args, "distance", "complex")
         loss_options = {"distance": distance, "phase_weight": args.phase_weight} if distance != "complex" else {}
         self.criterion = MaskedFreqLoss(loss_gamma=args.loss_gamma, reduction="masked" if mfm else "mean",
-                                        normalize_target=True, backend=args.loss_backend, patch_factor=pf,
+                                        normalize_target=True, backend=args.loss_backend, patch_factor=self.pf,
                                         **loss_options)
 
     def __call__(self, x: torch.Tensor, low: Optional[torch.Tensor] = None):
@@ -538,10 +531,9 @@ class Corruptor:
         if a.task == "mfm":
             n, _, h, w = x.shape
             if self.adaptive:
-                mask_backend = a.corrupt_backend if a.corrupt_backend in ("reference", "torch") else "auto"
                 com = low if a.adaptive_mode == "mixed" else None  # com / rcom modes fix the choice
                 mask = make_adaptive_masks(x, a.adaptive_mode, a.keep_ratio, p_com=a.p_com, com=com,
-                                           generator=self.gen, backend=mask_backend)
+                                           generator=self.gen, backend=self.mask_backend)
                 return corrupt(x, mask, backend=a.corrupt_backend), x, mask
             if not self.official:
                 inp, mask = self.corruption(x, low=low, generator=self.gen)
@@ -562,10 +554,9 @@ class Corruptor:
             names = {"com": ["Com"], "rcom": ["RCom"]}.get(a.adaptive_mode) or ["Com", "RCom"]
             kinds = [names[0] if (len(names) == 1 or bool(b)) else names[1] for b in low.tolist()]
             return [f"{k}, keep_ratio {a.keep_ratio:g}" for k in kinds]
-        pf = getattr(a, "mask_patch_factor", 1)
-        if getattr(a, "bands", None) is None and pf == 1 and a.r2 * a.r2 > (a.img_size / 2) ** 2 * 2:
-            return None  # MFM discs: low-pass keeps DC, high-pass removes it
-        where = f" ({pf}x{pf} patches)" if pf > 1 else ""
+        if self.bands is None and self.pf == 1 and disc_band(a.img_size, a.img_size, a.r1, a.r2) is not None:
+            return None  # MFM discs (the ring reaches the corners): low-pass keeps DC, high-pass removes it
+        where = f" ({self.pf}x{self.pf} patches)" if self.pf > 1 else ""
         return [("rings removed" if bool(b) else "rings kept") + where for b in low.tolist()]
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -615,7 +606,7 @@ def render(net: nn.Module, corruptor: Corruptor, x: torch.Tensor, path, title: O
         pred = prediction(net(inp))
     net.train(was_training)
     return save_grid(path, x, inp, pred.float(), mask, title=title, row_labels=corruptor.labels(low),
-                     patch_factor=getattr(corruptor.args, "mask_patch_factor", 1))
+                     patch_factor=corruptor.pf)
 
 
 # ---- runtime helpers ----------------------------------------------------------------------------------

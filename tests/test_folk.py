@@ -3,16 +3,23 @@
 Runs on the CPU with timm's test_vit at 32 px, a small projection head and a handful of steps.
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
-from mfm_fast import data as D, linprobe, pretrain, visualize
+from mfm_fast import MFMHead, data as D, linprobe, pretrain, visualize
 from mfm_fast.folk import DINOHead, DINOLoss, FOLKModel, teacher_momentum, teacher_temperature
 
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "8", "--num-workers", "0",
         "--vis-num", "0", "--no-progress", "--threads", "1", "--method", "folk",
         "--dino-out-dim", "64", "--dino-hidden-dim", "64", "--dino-bottleneck-dim", "32"]
@@ -88,9 +95,6 @@ def test_schedules_follow_dino():
 
 
 def test_folk_model_feeds_both_heads_from_one_encoder_pass():
-    import timm
-
-    from mfm_fast import MFMHead
     encoder = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32)
     net = FOLKModel(encoder, MFMHead.for_timm_model(encoder), DINOHead(encoder.num_features, 32, 16, 8))
     pred, logits = net(torch.randn(2, 3, 32, 32))
@@ -242,16 +246,9 @@ def test_bad_mask_options_name_the_flag(tmp_path, capsys, extra, flag):
 
 
 def test_folk_ddp_two_processes_keep_student_and_teacher_identical(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mfm_fast.pretrain"] + BASE + ["--steps", "3", "--log-every", "1", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     end = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
     assert end["event"] == "end" and end["world_size"] == 2
@@ -260,8 +257,6 @@ def test_folk_ddp_two_processes_keep_student_and_teacher_identical(tmp_path):
 
 
 def test_throughput_report_compares_mfm_and_folk(tmp_path, capsys):
-    import json
-
     mfm = [a for a in BASE if a not in ("--method", "folk")]
     stats = pretrain.main(mfm + ["--output-dir", str(tmp_path), "--method", "mfm,folk", "--synthetic", "--steps", "3",
                                  "--timing-warmup", "1", "--report-throughput", "--no-checkpoint"])
@@ -273,15 +268,9 @@ def test_throughput_report_compares_mfm_and_folk(tmp_path, capsys):
 
 
 def test_folk_example_runs():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    proc = subprocess.run([sys.executable, str(repo / "examples" / "folk_minimal.py"), "--model", "test_vit",
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "folk_minimal.py"), "--model", "test_vit",
                            "--img-size", "32", "--steps", "3", "--batch-size", "4", "--out-dim", "256"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 loss" in proc.stdout and "distill" in proc.stdout
 

@@ -28,8 +28,9 @@ from typing import Optional
 
 import torch
 
-from .._common import channel_view, compute_dtype, from_blocks, to_blocks, to_unit_float
+from .._common import compute_dtype, from_blocks, to_blocks
 from ._halfspec import column_weights, full_from_half, symmetric_half
+from .masked_freq_loss import focal_weights, pow_half_gamma, reduction_scale, target_in
 
 EPS = 1e-12
 
@@ -39,10 +40,7 @@ def _half_distance(pred, target, loss_gamma, phase_weight, with_matrix, alpha, l
     """d, times the (detached) focal matrix when with_matrix: (n, C, P, h, w//2 + 1) on the unshifted half grid
     (n = 1 for ave_spectrum, else N), in the compute dtype."""
     cdt = compute_dtype(pred)
-    p = pred.to(cdt)
-    t = to_unit_float(target, cdt)
-    if target_mean is not None:
-        t = (t - channel_view(target_mean, t)) / channel_view(target_std, t)
+    p, t = pred.to(cdt), target_in(target, cdt, target_mean, target_std)
     SD = torch.fft.rfft2(to_blocks(torch.stack((p + t, p - t)), patch_factor), norm="ortho")  # (2, N, C, P, h, w')
     if ave_spectrum:
         SD = SD.mean(dim=1, keepdim=True)
@@ -55,14 +53,9 @@ def _half_distance(pred, target, loss_gamma, phase_weight, with_matrix, alpha, l
     q = amp.square()
     if phase_weight != 0.0:
         q = q + phase_weight * (power + 2 * EPS - q).clamp_min(0.0)
-    d = (q + EPS).sqrt() if loss_gamma == 1.0 else (q + EPS) ** (loss_gamma / 2)
+    d = pow_half_gamma(q + EPS, loss_gamma)
     if with_matrix:
-        focal = power.detach().sqrt() ** alpha
-        if log_matrix:
-            focal = torch.log(focal + 1.0)
-        focal = focal / (focal.amax() if batch_matrix else focal.amax(dim=(-2, -1), keepdim=True))
-        focal = torch.where(torch.isnan(focal), torch.zeros_like(focal), focal).clamp(0.0, 1.0)
-        d = focal * d
+        d = focal_weights(power, alpha, log_matrix, batch_matrix) * d
     return d
 
 
@@ -89,9 +82,4 @@ def magnitude_phase_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optiona
     if mask is not None:
         d = symmetric_half(to_blocks(1.0 - mask.to(d.dtype), patch_factor))[:, None] * d  # (N, C, P, h, w')
     total = (d * column_weights(width // patch_factor, d)).sum()
-    if reduction == "masked":
-        return total * (loss_weight / (channels * (1.0 - mask.to(d.dtype)).sum()).clamp_min(1e-30))
-    if reduction == "mean":
-        map_images = n if (mask is not None or not ave_spectrum) else 1
-        return total * (loss_weight / (map_images * channels * height * width))
-    return total * loss_weight
+    return total * reduction_scale(reduction, mask, n, channels, height, width, ave_spectrum, loss_weight, d.dtype)

@@ -25,32 +25,53 @@ from ._halfspec import column_weights, full_from_half, symmetric_half
 EPS = 1e-12
 
 
+def target_in(target: torch.Tensor, dtype: torch.dtype, target_mean, target_std) -> torch.Tensor:
+    """target as `dtype` (uint8 / 255), normalised as (t - mean) / std per channel when target_mean is given."""
+    t = to_unit_float(target, dtype)
+    if target_mean is not None:
+        t = (t - channel_view(target_mean, t)) / channel_view(target_std, t)
+    return t
+
+
+def focal_weights(power: torch.Tensor, alpha: float, log_matrix: bool, batch_matrix: bool) -> torch.Tensor:
+    """Focal matrix from |D|^2: a = |D|^alpha (log(1 + a) if log_matrix) / its max per (image, patch,
+    channel) (or over the batch), NaN -> 0, clamped to [0, 1], detached."""
+    focal = power.detach().sqrt() ** alpha
+    if log_matrix:
+        focal = torch.log(focal + 1.0)
+    focal = focal / (focal.amax() if batch_matrix else focal.amax(dim=(-2, -1), keepdim=True))
+    return torch.where(torch.isnan(focal), torch.zeros_like(focal), focal).clamp_(0.0, 1.0)
+
+
+def reduction_scale(reduction: str, mask: Optional[torch.Tensor], n_images: int, channels: int, height: int,
+                    width: int, ave_spectrum: bool, loss_weight: float, dtype: torch.dtype):
+    """The factor turning the weighted sum into the reduction: masked 1 / (C sum(1 - mask)) (a tensor: no host
+    sync), mean 1 / (entries of the map), sum 1; times loss_weight."""
+    if reduction == "masked":
+        return loss_weight / (channels * (1.0 - mask.to(dtype)).sum()).clamp_min(1e-30)
+    if reduction == "mean":
+        map_images = n_images if (mask is not None or not ave_spectrum) else 1
+        return loss_weight / (map_images * channels * height * width)
+    return loss_weight
+
+
 def _spectral_terms(pred, target, mask, patch_factor, ave_spectrum, target_mean, target_std,
                     with_matrix, alpha, log_matrix, batch_matrix):
     """D (n, C, P, h, w//2+1) complex, s^2, the focal matrix or None, the symmetrised weight or None."""
     cdt = compute_dtype(pred)
-    t = to_unit_float(target, cdt)
-    if target_mean is not None:
-        t = (t - channel_view(target_mean, t)) / channel_view(target_std, t)
-    diff = to_blocks(pred.to(cdt) - t, patch_factor)
+    diff = to_blocks(pred.to(cdt) - target_in(target, cdt, target_mean, target_std), patch_factor)
     if ave_spectrum:
         diff = diff.mean(dim=0, keepdim=True)
     D = torch.fft.rfft2(diff, norm="ortho")
     power = D.real.square() + D.imag.square()
-    focal = None
-    if with_matrix:
-        focal = power.sqrt() ** alpha
-        if log_matrix:
-            focal = torch.log(focal + 1.0)
-        focal = focal / (focal.amax() if batch_matrix else focal.amax(dim=(-2, -1), keepdim=True))
-        focal = torch.where(torch.isnan(focal), torch.zeros_like(focal), focal).clamp_(0.0, 1.0)
+    focal = focal_weights(power, alpha, log_matrix, batch_matrix) if with_matrix else None
     weight = None
     if mask is not None:
         weight = symmetric_half(to_blocks(1.0 - mask.to(cdt), patch_factor))[:, None]  # (N, 1, P, h, w//2+1)
     return D, power + EPS, focal, weight
 
 
-def _pow_half_gamma(s2: torch.Tensor, gamma: float) -> torch.Tensor:
+def pow_half_gamma(s2: torch.Tensor, gamma: float) -> torch.Tensor:
     """s^gamma = (s^2)^(gamma / 2)."""
     return s2.sqrt() if gamma == 1.0 else s2 ** (gamma / 2)
 
@@ -83,14 +104,8 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         coef = focal
     if weight is not None:
         coef = weight * coef
-    if reduction == "masked":
-        scale = loss_weight / (channels * (1.0 - mask.to(s2.dtype)).sum()).clamp_min(1e-30)
-    elif reduction == "mean":
-        map_images = n if (mask is not None or not ave_spectrum) else 1
-        scale = loss_weight / (map_images * channels * height * width)
-    else:
-        scale = loss_weight
-    d = _pow_half_gamma(s2, loss_gamma)
+    scale = reduction_scale(reduction, mask, n, channels, height, width, ave_spectrum, loss_weight, s2.dtype)
+    d = pow_half_gamma(s2, loss_gamma)
     loss = ((coef * d) * column_weights(width // patch_factor, d)).sum() * scale
     if not need_grad:
         return loss, pred.new_empty(0)
@@ -145,7 +160,7 @@ def masked_freq_loss_map(pred: torch.Tensor, target: torch.Tensor, mask: Optiona
     width = pred.shape[-1]
     D, s2, focal, _ = _spectral_terms(pred, target, None, patch_factor, ave_spectrum, target_mean, target_std,
                                       with_matrix, alpha, log_matrix, batch_matrix)
-    d = _pow_half_gamma(s2, loss_gamma)
+    d = pow_half_gamma(s2, loss_gamma)
     if focal is not None:
         d = focal * d
     out = from_blocks(full_from_half(d, width // patch_factor), patch_factor)
