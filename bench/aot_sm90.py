@@ -1,0 +1,102 @@
+"""Compile the Triton loss kernels for a GPU without one: shared memory, MMA counts, 3xTF32 structure.
+
+    python bench/aot_sm90.py [--size 224] [--precision tf32x3] [--arch 90] [--dump DIR]
+
+Runs triton.compile on the kernels of kernels/masked_freq_loss.py with the launcher's block sizes
+(``_config``) for CUDA compute capability ``--arch`` (Hopper: 90), so a CPU-only machine can see
+whether a change still fits shared memory and what Triton made of the GEMMs. For each kernel it prints
+the shared memory, the tensor-core instructions in the PTX and, in the TTGIR, how many dots start from
+a zero accumulator: with precision tf32x3 every group of three tf32 products must (a third of all
+dots), so that the MMA's round-toward-zero never sees the running sum (see tests/tensor_core_emulation.py).
+TRITON_INTERPRET must be unset (the script unsets it before importing triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import masked_freq_loss as mfl  # noqa: E402
+from kernels._dft import next_pow2  # noqa: E402
+
+DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#]+)")
+ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
+
+
+def kernel_specs(size: int, precision: str, band: int = 16) -> dict:
+    """name -> (jit function, constexprs, num_warps) as kernels/masked_freq_loss._forward launches them."""
+    cfg = mfl._config(size, size)
+    common = dict(NORM=True, T_U8=False, NEED_GRAD=True, GAMMA_MODE=0, PREC=precision)
+    shape = dict(HP=cfg["HP"], KXP=cfg["KXP"], WP=cfg["WP"])
+    return {
+        "full_fwd": (mfl._mfl_full_fwd_kernel, dict(**shape, BKX=cfg["BKX"], BY=cfg["BY"], BW=cfg["BW"],
+                                                    BKC=cfg["BKC"], HAS_MASK=True, BAND=True, **common),
+                     cfg["fwd_warps"]),
+        "full_inv": (mfl._mfl_full_inv_kernel, dict(KXP=cfg["KXP"], WP=cfg["WP"], BY=cfg["BYV"], BX=cfg["BX"],
+                                                    BAND=True, PREC=precision), cfg["warps"]),
+        "band": (mfl._mfl_band_kernel, dict(**shape, RYP=next_pow2(2 * band - 1), RXP=next_pow2(band),
+                                            BY=cfg["BYV"], BW=cfg["BW"], **common), cfg["warps"]),
+    }, cfg["num_stages"]
+
+
+def _signature(fn, constexprs: dict) -> dict:
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return "*fp32"
+        return "fp32" if name in ("inv_sqrt", "gamma") else "i32"
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def dot_structure(ttgir: str) -> tuple[int, int]:
+    """(number of dots, number whose accumulator operand is a zero constant) in a TTGIR listing."""
+    zeros = set(ZERO.findall(ttgir))
+    dots = DOT.findall(ttgir)
+    return len(dots), sum(acc in zeros for _, _, acc in dots)
+
+
+def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90) -> dict:
+    """name -> dict(shared, wgmma, mma_sync, dots, zero_started, ttgir) for each loss kernel."""
+    specs, stages = kernel_specs(size, precision)
+    out = {}
+    for name, (fn, constexprs, warps) in specs.items():
+        compiled = triton.compile(ASTSource(fn, _signature(fn, constexprs), constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+        ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+        dots, zero_started = dot_structure(ttgir)
+        out[name] = dict(shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                         mma_sync=ptx.count("mma.sync"), dots=dots, zero_started=zero_started, ttgir=ttgir)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=224, help="plane side (default 224)")
+    ap.add_argument("--precision", default="tf32x3", choices=["tf32x3", "tf32", "ieee"])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90, Hopper)")
+    ap.add_argument("--dump", help="write each kernel's TTGIR into this folder")
+    args = ap.parse_args(argv)
+    results = compile_all(args.size, args.precision, args.arch)
+    print(f"sm_{args.arch}, {args.size} x {args.size}, precision={args.precision}")
+    print(f"{'kernel':10s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s}")
+    for name, r in results.items():
+        print(f"{name:10s} {r['shared'] / 1024:10.1f} {r['wgmma']:6d} {r['mma_sync']:8d} {r['dots']:5d} "
+              f"{r['zero_started']:12d}")
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            with open(os.path.join(args.dump, f"{name}.ttgir"), "w", encoding="utf-8") as f:
+                f.write(r["ttgir"])
+
+
+if __name__ == "__main__":
+    main()
