@@ -1,13 +1,13 @@
-"""Compile the Triton loss kernels for a GPU without one: shared memory, MMA counts, 3xTF32 structure.
+"""Compile the Triton kernels for a GPU without one: shared memory, MMA counts, 3xTF32 structure.
 
     python bench/aot_sm90.py [--size 224] [--precision tf32x3] [--arch 90] [--dump DIR]
 
-Runs triton.compile on the kernels of kernels/masked_freq_loss.py with the launcher's block sizes
-(``_config``) for CUDA compute capability ``--arch`` (Hopper: 90), so a CPU-only machine can see
+Runs triton.compile on the kernels of kernels/masked_freq_loss.py and kernels/corrupt.py with their
+launchers' default block sizes for CUDA compute capability ``--arch`` (Hopper: 90), so a CPU-only machine can see
 whether a change still fits shared memory and what Triton made of the GEMMs. For each kernel it prints
 the shared memory, the tensor-core instructions in the PTX and, in the TTGIR, how many dots start from
-a zero accumulator: with precision tf32x3 every group of three tf32 products must (a third of all
-dots), so that the MMA's round-toward-zero never sees the running sum (see tests/tensor_core_emulation.py).
+a zero accumulator: for the loss with precision tf32x3 every group of three tf32 products must (a third
+of all dots), so that the MMA's round-toward-zero never sees the running sum (see tests/tensor_core_emulation.py).
 TRITON_INTERPRET must be unset (the script unsets it before importing triton).
 """
 
@@ -25,6 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kernels import corrupt as cor  # noqa: E402
 from kernels import masked_freq_loss as mfl  # noqa: E402
 from kernels._dft import next_pow2  # noqa: E402
 
@@ -32,8 +33,26 @@ DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
 
 
-def kernel_specs(size: int, precision: str, band: int = 16) -> dict:
-    """name -> (jit function, constexprs, num_warps) as kernels/masked_freq_loss._forward launches them."""
+def corrupt_specs(size: int, precision: str, band: int = cor.BAND_MAX) -> dict:
+    """name -> (jit function, constexprs, num_warps) as kernels/corrupt.launch launches them (default tiles;
+    the band path at its widest band, the most shared memory)."""
+    hp = wp = next_pow2(size)
+    common = dict(WP=wp, HP=hp, BK=min(32, wp), IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
+    general_rows = min(cor.GENERAL_BLOCK_ROWS, hp)
+    return {
+        "corrupt_band": (cor._corrupt_spectrum_kernel, dict(KP=next_pow2(2 * band - 1), BKX=next_pow2(band),
+                                                            BM=min(64, hp), BAND=True, FUSED=True, **common), 4),
+        "corrupt_general": (cor._corrupt_spectrum_kernel, dict(KP=hp, BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
+                                                               BAND=False, FUSED=False, **common), 4),
+        "corrupt_rows": (cor._corrupt_inverse_rows_kernel, dict(WP=wp, HP=hp, BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
+                                                                BK=min(32, wp), PRECISION=precision,
+                                                                INTERPRETED=False), 4),
+    }
+
+
+def loss_specs(size: int, precision: str, band: int = mfl.BAND_MAX) -> dict:
+    """name -> (jit function, constexprs, num_warps) as kernels/masked_freq_loss._forward launches them (the
+    band kernel at its widest band)."""
     cfg = mfl._config(size, size)
     common = dict(NORM=True, T_U8=False, NEED_GRAD=True, GAMMA_MODE=0, PREC=precision)
     shape = dict(HP=cfg["HP"], KXP=cfg["KXP"], WP=cfg["WP"])
@@ -46,6 +65,17 @@ def kernel_specs(size: int, precision: str, band: int = 16) -> dict:
         "band": (mfl._mfl_band_kernel, dict(**shape, RYP=next_pow2(2 * band - 1), RXP=next_pow2(band),
                                             BY=cfg["BYV"], BW=cfg["BW"], **common), cfg["warps"]),
     }, cfg["num_stages"]
+
+
+def kernel_specs(size: int, precision: str, ops=("loss", "corrupt")) -> list:
+    """[(name, jit function, constexprs, num_warps, num_stages or None)] for the chosen ops."""
+    specs = []
+    if "loss" in ops:
+        loss, stages = loss_specs(size, precision)
+        specs += [(name, *spec, stages) for name, spec in loss.items()]
+    if "corrupt" in ops:
+        specs += [(name, *spec, None) for name, spec in corrupt_specs(size, precision).items()]
+    return specs
 
 
 def _signature(fn, constexprs: dict) -> dict:
@@ -65,13 +95,13 @@ def dot_structure(ttgir: str) -> tuple[int, int]:
     return len(dots), sum(acc in zeros for _, _, acc in dots)
 
 
-def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90) -> dict:
-    """name -> dict(shared, wgmma, mma_sync, dots, zero_started, ttgir) for each loss kernel."""
-    specs, stages = kernel_specs(size, precision)
+def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=("loss", "corrupt")) -> dict:
+    """name -> dict(shared, wgmma, mma_sync, dots, zero_started, ttgir) for each kernel of the chosen ops."""
     out = {}
-    for name, (fn, constexprs, warps) in specs.items():
+    for name, fn, constexprs, warps, stages in kernel_specs(size, precision, ops):
+        options = dict(num_warps=warps, **({} if stages is None else {"num_stages": stages}))
         compiled = triton.compile(ASTSource(fn, _signature(fn, constexprs), constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+                                  target=GPUTarget("cuda", arch, 32), options=options)
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         dots, zero_started = dot_structure(ttgir)
         out[name] = dict(shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
@@ -84,13 +114,14 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=224, help="plane side (default 224)")
     ap.add_argument("--precision", default="tf32x3", choices=["tf32x3", "tf32", "ieee"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90, Hopper)")
+    ap.add_argument("--ops", nargs="+", default=["loss", "corrupt"], choices=["loss", "corrupt"])
     ap.add_argument("--dump", help="write each kernel's TTGIR into this folder")
     args = ap.parse_args(argv)
-    results = compile_all(args.size, args.precision, args.arch)
+    results = compile_all(args.size, args.precision, args.arch, args.ops)
     print(f"sm_{args.arch}, {args.size} x {args.size}, precision={args.precision}")
-    print(f"{'kernel':10s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s}")
+    print(f"{'kernel':16s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['shared'] / 1024:10.1f} {r['wgmma']:6d} {r['mma_sync']:8d} {r['dots']:5d} "
+        print(f"{name:16s} {r['shared'] / 1024:10.1f} {r['wgmma']:6d} {r['mma_sync']:8d} {r['dots']:5d} "
               f"{r['zero_started']:12d}")
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)

@@ -40,7 +40,9 @@ from mfm_fast.dispatch import triton_interpreted
 
 from ._dft import channel_stats, dft_table, next_pow2
 
-BAND_MAX = 64          # widest band the one-launch path keeps in registers
+BAND_MAX = 32          # widest band of the one-launch path: R = 33..64 needs 296-336 KiB of shared memory
+#                        on sm_90 whatever the row tiles (bench/aot_sm90.py), more than Hopper's 227 KiB
+GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
 
@@ -191,6 +193,11 @@ def _corrupt_inverse_rows_kernel(
 def band_fits(mask_band: int, height: int, width: int) -> bool:
     """True when the band path can take a mask promised constant outside |ky|, |kx| < mask_band."""
     return 1 <= mask_band <= min(BAND_MAX, height // 2, width // 2)
+
+
+def general_fits(height: int, width: int) -> bool:
+    """True when the general path (any mask) fits shared memory at this image size."""
+    return max(height, width) <= GENERAL_MAX_SIDE
 
 
 @functools.lru_cache(maxsize=32)

@@ -52,6 +52,8 @@ from mfm_fast.torch_backend.masked_freq_loss import register_saved_grad_autograd
 from ._dft import channel_stats, dft_table, next_pow2
 
 BAND_MAX = 32  # widest mask_band the band kernel takes (its (2R-1) x R spectrum stays in registers)
+MAX_SIDE = 256  # largest plane side (after patch_factor): at 257..512 the forward kernel needs 274 KiB of
+#                 shared memory on sm_90 (bench/aot_sm90.py), more than Hopper's 227 KiB
 
 
 # ---------------------------------------------------------------- device helpers
@@ -382,8 +384,13 @@ def _mfl_band_kernel(
 # ---------------------------------------------------------------- launcher
 
 
-def unsupported_reason(pred: torch.Tensor, reduction: str, with_matrix: bool, ave_spectrum: bool) -> Optional[str]:
+def unsupported_reason(pred: torch.Tensor, reduction: str, with_matrix: bool, ave_spectrum: bool,
+                       patch_factor: int = 1) -> Optional[str]:
     """None if the fused Triton loss handles these options, else why the torch backend is used instead."""
+    h, w = pred.shape[-2] // patch_factor, pred.shape[-1] // patch_factor
+    if max(h, w) > MAX_SIDE:
+        return (f"planes of {h} x {w} (more than {MAX_SIDE} per side) do not fit the kernels' shared memory "
+                f"on sm_90")
     if reduction == "none":
         return "reduction='none' (the per-frequency map) is not fused"
     if with_matrix:
@@ -416,11 +423,14 @@ def _config(h: int, w: int) -> dict:
     HP, WP, KXP: padded rows, columns and half-spectrum columns. Forward kernel: BKX half-spectrum
     columns per program, BY x BW input tiles, BKC frequencies per step of the inverse along H;
     inverse kernel: BYV rows per program, BX output columns per step; band kernel: BY x BW tiles.
-    Chosen so that at 224 x 224 the sm_90 builds fit shared memory (forward 146 KiB with tf32x3)
-    without register spills; to be tuned on the GPU."""
+    Chosen so that every side up to MAX_SIDE fits Hopper's shared memory with tf32x3 (at 224 x 224:
+    forward 146 KiB, inverse 132 KiB; w > 254 has KXP = 256 and halves the inverse's tiles, else it
+    would need 260 KiB): `python bench/aot_sm90.py --size S` prints them; to be tuned on the GPU."""
     HP, WP, KXP = next_pow2(h), next_pow2(w), next_pow2(w // 2 + 1)
+    wide = KXP > 128
     return dict(HP=HP, WP=WP, KXP=KXP, BKX=min(32, KXP), BY=min(16, HP), BW=min(32, WP), BKC=min(16, HP),
-                BYV=min(32, HP), BX=min(32, WP), fwd_warps=8, warps=4, num_stages=2)
+                BYV=min(16 if wide else 32, HP), BX=min(16 if wide else 32, WP), fwd_warps=8, warps=4,
+                num_stages=2)
 
 
 def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,

@@ -107,10 +107,18 @@ def _corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list, std: list, out_dty
     if name == "triton":
         kernels = _triton_corrupt_module()
         band = band if band and kernels.band_fits(band, height, width) else 0
-        if band or backend == "triton":
+        if band:
             return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
-        log_fallback_once("corrupt", "triton", "torch", "masks without a mask_band promise take the general "
-                          "DFT-as-GEMM path, which is slower than cuFFT (ask for backend='triton' to force it)")
+        if not kernels.general_fits(height, width):
+            log_fallback_once("corrupt", "triton", "torch", f"{height} x {width} images without a mask_band <= "
+                              f"{kernels.BAND_MAX} need the general path, whose tiles do not fit shared memory "
+                              f"above {kernels.GENERAL_MAX_SIDE} per side")
+        elif backend == "triton":
+            return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
+        else:
+            log_fallback_once("corrupt", "triton", "torch", "masks without a mask_band promise take the general "
+                              "DFT-as-GEMM path, which is slower than cuFFT (ask for backend='triton' to force "
+                              "it)")
     return _corrupt_torch(x, mask, mean, std, out_dtype)
 
 

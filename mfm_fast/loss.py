@@ -186,7 +186,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
     if name == "triton":
         import kernels.masked_freq_loss as triton_loss  # imports triton: only once the backend is chosen
 
-        why = triton_loss.unsupported_reason(pred, reduction, with_matrix, ave_spectrum)
+        why = triton_loss.unsupported_reason(pred, reduction, with_matrix, ave_spectrum, patch_factor)
         if why is None:
             loss, _ = triton_loss.masked_freq_loss(pred, target, mask, loss_gamma, reduction, patch_factor,
                                                    loss_weight, target_mean, target_std, mask_band, precision,

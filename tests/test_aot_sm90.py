@@ -1,7 +1,8 @@
-"""The Triton loss kernels compiled for Hopper (sm_90) on a machine without a GPU (bench/aot_sm90.py).
+"""The Triton kernels compiled for Hopper (sm_90) on a machine without a GPU (bench/aot_sm90.py).
 
-Checks what the interpreter cannot: the kernels compile, fit Hopper's shared memory, and every
-3xTF32 group of products still starts from a zero accumulator after Triton's passes (a pass that
+Checks what the interpreter cannot: the kernels compile, fit Hopper's shared memory (this found the
+256-wide loss inverse at 260 KiB and the corruption band path at R > 32 at 320 KiB), and every
+3xTF32 group of the loss's products still starts from a zero accumulator after Triton's passes (a pass that
 folded the running sum back into the MMA would bring back the H200 gamma = 0.5 error)."""
 
 import json
@@ -28,11 +29,14 @@ def _compile(size, precision):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("size", [224, 112])
-def test_tf32x3_products_start_from_zero_and_fit_hopper(size):
+@pytest.mark.parametrize("size", [224, 112, 256, 200])
+def test_kernels_fit_hopper_and_tf32x3_products_start_from_zero(size):
+    """Every side the launchers accept (up to 256; the band kernels at their widest band)."""
     results = _compile(size, "tf32x3")
-    assert set(results) == {"full_fwd", "full_inv", "band"}
+    assert set(results) == {"full_fwd", "full_inv", "band", "corrupt_band", "corrupt_general", "corrupt_rows"}
     for name, r in results.items():
-        assert r["shared"] <= HOPPER_SMEM, name
+        assert r["shared"] <= HOPPER_SMEM, f"{name}: {r['shared']} B of shared memory"
         assert r["dots"] > 0 and r["wgmma"] + r["mma_sync"] > 0, name  # tensor-core MMAs, not FMA loops
+    for name in ("full_fwd", "full_inv", "band"):  # the loss's hand-split 3xTF32
+        r = results[name]
         assert 3 * r["zero_started"] == r["dots"], f"{name}: {r['zero_started']} of {r['dots']} dots start from 0"

@@ -113,6 +113,25 @@ def test_band_wider_than_half_image_uses_general_path():
     assert max_rel_err(out.cpu(), _reference(x, mask)) <= TOL
 
 
+def test_band_wider_than_band_max_uses_general_path():
+    import kernels.corrupt as kc
+    r1 = kc.BAND_MAX + 2  # would need more shared memory than sm_90 has on the band path
+    x = _pixels((1, 3, 2 * r1 + 4, 2 * r1 + 4))
+    mask = masks_for(x.shape, r1=r1).to(DEVICE)
+    assert not kc.band_fits(r1, *x.shape[2:]) and kc.general_fits(*x.shape[2:])
+    out = mfm_fast.corrupt(x, mask, backend="triton", mask_band=r1)
+    assert max_rel_err(out.cpu(), _reference(x, mask)) <= TOL
+
+
+def test_large_images_without_band_fall_back_to_torch_and_say_why(caplog):
+    x = _pixels((1, 3, 264, 8))
+    mask = masks_for(x.shape, r1=2).to(DEVICE)
+    with caplog.at_level(logging.INFO, logger="mfm_fast"):
+        out = mfm_fast.corrupt(x, mask, backend="triton")
+    assert torch.equal(out, mfm_fast.corrupt(x, mask, backend="torch"))
+    assert any("264 x 8 images" in r.getMessage() and "above 256" in r.getMessage() for r in caplog.records)
+
+
 def test_broken_band_promise_is_caught_by_value_checks():
     x = _pixels((1, 3, 16, 16))
     mask = torch.rand(1, 16, 16, device=DEVICE)

@@ -225,11 +225,14 @@ def test_precision_modes(precision, tol):
 @pytest.mark.parametrize("kw, why", [(dict(reduction="none"), "reduction='none'"),
                                      (dict(with_matrix=True), "with_matrix=True"),
                                      (dict(ave_spectrum=True), "ave_spectrum=True"),
-                                     (dict(dtype=torch.float64), "float64")], ids=["none", "focal", "ave", "fp64"])
+                                     (dict(dtype=torch.float64), "float64"),
+                                     (dict(shape=(1, 3, 264, 16)), "planes of 264 x 16"),
+                                     (dict(shape=(1, 3, 32, 528), patch_factor=2), "planes of 16 x 264")],
+                         ids=["none", "focal", "ave", "fp64", "tall", "wide-patches"])
 def test_unfused_options_fall_back_to_torch_and_say_why(kw, why, caplog):
     kw = dict(kw)
     dtype = kw.pop("dtype", torch.float32)
-    pred, target = _inputs((2, 3, 16, 16), dtype)
+    pred, target = _inputs(kw.pop("shape", (2, 3, 16, 16)), dtype)
     target = target.to(dtype)
     mask = masks_for(pred.shape).to(DEVICE)
     dispatch._logged.clear()
