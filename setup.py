@@ -12,7 +12,7 @@ needed to build it. Environment:
   TORCH_CUDA_ARCH_LIST         GPU architectures; default "9.0" (H100/H200) when no GPU is visible,
                                else the visible GPU's. More: TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0" (A100,
                                H100, B200; each arch adds about 10 s of compile time on 2 cores;
-                               the 224 x 224 kernels need ~202 KB of shared memory: not on A100).
+                               the 224 x 224 kernels need ~225 KB of shared memory: not on A100).
   CUDA_HOME                    the toolkit; default /usr/local/cuda when it has bin/nvcc.
   MAX_JOBS                     parallel compile jobs (default 2).
 `python -m mfm_fast.info` reports what was built and why not.

@@ -1,26 +1,29 @@
 // Fused frequency corruption (MFM_SPEC.md §2): one CTA per (image, channel) plane; the plane's half
-// spectrum lives in shared memory (224: 224 x 113 complex fp32 = 198 KB). Maths in planes.cuh.
+// spectrum lives in shared memory (224: 224 x 113 complex fp32 = 198 KiB, 221 KiB with the twiddles and
+// the row-pair scratch). Maths in planes.cuh, FFT phases in fft.cuh.
 #include "launch.h"
 
 namespace mfm {
 
 template <int S>
-__global__ void __launch_bounds__(256) corrupt_kernel(CorruptArgs args) {
+constexpr int corrupt_threads() { return S >= 224 ? 512 : 256; }
+
+template <int S>
+__global__ void __launch_bounds__(corrupt_threads<S>()) corrupt_kernel(CorruptArgs args) {
   extern __shared__ float4 smem_f4[];  // float4: 16-byte alignment
-  cf* tw = reinterpret_cast<cf*>(smem_f4);
-  cf* spec = tw + S;
-  make_twiddles<S>(tw, threadIdx.x, blockDim.x);
+  cf* smem = reinterpret_cast<cf*>(smem_f4);
+  make_twiddles<S>(PlaneSmem<S>::twiddles(smem), threadIdx.x, blockDim.x);
   __syncthreads();
-  corrupt_plane<S>(args, blockIdx.x, spec, tw, threadIdx.x, blockDim.x);
+  corrupt_plane<S>(args, blockIdx.x, smem, CtaSched{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)});
 }
 
 template <int S>
 static cudaError_t launch(const CorruptArgs& args, int planes, cudaStream_t stream) {
-  const size_t smem = sizeof(cf) * (S + S * (S / 2 + 1));
+  const size_t smem = PlaneSmem<S>::bytes(0);
   cudaError_t err = cudaFuncSetAttribute(corrupt_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  corrupt_kernel<S><<<planes, S >= 224 ? 256 : 128, smem, stream>>>(args);
+  corrupt_kernel<S><<<planes, corrupt_threads<S>(), smem, stream>>>(args);
   return cudaGetLastError();
 }
 

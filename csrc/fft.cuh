@@ -1,9 +1,26 @@
-// Shared per-plane math of the CUDA extension: a mixed-radix (2^k * 7) complex FFT on one line and the
-// 2D real-plane pipeline (row r2c, column FFTs, spectral step, inverse columns, row c2r).
+// Shared per-plane math of the CUDA extension: the 2D real-plane FFT pipeline (row r2c, column FFTs,
+// spectral step, inverse columns, row c2r) as a sequence of cooperative phases over one plane in
+// shared memory.
 //
-// Everything here is __host__ __device__ and free of torch headers: the CUDA kernels run it with one CTA
-// per plane (threads split the lines, __syncthreads between passes) and the CPU kernels of the same ops
-// run it with one "thread" (tid 0 of 1), which is how CI checks the kernel maths without a GPU.
+// Every phase splits its work into independent items (butterflies, elements) that touch disjoint data;
+// item i goes to thread i mod nth. A scheduler runs the phases: on the GPU (CtaSched) every thread of
+// the CTA runs its items, then __syncthreads; on the host (HostSched) virtual threads 0..nth-1 run one
+// after the other, forwards or backwards. The CPU kernels of the ops use the host scheduler, which is
+// how CI checks the kernel maths without a GPU, and running a plane with several virtual threads in
+// both orders and getting the same bits checks that no phase has two threads touching the same data.
+//
+// Line FFTs of length N = R * M (R = 7 or 1, M = 2^L), in place, no permutation pass:
+//   forward = decimation in frequency: one radix-R pass (span M, twiddles W_N^(j q)), then radix-2
+//             passes of span M/2 .. 1 inside each of the R blocks; X[k] lands at pos(k) =
+//             M (k mod R) + bitrev_L(k div R) ("digit-reversed");
+//   inverse = decimation in time, the exact reverse: radix-2 passes of span 1 .. M/2 with conjugate
+//             twiddles, then the radix-R pass: digit-reversed input, natural output, unnormalised.
+// Rows are real: two rows y = 2p, 2p+1 travel as one complex line z = a + i b (pair packing), unpacked
+// after the transform with A[k] = (Z[k] + conj Z[-k]) / 2, B[k] = (Z[k] - conj Z[-k]) / 2i. Columns
+// stay digit-reversed in ky between the forward and the inverse transform; the spectral step is told
+// the true (ky, kx) of every entry.
+//
+// Everything here is __host__ __device__ and free of torch headers.
 #pragma once
 
 #include <cmath>
@@ -23,13 +40,9 @@ struct cf {
 MFM_HD cf cadd(cf a, cf b) { return {a.x + b.x, a.y + b.y}; }
 MFM_HD cf csub(cf a, cf b) { return {a.x - b.x, a.y - b.y}; }
 MFM_HD cf cmul(cf a, cf b) { return {a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x}; }
+MFM_HD cf cmulc(cf a, cf b) { return {a.x * b.x + a.y * b.y, a.y * b.x - a.x * b.y}; }  // a * conj(b)
+MFM_HD cf cconj(cf a) { return {a.x, -a.y}; }
 MFM_HD cf cscale(cf a, float s) { return {a.x * s, a.y * s}; }
-
-MFM_HD void block_sync() {
-#ifdef __CUDA_ARCH__
-  __syncthreads();
-#endif
-}
 
 // Plane sides with a compile-time instantiation (square planes only).
 MFM_HD constexpr bool supported_side(int s) { return s == 224 || s == 112; }
@@ -44,7 +57,41 @@ struct FftShape {
   static constexpr int LOG2M = ilog2(M);
 };
 
-// tw[j] = exp(-2 pi i j / N), j = 0..N-1, rounded from double. Threads tid, tid + nth, ... fill it.
+// Shared-memory layout of one S x S plane: its half spectrum spec[S][S/2 + 1] (row pitch WH), the
+// twiddles tw[S], and a scratch area of kScratchPairs row pairs (2 WH complex values each) used to
+// unpack and pack the row pairs. Sized so that the 224 plane fits Hopper's 227 KiB together with
+// `extra` bytes (the loss kernel's reduction buffer): 225,984 + extra bytes.
+template <int S>
+struct PlaneSmem {
+  static constexpr int WH = S / 2 + 1;
+  static constexpr int kPairs = S / 2;
+  static constexpr int kScratchPairs = S >= 224 ? 12 : kPairs;
+  static constexpr int kComplex = S * WH + S + kScratchPairs * 2 * WH;
+  static constexpr size_t bytes(size_t extra) { return sizeof(cf) * kComplex + extra; }
+  MFM_HD static cf* spec(cf* base) { return base; }
+  MFM_HD static cf* twiddles(cf* base) { return base + S * WH; }
+  MFM_HD static cf* scratch(cf* base) { return base + S * WH + S; }
+};
+
+MFM_HD int bit_reverse(int v, int bits) {
+  int r = 0;
+  for (int b = 0; b < bits; ++b) r = (r << 1) | ((v >> b) & 1);
+  return r;
+}
+
+// Position of frequency k in a forward-transformed line, and the frequency at position p.
+template <int N>
+MFM_HD int freq_pos(int k) {
+  using F = FftShape<N>;
+  return F::M * (k % F::R) + bit_reverse(k / F::R, F::LOG2M);
+}
+template <int N>
+MFM_HD int pos_freq(int p) {
+  using F = FftShape<N>;
+  return p / F::M + F::R * bit_reverse(p % F::M, F::LOG2M);
+}
+
+// tw[j] = exp(-2 pi i j / N), j = 0..N-1, rounded from double.
 template <int N>
 MFM_HD void make_twiddles(cf* tw, int tid, int nth) {
   for (int j = tid; j < N; j += nth) {
@@ -53,82 +100,179 @@ MFM_HD void make_twiddles(cf* tw, int tid, int nth) {
   }
 }
 
-MFM_HD int bit_reverse(int v, int bits) {
-  int r = 0;
-  for (int b = 0; b < bits; ++b) r = (r << 1) | ((v >> b) & 1);
-  return r;
+// ---------------------------------------------------------------- schedulers
+
+MFM_HD void block_sync() {
+#ifdef __CUDA_ARCH__
+  __syncthreads();
+#endif
 }
 
-// In-place DFT of a[i * stride], i < N: forward sign -1, inverse sign +1, unnormalised. buf: N scratch.
-// Decimation in time: R interleaved sub-sequences get radix-2 FFTs of length M, then one radix-R pass
-// X[k] = sum_r W_N^(r k) E_r[k mod M].
-template <int N>
-MFM_HD void fft_line(cf* a, int stride, const cf* tw, bool inverse, cf* buf) {
-  constexpr int R = FftShape<N>::R, M = FftShape<N>::M, LOG2M = FftShape<N>::LOG2M;
-  const float sgn = inverse ? -1.f : 1.f;  // conjugates the (forward) twiddles
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) buf[r * M + bit_reverse(m, LOG2M)] = a[(R * m + r) * stride];
-  for (int len = 2; len <= M; len <<= 1) {
-    const int half = len >> 1, step = N / len;
-    for (int r = 0; r < R; ++r) {
-      cf* e = buf + r * M;
-      for (int base = 0; base < M; base += len)
-        for (int j = 0; j < half; ++j) {
-          const cf w = {tw[j * step].x, sgn * tw[j * step].y};
-          const cf u = e[base + j], v = cmul(e[base + j + half], w);
-          e[base + j] = cadd(u, v);
-          e[base + j + half] = csub(u, v);
+struct CtaSched {  // the calling GPU thread's share of each phase, then a CTA barrier
+  int tid, nth;
+  template <class Phase>
+  MFM_HD void run(const Phase& phase) const {
+    phase(tid, nth);
+    block_sync();
+  }
+};
+
+struct HostSched {  // virtual threads one after the other (reverse: nth-1 first)
+  int nth;
+  bool reverse;
+  template <class Phase>
+  void run(const Phase& phase) const {
+    for (int t = 0; t < nth; ++t) phase(reverse ? nth - 1 - t : t, nth);
+  }
+};
+
+// ---------------------------------------------------------------- line passes
+// Each pass acts on `lines` lines of length N: line l starts at a + l * lstride, elements at stride st.
+
+// Radix-R pass. Forward (DIF): u[m] = a[j + M m]; a[j + M q] = (sum_m u[m] W_R^(m q)) W_N^(j q).
+// Inverse (DIT): v[q] = a[j + M q] conj(W_N^(j q)); a[j + M m] = sum_q v[q] W_R^(-m q).
+template <int N, class Sched>
+MFM_HD void radix_r_pass(const Sched& sched, cf* a, int lines, int lstride, int st, const cf* tw, bool inverse) {
+  using F = FftShape<N>;
+  if (F::R == 1) return;
+  sched.run([=](int tid, int nth) {
+    for (int item = tid; item < lines * F::M; item += nth) {
+      cf* line = a + (item / F::M) * lstride;
+      const int j = item % F::M;
+      cf u[F::R];
+#pragma unroll
+      for (int m = 0; m < F::R; ++m) u[m] = line[(j + F::M * m) * st];
+      if (inverse) {
+#pragma unroll
+        for (int q = 1; q < F::R; ++q) u[q] = cmulc(u[q], tw[j * q]);
+      }
+      cf out[F::R];
+#pragma unroll
+      for (int q = 0; q < F::R; ++q) {
+        cf acc = u[0];
+#pragma unroll
+        for (int m = 1; m < F::R; ++m) {
+          const cf w = tw[((m * q) % F::R) * F::M];
+          acc = cadd(acc, inverse ? cmulc(u[m], w) : cmul(u[m], w));
         }
+        out[q] = (!inverse && q > 0) ? cmul(acc, tw[j * q]) : acc;
+      }
+#pragma unroll
+      for (int q = 0; q < F::R; ++q) line[(j + F::M * q) * st] = out[q];
     }
-  }
-  if (R == 1) {
-    for (int k = 0; k < N; ++k) a[k * stride] = buf[k];
-    return;
-  }
-  for (int k = 0; k < N; ++k) {
-    const int km = k & (M - 1);
-    cf acc = buf[km];
-    int idx = 0;
-    for (int r = 1; r < R; ++r) {
-      idx += k;
-      if (idx >= N) idx -= N;  // idx = r k mod N
-      const cf w = {tw[idx].x, sgn * tw[idx].y};
-      acc = cadd(acc, cmul(w, buf[r * M + km]));
-    }
-    a[k * stride] = acc;
+  });
+}
+
+// Radix-2 passes inside each length-M block. Forward (DIF), spans M/2 .. 1:
+//   x, y = a[i], a[i + h];  a[i] = x + y;  a[i + h] = (x - y) W_2h^j
+// Inverse (DIT), spans 1 .. M/2:  y = a[i + h] conj(W_2h^j);  a[i] = x + y;  a[i + h] = x - y.
+template <int N, class Sched>
+MFM_HD void radix2_passes(const Sched& sched, cf* a, int lines, int lstride, int st, const cf* tw, bool inverse) {
+  using F = FftShape<N>;
+  constexpr int kButterflies = N / 2;  // per line and pass
+  for (int step = 0; step < F::LOG2M; ++step) {
+    const int h = inverse ? (1 << step) : (F::M >> (step + 1));
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < lines * kButterflies; item += nth) {
+        cf* line = a + (item / kButterflies) * lstride;
+        const int b = item % kButterflies;            // butterfly within the line
+        const int j = b % h;                          // position within the half-group
+        const int i = (b / h) * 2 * h + j;            // groups of 2h never straddle blocks of M
+        const cf w = tw[j * (N / (2 * h))];           // W_2h^j = W_N^(j N / 2h)
+        const cf x = line[i * st];
+        const cf y = line[(i + h) * st];
+        if (inverse) {
+          const cf yw = cmulc(y, w);
+          line[i * st] = cadd(x, yw);
+          line[(i + h) * st] = csub(x, yw);
+        } else {
+          line[i * st] = cadd(x, y);
+          line[(i + h) * st] = cmul(csub(x, y), w);
+        }
+      }
+    });
   }
 }
 
-// The 2D pipeline on one S x S real plane with its half spectrum spec[S][S/2 + 1] (unshifted, ky-major):
-//   spec = rfft2(load)            row r2c transforms, then column transforms
-//   spectral(ky, kx, spec[ky][kx]) for every half-spectrum entry (may modify it, may accumulate)
+template <int N, class Sched>
+MFM_HD void fft_lines(const Sched& sched, cf* a, int lines, int lstride, int st, const cf* tw, bool inverse) {
+  if (!inverse) {
+    radix_r_pass<N>(sched, a, lines, lstride, st, tw, false);
+    radix2_passes<N>(sched, a, lines, lstride, st, tw, false);
+  } else {
+    radix2_passes<N>(sched, a, lines, lstride, st, tw, true);
+    radix_r_pass<N>(sched, a, lines, lstride, st, tw, true);
+  }
+}
+
+// ---------------------------------------------------------------- the plane pipeline
+// spec, tw, scratch: the parts of PlaneSmem<S> (tw filled by make_twiddles).
+//   spec = rfft2(load)            load(y, x) -> float
+//   spectral(ky, kx, v)           for every half-spectrum entry v = spec[ky][kx] (may modify it)
 //   store(y, x, irfft2(spec))     when `inverse` (unnormalised: the spectral step owns the scaling)
-// Thread `tid` of `nth` takes every nth line; every thread of the CTA must call it.
-template <int S, class Load, class Spectral, class Store>
-MFM_HD void plane_pipeline(cf* spec, const cf* tw, int tid, int nth, const Load& load, Spectral& spectral,
-                           const Store& store, bool inverse) {
-  constexpr int WH = S / 2 + 1;
-  cf line[S];
-  cf buf[S];
-  for (int y = tid; y < S; y += nth) {
-    for (int x = 0; x < S; ++x) line[x] = {load(y, x), 0.f};
-    fft_line<S>(line, 1, tw, false, buf);
-    for (int k = 0; k < WH; ++k) spec[y * WH + k] = line[k];
+// Rows run as S/2 complex pair lines. The pair lines are transformed in the spec rows of their two rows
+// (2 WH >= S slots), then copied kScratchPairs at a time to the scratch and unpacked back into the
+// rows (and the reverse before the inverse), so that no phase reads what another thread writes.
+template <int S, class Sched, class Load, class Spectral, class Store>
+MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, cf* scratch, const Load& load,
+                           Spectral& spectral, const Store& store, bool inverse) {
+  using P = PlaneSmem<S>;
+  constexpr int WH = P::WH, PAIRS = P::kPairs, CHUNK = P::kScratchPairs;
+  // rows: pair line p holds z[x] = row(2p)[x] + i row(2p+1)[x] in spec[2p][0 .. S-1]
+  sched.run([=](int tid, int nth) {
+    for (int item = tid; item < PAIRS * S; item += nth) {
+      const int p = item / S, x = item % S;
+      spec[2 * p * WH + x] = {load(2 * p, x), load(2 * p + 1, x)};
+    }
+  });
+  fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, false);
+  for (int p0 = 0; p0 < PAIRS; p0 += CHUNK) {  // unpack: Z (digit-reversed) -> A, B half spectra
+    const int n = PAIRS - p0 < CHUNK ? PAIRS - p0 : CHUNK;
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < n * 2 * WH; item += nth) scratch[item] = spec[2 * p0 * WH + item];
+    });
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < n * WH; item += nth) {
+        const int p = item / WH, k = item % WH;
+        const cf* z = scratch + p * 2 * WH;
+        const cf zk = z[freq_pos<S>(k)], zm = cconj(z[freq_pos<S>((S - k) % S)]);
+        const cf a = cscale(cadd(zk, zm), 0.5f), d = cscale(csub(zk, zm), 0.5f);
+        spec[2 * (p0 + p) * WH + k] = a;
+        spec[(2 * (p0 + p) + 1) * WH + k] = {d.y, -d.x};  // d / i
+      }
+    });
   }
-  block_sync();
-  for (int k = tid; k < WH; k += nth) fft_line<S>(spec + k, WH, tw, false, buf);
-  block_sync();
-  for (int i = tid; i < S * WH; i += nth) spectral(i / WH, i % WH, spec[i]);
+  fft_lines<S>(sched, spec, WH, 1, WH, tw, false);  // columns: ky digit-reversed from here on
+  sched.run([=, &spectral](int tid, int nth) {
+    for (int i = tid; i < S * WH; i += nth) spectral(pos_freq<S>(i / WH), i % WH, spec[i]);
+  });
   if (!inverse) return;
-  block_sync();
-  for (int k = tid; k < WH; k += nth) fft_line<S>(spec + k, WH, tw, true, buf);
-  block_sync();
-  for (int y = tid; y < S; y += nth) {
-    for (int k = 0; k < WH; ++k) line[k] = spec[y * WH + k];
-    for (int k = WH; k < S; ++k) line[k] = {line[S - k].x, -line[S - k].y};  // Hermitian completion
-    fft_line<S>(line, 1, tw, true, buf);
-    for (int x = 0; x < S; ++x) store(y, x, line[x].x);  // real part (imag of DC / Nyquist ignored, as irfft)
+  fft_lines<S>(sched, spec, WH, 1, WH, tw, true);
+  for (int p0 = 0; p0 < PAIRS; p0 += CHUNK) {  // pack: A, B -> Z = A + i B over all k, digit-reversed
+    const int n = PAIRS - p0 < CHUNK ? PAIRS - p0 : CHUNK;
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < n * 2 * WH; item += nth) scratch[item] = spec[2 * p0 * WH + item];
+    });
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < n * WH; item += nth) {
+        const int p = item / WH, k = item % WH;
+        cf a = scratch[p * 2 * WH + k], b = scratch[p * 2 * WH + WH + k];
+        if (k == 0 || k == S / 2) a.y = b.y = 0.f;  // irfft ignores the imaginary parts there
+        cf* z = spec + 2 * (p0 + p) * WH;
+        z[freq_pos<S>(k)] = {a.x - b.y, a.y + b.x};                     // A + i B
+        if (k > 0 && k < S / 2) z[freq_pos<S>(S - k)] = {a.x + b.y, b.x - a.y};  // conj(A) + i conj(B)
+      }
+    });
   }
+  fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, true);
+  sched.run([=](int tid, int nth) {
+    for (int item = tid; item < PAIRS * S; item += nth) {
+      const int p = item / S, x = item % S;
+      const cf z = spec[2 * p * WH + x];
+      store(2 * p, x, z.x);
+      store(2 * p + 1, x, z.y);
+    }
+  });
 }
 
 }  // namespace mfm

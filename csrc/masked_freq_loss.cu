@@ -7,7 +7,7 @@
 
 namespace mfm {
 
-constexpr int kRedThreads = 256;
+constexpr int kRedThreads = 256;  // removed_kernel's block (loss_kernel's block_sum takes any power of two)
 
 // Fixed-order tree sum of one double per thread (blockDim.x a power of two <= kRedThreads).
 __device__ double block_sum(double v, double* red) {
@@ -30,15 +30,18 @@ __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask,
   if (threadIdx.x == 0) removed[blockIdx.x] = v;
 }
 
+template <int S>
+constexpr int loss_threads() { return S >= 224 ? 512 : 256; }
+
 // partials[plane] = scale * sum(colw w d) of the plane; scale from the reduction (masked: from removed[]).
 template <int S>
-__global__ void __launch_bounds__(256) loss_kernel(LossArgs args, int images, int reduction, float loss_weight,
-                                                   const double* removed, double* partials) {
+__global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, int images, int reduction,
+                                                                 float loss_weight, const double* removed,
+                                                                 double* partials) {
   extern __shared__ float4 smem_f4[];
-  cf* tw = reinterpret_cast<cf*>(smem_f4);
-  cf* spec = tw + S;
-  double* red = reinterpret_cast<double*>(spec + S * (S / 2 + 1));
-  make_twiddles<S>(tw, threadIdx.x, blockDim.x);
+  cf* smem = reinterpret_cast<cf*>(smem_f4);
+  double* red = reinterpret_cast<double*>(smem + PlaneSmem<S>::kComplex);
+  make_twiddles<S>(PlaneSmem<S>::twiddles(smem), threadIdx.x, blockDim.x);
   float scale = loss_weight;
   if (reduction == kMasked) {
     double z = 0.0;
@@ -49,7 +52,8 @@ __global__ void __launch_bounds__(256) loss_kernel(LossArgs args, int images, in
     scale = static_cast<float>(loss_weight / (static_cast<double>(images) * args.channels * S * S));
   }
   __syncthreads();
-  const double acc = loss_plane<S>(args, blockIdx.x, scale, spec, tw, threadIdx.x, blockDim.x);
+  const CtaSched sched{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+  const double acc = loss_plane<S>(args, blockIdx.x, scale, smem, sched);
   const double total = block_sum(acc, red);
   if (threadIdx.x == 0) partials[blockIdx.x] = total * scale;
 }
@@ -71,8 +75,8 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int threads = S >= 224 ? 256 : 128;
-  const size_t smem = sizeof(cf) * (S + S * (S / 2 + 1)) + sizeof(double) * threads;
+  const int threads = loss_threads<S>();
+  const size_t smem = PlaneSmem<S>::bytes(sizeof(double) * threads);
   cudaError_t err = cudaFuncSetAttribute(loss_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "launch.h"
@@ -91,7 +92,7 @@ void check_device(const at::Tensor& t, bool cuda, const char* op) {
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "mfm_fast CUDA extension: ", what, " launch failed: ", cudaGetErrorString(err),
-              " (the 224 x 224 kernels need about 202 KB of shared memory per block: H100 / H200 / B200, not A100;"
+              " (the 224 x 224 kernels need about 225 KB of shared memory per block: H100 / H200 / B200, not A100;"
               " is the extension built for this GPU's arch? see TORCH_CUDA_ARCH_LIST in setup.py)");
 }
 
@@ -114,12 +115,28 @@ CorruptPrep prep_corrupt(const at::Tensor& x, const at::Tensor& mask, at::ArrayR
   return {out, a, side, x.size(0) * x.size(1)};
 }
 
+// Virtual threads of the CPU kernels: 1 by default; MFM_FAST_HOST_VTHREADS=n runs every phase of a plane as
+// n virtual threads one after the other, and -n in reverse order (tests compare the bits of both to find
+// phases where two threads touch the same data; see fft.cuh).
+mfm::HostSched host_sched() {
+  const char* env = std::getenv("MFM_FAST_HOST_VTHREADS");
+  const int n = env ? std::atoi(env) : 1;
+  return {n == 0 ? 1 : std::abs(n), n < 0};
+}
+
+template <int S>
+std::vector<cf> host_smem() {
+  std::vector<cf> smem(mfm::PlaneSmem<S>::kComplex);
+  mfm::make_twiddles<S>(mfm::PlaneSmem<S>::twiddles(smem.data()), 0, 1);
+  return smem;
+}
+
 template <int S>
 void corrupt_host(const mfm::CorruptArgs& a, int64_t planes) {
+  const mfm::HostSched sched = host_sched();
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<cf> tw(S), spec(S * (S / 2 + 1));
-    mfm::make_twiddles<S>(tw.data(), 0, 1);
-    for (int64_t p = begin; p < end; ++p) mfm::corrupt_plane<S>(a, static_cast<int>(p), spec.data(), tw.data(), 0, 1);
+    std::vector<cf> smem = host_smem<S>();
+    for (int64_t p = begin; p < end; ++p) mfm::corrupt_plane<S>(a, static_cast<int>(p), smem.data(), sched);
   });
 }
 
@@ -195,11 +212,11 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
     scale = static_cast<float>(loss_weight / (static_cast<double>(images) * a.channels * S * S));
   }
   std::vector<double> partials(planes);
+  const mfm::HostSched sched = host_sched();
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<cf> tw(S), spec(S * (S / 2 + 1));
-    mfm::make_twiddles<S>(tw.data(), 0, 1);
+    std::vector<cf> smem = host_smem<S>();
     for (int64_t p = begin; p < end; ++p)
-      partials[p] = mfm::loss_plane<S>(a, static_cast<int>(p), scale, spec.data(), tw.data(), 0, 1) * scale;
+      partials[p] = mfm::loss_plane<S>(a, static_cast<int>(p), scale, smem.data(), sched) * scale;
   });
   double s = 0.0;
   for (double v : partials) s += v;

@@ -83,15 +83,16 @@ struct CorruptStore {
   }
 };
 
-// Corrupt plane `plane` (= n * C + c). spec: S * (S / 2 + 1) complex scratch, tw: twiddles of length S.
-template <int S>
-MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, cf* spec, const cf* tw, int tid, int nth) {
+// Corrupt plane `plane` (= n * C + c). smem: PlaneSmem<S> with its twiddles filled.
+template <int S, class Sched>
+MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, cf* smem, const Sched& sched) {
+  using P = PlaneSmem<S>;
   const int n = plane / a.channels, c = plane % a.channels;
   const int64_t off = static_cast<int64_t>(plane) * S * S;
   PlaneLoad load{a.x, a.x_dt, off, S};
   CorruptSpectral<S> spectral{a.mask + static_cast<int64_t>(n) * S * S};
   CorruptStore store{a.out, a.out_dt, off, S, a.stats.mean[c], a.stats.std[c]};
-  plane_pipeline<S>(spec, tw, tid, nth, load, spectral, store, true);
+  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), P::scratch(smem), load, spectral, store, true);
 }
 
 // ---------------------------------------------------------------- masked spectral loss
@@ -158,10 +159,12 @@ struct GradStore {
   MFM_HD void operator()(int y, int x, float v) const { store_elem(g, dt, off + y * S + x, v); }
 };
 
-// One plane of the loss: returns this thread's share of sum(colw * w * d) (unscaled) and, when a.grad,
+// One plane of the loss: returns this thread's share of sum(colw * w * d) (unscaled; every virtual thread's
+// on the host) and, when a.grad,
 // writes scale * dL/dpred for the plane. scale: the reduction's factor (loss_weight / Z etc.).
-template <int S>
-MFM_HD double loss_plane(const LossArgs& a, int plane, float scale, cf* spec, const cf* tw, int tid, int nth) {
+template <int S, class Sched>
+MFM_HD double loss_plane(const LossArgs& a, int plane, float scale, cf* smem, const Sched& sched) {
+  using P = PlaneSmem<S>;
   const int n = plane / a.channels, c = plane % a.channels;
   const int64_t off = static_cast<int64_t>(plane) * S * S;
   DiffLoad load{a.pred, a.pred_dt, a.target, a.target_dt, off, S, a.normalize_target, a.stats.mean[c],
@@ -170,7 +173,7 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, float scale, cf* spec, co
   LossSpectral<S> spectral{a.mask ? a.mask + static_cast<int64_t>(n) * S * S : nullptr, a.gamma,
                            need_grad ? scale * a.gamma / S : 0.f, need_grad, 0.0};
   GradStore store{a.grad, a.grad_dt, off, S};
-  plane_pipeline<S>(spec, tw, tid, nth, load, spectral, store, need_grad);
+  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), P::scratch(smem), load, spectral, store, need_grad);
   return spectral.acc;
 }
 

@@ -22,6 +22,8 @@ SKIPPED_BUILD = (os.environ.get("MFM_FAST_SKIP_CUDA_BUILD", "") not in ("", "0")
 needs_ext = pytest.mark.skipif(SKIPPED_BUILD, reason="installed with MFM_FAST_SKIP_CUDA_BUILD=1")
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 OPS = torch.ops.mfm_fast
+if not SKIPPED_BUILD:
+    cuda_backend.unavailable_reason()  # loads _C: torch.ops.mfm_fast.*_cuda exist for every test, run alone or not
 MEAN, STD = list(mfm_fast.IMAGENET_MEAN), list(mfm_fast.IMAGENET_STD)
 
 
@@ -173,6 +175,33 @@ def test_host_corrupt_matches_reference(side, kind):
     ref = mfm_fast.corrupt(x.double(), m, backend="reference")
     out = OPS.corrupt_cuda(x, m.float().contiguous(), MEAN, STD, torch.float32)
     assert out.dtype == torch.float32 and max_rel_err(out, ref) <= 1e-5
+
+
+@pytest.fixture
+def host_vthreads(monkeypatch):
+    """Set MFM_FAST_HOST_VTHREADS (read by the CPU kernels on every call) for one test."""
+    return lambda n: monkeypatch.setenv("MFM_FAST_HOST_VTHREADS", str(n))
+
+
+@needs_ext
+@pytest.mark.parametrize("side", [224, 112])
+def test_host_phases_have_no_shared_writes(side, host_vthreads):
+    """Every FFT phase split over 2..256 virtual threads, run forwards and backwards, gives the same bits
+    as one thread: no phase lets two threads touch the same element (what would race on the GPU)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, side, side, generator=g)
+    pred = torch.randn(2, 3, side, side, generator=g)
+    m = masks("random", 2, side, g)
+    host_vthreads(1)
+    out1 = OPS.corrupt_cuda(x, m, MEAN, STD, torch.float32)
+    loss1, grad1 = cpu_kernel_loss(pred, x, m, gamma=0.5, norm=True)
+    for n in (2, 7, 256):
+        for signed in (n, -n):
+            host_vthreads(signed)
+            assert torch.equal(OPS.corrupt_cuda(x, m, MEAN, STD, torch.float32), out1), signed
+            loss, grad = cpu_kernel_loss(pred, x, m, gamma=0.5, norm=True)
+            assert torch.equal(grad, grad1), signed
+            assert abs(loss.item() - loss1.item()) <= 1e-6 * abs(loss1.item())  # partial sums in another order
 
 
 @needs_ext
