@@ -163,34 +163,61 @@ MFM_HD void radix_r_pass(const Sched& sched, cf* a, int lines, int lstride, int 
   });
 }
 
-// Radix-2 passes inside each length-M block. Forward (DIF), spans M/2 .. 1:
-//   x, y = a[i], a[i + h];  a[i] = x + y;  a[i + h] = (x - y) W_2h^j
-// Inverse (DIT), spans 1 .. M/2:  y = a[i + h] conj(W_2h^j);  a[i] = x + y;  a[i + h] = x - y.
+// Radix-2 stages inside each length-M block, K = up to 3 consecutive stages fused per pass (each item
+// holds the 2^K elements base + j + t hl, t < 2^K, in registers: the same arithmetic as K separate
+// radix-2 passes, bit for bit, with fewer passes and barriers).
+// Forward (DIF), spans M/2 .. 1, stage of span h on the pair (i, i + h), i mod 2h < h:
+//   x, y = a[i], a[i + h];  a[i] = x + y;  a[i + h] = (x - y) W_2h^(i mod 2h)
+// Inverse (DIT), spans 1 .. M/2:  y = a[i + h] conj(W_2h^(i mod 2h));  a[i] = x + y;  a[i + h] = x - y.
+constexpr int kMaxFusedStages = 3;
+
+template <int N, int K, class Sched>
+MFM_HD void radix2_fused_pass(const Sched& sched, cf* a, int lines, int lstride, int st, const cf* tw, bool inverse,
+                              int h_low) {  // h_low: the smallest span of the K stages
+  constexpr int T = 1 << K, kItems = N / T;  // items per line
+  sched.run([=](int tid, int nth) {
+    for (int item = tid; item < lines * kItems; item += nth) {
+      cf* line = a + (item / kItems) * lstride;
+      const int b = item % kItems;
+      const int j = b % h_low, base = (b / h_low) * (T * h_low);  // groups of T h_low never straddle blocks
+      cf v[T];
+#pragma unroll
+      for (int t = 0; t < T; ++t) v[t] = line[(base + j + t * h_low) * st];
+#pragma unroll
+      for (int s = 0; s < K; ++s) {
+        const int d = inverse ? (1 << s) : (T >> (s + 1));  // partner distance in t; the span is d h_low
+        const int h = d * h_low;
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+          if (t & d) continue;
+          const cf w = tw[((j + t * h_low) % (2 * h)) * (N / (2 * h))];
+          const cf x = v[t], y = v[t + d];
+          if (inverse) {
+            const cf yw = cmulc(y, w);
+            v[t] = cadd(x, yw);
+            v[t + d] = csub(x, yw);
+          } else {
+            v[t] = cadd(x, y);
+            v[t + d] = cmul(csub(x, y), w);
+          }
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < T; ++t) line[(base + j + t * h_low) * st] = v[t];
+    }
+  });
+}
+
 template <int N, class Sched>
 MFM_HD void radix2_passes(const Sched& sched, cf* a, int lines, int lstride, int st, const cf* tw, bool inverse) {
   using F = FftShape<N>;
-  constexpr int kButterflies = N / 2;  // per line and pass
-  for (int step = 0; step < F::LOG2M; ++step) {
-    const int h = inverse ? (1 << step) : (F::M >> (step + 1));
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < lines * kButterflies; item += nth) {
-        cf* line = a + (item / kButterflies) * lstride;
-        const int b = item % kButterflies;            // butterfly within the line
-        const int j = b % h;                          // position within the half-group
-        const int i = (b / h) * 2 * h + j;            // groups of 2h never straddle blocks of M
-        const cf w = tw[j * (N / (2 * h))];           // W_2h^j = W_N^(j N / 2h)
-        const cf x = line[i * st];
-        const cf y = line[(i + h) * st];
-        if (inverse) {
-          const cf yw = cmulc(y, w);
-          line[i * st] = cadd(x, yw);
-          line[(i + h) * st] = csub(x, yw);
-        } else {
-          line[i * st] = cadd(x, y);
-          line[(i + h) * st] = cmul(csub(x, y), w);
-        }
-      }
-    });
+  for (int done = 0; done < F::LOG2M;) {  // stages done so far; forward spans fall, inverse spans rise
+    const int k = F::LOG2M - done < kMaxFusedStages ? F::LOG2M - done : kMaxFusedStages;
+    const int h_low = inverse ? (1 << done) : (F::M >> (done + k));
+    if (k == 3) radix2_fused_pass<N, 3>(sched, a, lines, lstride, st, tw, inverse, h_low);
+    else if (k == 2) radix2_fused_pass<N, 2>(sched, a, lines, lstride, st, tw, inverse, h_low);
+    else radix2_fused_pass<N, 1>(sched, a, lines, lstride, st, tw, inverse, h_low);
+    done += k;
   }
 }
 
