@@ -233,6 +233,26 @@ MFM_HD void fft_lines(const Sched& sched, cf* a, int lines, int lstride, int st,
 }
 
 // ---------------------------------------------------------------- the plane pipeline
+
+// f(rows, copy, k) for every row pair p (rows = spec + 2 p WH, its two rows) and k = 0..S/2, where copy
+// holds the pair's 2 WH values as they were before any f ran, so f may overwrite any slot of its pair:
+// kScratchPairs pairs at a time are copied to the scratch, then transformed from there.
+template <int S, class Sched, class F>
+MFM_HD void per_pair_entry(const Sched& sched, cf* spec, cf* scratch, const F& f) {
+  using P = PlaneSmem<S>;
+  constexpr int WH = P::WH, PAIRS = P::kPairs, CHUNK = P::kScratchPairs;
+  for (int p0 = 0; p0 < PAIRS; p0 += CHUNK) {
+    const int n = PAIRS - p0 < CHUNK ? PAIRS - p0 : CHUNK;
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < n * 2 * WH; item += nth) scratch[item] = spec[2 * p0 * WH + item];
+    });
+    sched.run([=](int tid, int nth) {
+      for (int item = tid; item < n * WH; item += nth)
+        f(spec + 2 * (p0 + item / WH) * WH, scratch + (item / WH) * 2 * WH, item % WH);
+    });
+  }
+}
+
 // spec, tw, scratch: the parts of PlaneSmem<S> (tw filled by make_twiddles).
 //   spec = rfft2(load)            load(y, x) -> float
 //   spectral(ky, kx, v)           for every half-spectrum entry v = spec[ky][kx] (may modify it)
@@ -244,7 +264,7 @@ template <int S, class Sched, class Load, class Spectral, class Store>
 MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, cf* scratch, const Load& load,
                            Spectral& spectral, const Store& store, bool inverse) {
   using P = PlaneSmem<S>;
-  constexpr int WH = P::WH, PAIRS = P::kPairs, CHUNK = P::kScratchPairs;
+  constexpr int WH = P::WH, PAIRS = P::kPairs;
   // rows: pair line p holds z[x] = row(2p)[x] + i row(2p+1)[x] in spec[2p][0 .. S-1]
   sched.run([=](int tid, int nth) {
     for (int item = tid; item < PAIRS * S; item += nth) {
@@ -253,44 +273,24 @@ MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, cf* scrat
     }
   });
   fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, false);
-  for (int p0 = 0; p0 < PAIRS; p0 += CHUNK) {  // unpack: Z (digit-reversed) -> A, B half spectra
-    const int n = PAIRS - p0 < CHUNK ? PAIRS - p0 : CHUNK;
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < n * 2 * WH; item += nth) scratch[item] = spec[2 * p0 * WH + item];
-    });
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < n * WH; item += nth) {
-        const int p = item / WH, k = item % WH;
-        const cf* z = scratch + p * 2 * WH;
-        const cf zk = z[freq_pos<S>(k)], zm = cconj(z[freq_pos<S>((S - k) % S)]);
-        const cf a = cscale(cadd(zk, zm), 0.5f), d = cscale(csub(zk, zm), 0.5f);
-        spec[2 * (p0 + p) * WH + k] = a;
-        spec[(2 * (p0 + p) + 1) * WH + k] = {d.y, -d.x};  // d / i
-      }
-    });
-  }
+  per_pair_entry<S>(sched, spec, scratch, [](cf* rows, const cf* z, int k) {  // unpack Z -> A, B
+    const cf zk = z[freq_pos<S>(k)], zm = cconj(z[freq_pos<S>((S - k) % S)]);
+    const cf a = cscale(cadd(zk, zm), 0.5f), d = cscale(csub(zk, zm), 0.5f);
+    rows[k] = a;
+    rows[WH + k] = {d.y, -d.x};  // d / i
+  });
   fft_lines<S>(sched, spec, WH, 1, WH, tw, false);  // columns: ky digit-reversed from here on
   sched.run([=, &spectral](int tid, int nth) {
     for (int i = tid; i < S * WH; i += nth) spectral(pos_freq<S>(i / WH), i % WH, spec[i]);
   });
   if (!inverse) return;
   fft_lines<S>(sched, spec, WH, 1, WH, tw, true);
-  for (int p0 = 0; p0 < PAIRS; p0 += CHUNK) {  // pack: A, B -> Z = A + i B over all k, digit-reversed
-    const int n = PAIRS - p0 < CHUNK ? PAIRS - p0 : CHUNK;
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < n * 2 * WH; item += nth) scratch[item] = spec[2 * p0 * WH + item];
-    });
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < n * WH; item += nth) {
-        const int p = item / WH, k = item % WH;
-        cf a = scratch[p * 2 * WH + k], b = scratch[p * 2 * WH + WH + k];
-        if (k == 0 || k == S / 2) a.y = b.y = 0.f;  // irfft ignores the imaginary parts there
-        cf* z = spec + 2 * (p0 + p) * WH;
-        z[freq_pos<S>(k)] = {a.x - b.y, a.y + b.x};                     // A + i B
-        if (k > 0 && k < S / 2) z[freq_pos<S>(S - k)] = {a.x + b.y, b.x - a.y};  // conj(A) + i conj(B)
-      }
-    });
-  }
+  per_pair_entry<S>(sched, spec, scratch, [](cf* rows, const cf* ab, int k) {  // pack A, B -> Z = A + i B
+    cf a = ab[k], b = ab[WH + k];
+    if (k == 0 || k == S / 2) a.y = b.y = 0.f;  // irfft ignores the imaginary parts there
+    rows[freq_pos<S>(k)] = {a.x - b.y, a.y + b.x};                                 // A + i B
+    if (k > 0 && k < S / 2) rows[freq_pos<S>(S - k)] = {a.x + b.y, b.x - a.y};  // conj(A) + i conj(B)
+  });
   fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, true);
   sched.run([=](int tid, int nth) {
     for (int item = tid; item < PAIRS * S; item += nth) {
