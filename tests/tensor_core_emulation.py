@@ -44,9 +44,28 @@ def tf32_mma(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
     return out
 
 
+def round_to_tf32(a: np.ndarray) -> np.ndarray:
+    """fp32 rounded to the nearest tf32, ties away from zero (PTX cvt.rna.tf32.f32)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def tf32x3_mma(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """Triton's lowering of ``input_precision="tf32x3"`` (F32DotTC): big = cvt.rna(a), small = a - big,
+    then small_a big_b, big_a small_b and big_a big_b chained on the tensor core, starting from acc."""
+    a_big, b_big = round_to_tf32(a), round_to_tf32(b)
+    a_small = (np.asarray(a, np.float32) - a_big).astype(np.float32)
+    b_small = (np.asarray(b, np.float32) - b_big).astype(np.float32)
+    out = tf32_mma(a_small, b_big, acc)
+    out = tf32_mma(a_big, b_small, out)
+    return tf32_mma(a_big, b_big, out)
+
+
 @contextlib.contextmanager
 def emulate_tf32_tensor_cores():
-    """Patch the Triton interpreter so fp32 ``tl.dot(input_precision="tf32")`` uses :func:`tf32_mma`."""
+    """Patch the Triton interpreter so fp32 ``tl.dot`` with input_precision "tf32" uses :func:`tf32_mma`
+    and "tf32x3" uses :func:`tf32x3_mma` (the kernels' calls of the latter start from a zero accumulator,
+    where Triton versions agree on the lowering)."""
     from triton._C.libtriton import ir
     from triton.runtime import interpreter
 
@@ -54,9 +73,11 @@ def emulate_tf32_tensor_cores():
     original = builder.create_dot
 
     def create_dot(a, b, d, input_precision, max_num_imprecise_acc):
-        if (input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == np.float32
-                and b.data.dtype == np.float32 and d.data.dtype == np.float32):
+        fp32 = a.data.dtype == b.data.dtype == d.data.dtype == np.float32
+        if fp32 and input_precision == ir.INPUT_PRECISION.TF32:
             return interpreter.TensorHandle(tf32_mma(a.data, b.data, d.data), d.dtype.scalar)
+        if fp32 and input_precision == ir.INPUT_PRECISION.TF32x3:
+            return interpreter.TensorHandle(tf32x3_mma(a.data, b.data, d.data), d.dtype.scalar)
         return original(a, b, d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
