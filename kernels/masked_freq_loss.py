@@ -178,6 +178,59 @@ def _mm(a_hi, a_lo, t_ptrs, lo_off, acc, TAB_LEFT: tl.constexpr, PREC: tl.conste
     return acc
 
 
+@triton.jit
+def _rows_dft(p_base, t_base, ys, kx, ew_ptr, h, w, sp_h, sp_w, st_h, st_w, mean, std,
+              NROWS: tl.constexpr, NCOLS: tl.constexpr, BW: tl.constexpr, KXP: tl.constexpr, WP: tl.constexpr,
+              NORM: tl.constexpr, T_U8: tl.constexpr, PREC: tl.constexpr):
+    """(Ar, As), (NROWS, NCOLS) each: A = Ar - i As = x[ys, :] @ Ew^T[:, kx], x = pred - target (rows ys)."""
+    xs0 = tl.arange(0, BW)
+    Ar = tl.zeros((NROWS, NCOLS), tl.float32)
+    As = tl.zeros((NROWS, NCOLS), tl.float32)
+    for x0 in range(0, w, BW):
+        xt = _load_diff(p_base, t_base, ys, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
+        ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, NCOLS) slice of Ew^T
+        xh, xl = _split(xt, PREC)
+        Ar = _mm(xh, xl, ew_t, 2 * KXP * WP, Ar, False, PREC)
+        As = _mm(xh, xl, ew_t + KXP * WP, 2 * KXP * WP, As, False, PREC)
+    return Ar, As
+
+
+@triton.jit
+def _cols_dft(Ar, As, e_t, e_stride, Dr, Dq, PREC: tl.constexpr):
+    """(Dr, Dq) + E @ A with E = cos - i sin the table slice at e_t (sin at + e_stride, its tf32 remainders
+    at + 2 e_stride) and A = Ar - i As; the result is Dr - i Dq."""
+    arh, arl = _split(Ar, PREC)
+    ash, asl = _split(As, PREC)
+    Dr = _mm(arh, arl, e_t, 2 * e_stride, Dr, True, PREC)
+    Dr = _mm(-ash, -asl, e_t + e_stride, 2 * e_stride, Dr, True, PREC)
+    Dq = _mm(ash, asl, e_t, 2 * e_stride, Dq, True, PREC)
+    Dq = _mm(arh, arl, e_t + e_stride, 2 * e_stride, Dq, True, PREC)
+    return Dr, Dq
+
+
+@triton.jit
+def _cols_idft(Gr, Gi, e_t, e_stride, Br, Bi, PREC: tl.constexpr):
+    """(Br, Bi) + E^H @ G with E as in _cols_dft (E symmetric: the slice at e_t is read as E^T) and G = Gr + i Gi."""
+    grh, grl = _split(Gr, PREC)
+    gih, gil = _split(Gi, PREC)
+    Br = _mm(grh, grl, e_t, 2 * e_stride, Br, True, PREC)
+    Br = _mm(-gih, -gil, e_t + e_stride, 2 * e_stride, Br, True, PREC)
+    Bi = _mm(grh, grl, e_t + e_stride, 2 * e_stride, Bi, True, PREC)
+    Bi = _mm(gih, gil, e_t, 2 * e_stride, Bi, True, PREC)
+    return Br, Bi
+
+
+@triton.jit
+def _store_packed(row, ys, kx, w, so_h, Br, Bi, rows_ok):
+    """Rows ys, half-spectrum columns kx of a packed buffer (row: [Re_0, Re_w/2, Re_1, Im_1, ...], w floats;
+    columns 0 and w/2 are real: their Bi is dropped, as irfft drops it)."""
+    pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
+    kx_ok = (kx < w // 2 + 1)[None, :]
+    im_ok = ((kx > 0) & (kx < w // 2))[None, :]
+    tl.store(row + ys[:, None] * so_h + pos_r[None, :], Br, mask=rows_ok & kx_ok)
+    tl.store(row + ys[:, None] * so_h + (2 * kx + 1)[None, :], Bi, mask=rows_ok & im_ok)
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -206,25 +259,13 @@ def _mfl_full_fwd_kernel(
     kx = kb * BKX + tl.arange(0, BKX)
     ky = tl.arange(0, HP)
     ys0 = tl.arange(0, BY)
-    xs0 = tl.arange(0, BW)
     Dr = tl.zeros((HP, BKX), tl.float32)
     Dq = tl.zeros((HP, BKX), tl.float32)  # Dq = -Im D
     for y0 in range(0, h, BY):
-        Ar = tl.zeros((BY, BKX), tl.float32)
-        As = tl.zeros((BY, BKX), tl.float32)  # A = Ar - i As
-        for x0 in range(0, w, BW):
-            xt = _load_diff(p_base, t_base, y0 + ys0, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
-            ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, BKX) slice of Ew^T
-            xh, xl = _split(xt, PREC)
-            Ar = _mm(xh, xl, ew_t, 2 * KXP * WP, Ar, False, PREC)
-            As = _mm(xh, xl, ew_t + KXP * WP, 2 * KXP * WP, As, False, PREC)
+        Ar, As = _rows_dft(p_base, t_base, y0 + ys0, kx, ew_ptr, h, w, sp_h, sp_w, st_h, st_w, mean, std,
+                           BY, BKX, BW, KXP, WP, NORM, T_U8, PREC)
         eh_t = eh_ptr + ky[:, None] * HP + (y0 + ys0)[None, :]  # (HP, BY) slice of Eh
-        arh, arl = _split(Ar, PREC)
-        ash, asl = _split(As, PREC)
-        Dr = _mm(arh, arl, eh_t, 2 * HP * HP, Dr, True, PREC)
-        Dr = _mm(-ash, -asl, eh_t + HP * HP, 2 * HP * HP, Dr, True, PREC)
-        Dq = _mm(ash, asl, eh_t, 2 * HP * HP, Dq, True, PREC)
-        Dq = _mm(arh, arl, eh_t + HP * HP, 2 * HP * HP, Dq, True, PREC)
+        Dr, Dq = _cols_dft(Ar, As, eh_t, HP * HP, Dr, Dq, PREC)
     Dr = Dr * inv_sqrt
     Di = Dq * -inv_sqrt
 
@@ -260,16 +301,10 @@ def _mfl_full_fwd_kernel(
             Gr = tl.load(row + kc[:, None] * so_h + pos_r[None, :], mask=ok & kx_ok, other=0.0)
             Gi = tl.load(row + kc[:, None] * so_h + (2 * kx + 1)[None, :], mask=ok & im_ok, other=0.0)
             Gi += tl.load(side[None, :] + kc[:, None], mask=ok & edge, other=0.0)
-            grh, grl = _split(Gr, PREC)
-            gih, gil = _split(Gi, PREC)
             eh_t = eh_ptr + ky[:, None] * HP + kc[None, :]  # (HP, BKC) slice of Eh^T = Eh (symmetric)
-            Br = _mm(grh, grl, eh_t, 2 * HP * HP, Br, True, PREC)
-            Br = _mm(-gih, -gil, eh_t + HP * HP, 2 * HP * HP, Br, True, PREC)
-            Bi = _mm(grh, grl, eh_t + HP * HP, 2 * HP * HP, Bi, True, PREC)
-            Bi = _mm(gih, gil, eh_t, 2 * HP * HP, Bi, True, PREC)
+            Br, Bi = _cols_idft(Gr, Gi, eh_t, HP * HP, Br, Bi, PREC)
         tl.debug_barrier()  # every chunk of G read before B overwrites it
-        tl.store(row + ky[:, None] * so_h + pos_r[None, :], Br, mask=rows_ok & kx_ok)
-        tl.store(row + ky[:, None] * so_h + (2 * kx + 1)[None, :], Bi, mask=rows_ok & im_ok)
+        _store_packed(row, ky, kx, w, so_h, Br, Bi, rows_ok)
 
 
 @triton.jit
@@ -334,21 +369,10 @@ def _mfl_band_kernel(
     Dr = tl.zeros((RYP, RXP), tl.float32)
     Dq = tl.zeros((RYP, RXP), tl.float32)
     for y0 in range(0, h, BY):
-        Ar = tl.zeros((BY, RXP), tl.float32)
-        As = tl.zeros((BY, RXP), tl.float32)
-        for x0 in range(0, w, BW):
-            xt = _load_diff(p_base, t_base, y0 + ys0, x0 + xs0, h, w, sp_h, sp_w, st_h, st_w, mean, std, NORM, T_U8)
-            ew_t = ew_ptr + kx[None, :] * WP + (x0 + xs0)[:, None]  # (BW, RXP) slice of Ew^T
-            xh, xl = _split(xt, PREC)
-            Ar = _mm(xh, xl, ew_t, 2 * KXP * WP, Ar, False, PREC)
-            As = _mm(xh, xl, ew_t + KXP * WP, 2 * KXP * WP, As, False, PREC)
+        Ar, As = _rows_dft(p_base, t_base, y0 + ys0, kx, ew_ptr, h, w, sp_h, sp_w, st_h, st_w, mean, std,
+                           BY, RXP, BW, KXP, WP, NORM, T_U8, PREC)
         eb_t = eb_ptr + j[:, None] * HP + (y0 + ys0)[None, :]  # (RYP, BY) slice of the band rows of Eh
-        arh, arl = _split(Ar, PREC)
-        ash, asl = _split(As, PREC)
-        Dr = _mm(arh, arl, eb_t, 2 * RYP * HP, Dr, True, PREC)
-        Dr = _mm(-ash, -asl, eb_t + RYP * HP, 2 * RYP * HP, Dr, True, PREC)
-        Dq = _mm(ash, asl, eb_t, 2 * RYP * HP, Dq, True, PREC)
-        Dq = _mm(arh, arl, eb_t + RYP * HP, 2 * RYP * HP, Dq, True, PREC)
+        Dr, Dq = _cols_dft(Ar, As, eb_t, RYP * HP, Dr, Dq, PREC)
     Dr = Dr * inv_sqrt
     Di = Dq * -inv_sqrt
 
@@ -359,17 +383,12 @@ def _mfl_band_kernel(
     partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
     tl.store(part_ptr, partial)
     if NEED_GRAD:
-        grh, grl = _split(coef * Dr, PREC)
-        gih, gil = _split(coef * Di, PREC)
         o_base = out_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
         for y0 in range(0, h, BY):
             ys = y0 + ys0
             ebT = eb_ptr + j[None, :] * HP + ys[:, None]  # (BY, RYP) slice of Eh_band^T
             zero = tl.zeros((BY, RXP), tl.float32)
-            Br = _mm(grh, grl, ebT, 2 * RYP * HP, zero, True, PREC)
-            Br = _mm(-gih, -gil, ebT + RYP * HP, 2 * RYP * HP, Br, True, PREC)
-            Bi = _mm(grh, grl, ebT + RYP * HP, 2 * RYP * HP, zero, True, PREC)
-            Bi = _mm(gih, gil, ebT, 2 * RYP * HP, Bi, True, PREC)
+            Br, Bi = _cols_idft(coef * Dr, coef * Di, ebT, RYP * HP, zero, zero, PREC)
             brh, brl = _split(Br, PREC)
             bih, bil = _split(Bi, PREC)
             for x0 in range(0, w, BW):
