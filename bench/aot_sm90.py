@@ -5,7 +5,8 @@
 Runs triton.compile on the kernels of kernels/masked_freq_loss.py and kernels/corrupt.py with their
 launchers' default block sizes for CUDA compute capability ``--arch`` (Hopper: 90), so a CPU-only machine can see
 whether a change still fits shared memory and what Triton made of the GEMMs. For each kernel it prints
-the shared memory, the tensor-core instructions in the PTX and, in the TTGIR, how many dots start from
+the shared memory, the tensor-core instructions in the PTX, registers and spills (Triton's ptxas -v,
+without Triton's own ptxas flags, so close to but not exactly the launch build) and, in the TTGIR, how many dots start from
 a zero accumulator: for the loss with precision tf32x3 every group of three tf32 products must (a third
 of all dots), so that the MMA's round-toward-zero never sees the running sum (see tests/tensor_core_emulation.py).
 TRITON_INTERPRET must be unset (the script unsets it before importing triton).
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +59,13 @@ def loss_specs(size: int, precision: str, band: int = mfl.BAND_MAX) -> dict:
     cfg = mfl._config(size, size)
     common = dict(NORM=True, T_U8=False, NEED_GRAD=True, GAMMA_MODE=0, PREC=precision)
     shape = dict(HP=cfg["HP"], KXP=cfg["KXP"], WP=cfg["WP"])
+    factored = {}
+    if mfl._factored(size):
+        factored["fact_fwd"] = (mfl._mfl_fact_fwd_kernel, dict(P=mfl.FACTOR, PP=8, Q=size // mfl.FACTOR, KXP=cfg["KXP"],
+                                                               WP=cfg["WP"], BKX=cfg["BKX"], BW=cfg["BW"],
+                                                               HAS_MASK=True, BAND=True, **common), cfg["fwd_warps"])
     return {
+        **factored,
         "full_fwd": (mfl._mfl_full_fwd_kernel, dict(**shape, BKX=cfg["BKX"], BY=cfg["BY"], BW=cfg["BW"],
                                                     BKC=cfg["BKC"], HAS_MASK=True, BAND=True, **common),
                      cfg["fwd_warps"]),
@@ -95,8 +104,24 @@ def dot_structure(ttgir: str) -> tuple[int, int]:
     return len(dots), sum(acc in zeros for _, _, acc in dots)
 
 
+def ptxas_usage(ptx: str, arch: int) -> tuple:
+    """(registers, spill store bytes) that Triton's bundled ptxas reports for the PTX, or (None, None)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        suffix = "a" if arch >= 90 else ""
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=300).stderr
+        os.unlink(f.name)
+        regs, spills = re.search(r"Used (\d+) registers", out), re.search(r"(\d+) bytes spill stores", out)
+        return int(regs.group(1)), int(spills.group(1)) if spills else 0
+    except Exception:  # ptxas missing or a different Triton layout: the columns stay empty
+        return None, None
+
+
 def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=("loss", "corrupt")) -> dict:
-    """name -> dict(shared, wgmma, mma_sync, dots, zero_started, ttgir) for each kernel of the chosen ops."""
+    """name -> dict(shared, wgmma, mma_sync, dots, zero_started, registers, spill_bytes, ttgir) per kernel."""
     out = {}
     for name, fn, constexprs, warps, stages in kernel_specs(size, precision, ops):
         options = dict(num_warps=warps, **({} if stages is None else {"num_stages": stages}))
@@ -104,8 +129,10 @@ def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=
                                   target=GPUTarget("cuda", arch, 32), options=options)
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         dots, zero_started = dot_structure(ttgir)
+        regs, spills = ptxas_usage(ptx, arch)
         out[name] = dict(shared=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
-                         mma_sync=ptx.count("mma.sync"), dots=dots, zero_started=zero_started, ttgir=ttgir)
+                         mma_sync=ptx.count("mma.sync"), dots=dots, zero_started=zero_started, registers=regs,
+                         spill_bytes=spills, ttgir=ttgir)
     return out
 
 
@@ -119,10 +146,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     results = compile_all(args.size, args.precision, args.arch, args.ops)
     print(f"sm_{args.arch}, {args.size} x {args.size}, precision={args.precision}")
-    print(f"{'kernel':16s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s}")
+    print(f"{'kernel':16s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s} "
+          f"{'registers':>9s} {'spill B':>7s}")
     for name, r in results.items():
         print(f"{name:16s} {r['shared'] / 1024:10.1f} {r['wgmma']:6d} {r['mma_sync']:8d} {r['dots']:5d} "
-              f"{r['zero_started']:12d}")
+              f"{r['zero_started']:12d} {r['registers'] or '-':>9} {r['spill_bytes'] if r['registers'] else '-':>7}")
         if args.dump:
             os.makedirs(args.dump, exist_ok=True)
             with open(os.path.join(args.dump, f"{name}.ttgir"), "w", encoding="utf-8") as f:

@@ -3,8 +3,8 @@
     python bench/tune_loss.py            # B=256, 3x224x224, r1=16, fp32 pred, normalize_target
 
 Times loss forward + backward (triton.testing.do_bench, L2 cleared per rep) for the torch backend,
-the Triton backend with and without the mask_band promise in each precision mode, and a few block
-configurations of the full path, next to 1.5 copies of the batch (read pred, read x, write grad)
+the Triton backend with the H transform factored (7 x 2^k sizes) and direct, with and without the
+mask_band promise, in each precision mode, and a few block configurations of the full path, next to 1.5 copies of the batch (read pred, read x, write grad)
 measured in the same run. Every variant's loss and gradient are compared with the torch backend.
 """
 
@@ -59,17 +59,21 @@ def main(argv=None) -> int:
             print(f"{label:<44} failed: {type(exc).__name__}: {str(exc)[:100]}")
 
     bench("torch", backend="torch")
-    for band in (args.r1, None):
-        for prec in ("tf32x3", "tf32", "bf16"):
-            bench(f"triton mask_band={band} precision={prec}", backend="triton", mask_band=band, precision=prec)
-    base = K._config
+    base, factor_h = K._config, K.FACTOR_H
     try:
-        for bkx, warps, stages in [(16, 4, 2), (32, 4, 2), (32, 8, 1), (32, 8, 3)]:
+        for fact in (True, False):  # the H transform factored 7 x 2^k (the default where it applies) or direct
+            K.FACTOR_H = fact
+            for band in (args.r1, None):
+                for prec in ("tf32x3", "tf32", "bf16"):
+                    bench(f"triton H={'factored' if fact else 'direct'} mask_band={band} precision={prec}",
+                          backend="triton", mask_band=band, precision=prec)
+        K.FACTOR_H = factor_h
+        for bkx, warps, stages in [(16, 4, 2), (32, 4, 2), (32, 8, 1), (32, 8, 3), (16, 8, 2), (16, 4, 3)]:
             K._config = lambda h, w, b=bkx, nw=warps, ns=stages: {**base(h, w), "BKX": b, "fwd_warps": nw,
                                                                  "num_stages": ns}
             bench(f"triton full path BKX={bkx} warps={warps} stages={stages}", backend="triton")
     finally:
-        K._config = base
+        K._config, K.FACTOR_H = base, factor_h
     return 0
 
 

@@ -21,6 +21,12 @@ Launches (all in the forward; backward only scales the saved gradient by grad_ou
   BKC-row chunks; B (whose columns 0 and w/2 are real) is then written packed over G.
   ``_mfl_full_inv_kernel``, grid (h / BYV, planes): gradient rows = the inverse along W of the
   packed rows, written over them (fp32) or into the low-precision gradient.
+- factored full path (h = 7 x 2^k, 2^k >= 16: 112, 224; ``FACTOR_H``): ``_mfl_fact_fwd_kernel``
+  replaces ``_mfl_full_fwd_kernel``: Cooley-Tukey along H, rows y = n1 + 7 n2, frequencies
+  ky = k1 + Q k2: 7 Q-point DFT GEMMs (Q = h / 7) and the twiddle-and-7-point step in fp32 on the
+  CUDA cores, so about 1/7 of the direct path's MMAs along H; G stays in registers and B goes
+  straight to the packed rows (the tf32x3 MMAs per 224 plane: 77 + 22 + 22 + 88 MFLOP instead of
+  77 + 176 + 176 + 88).
 - band path (``mask_band=R``, a promise that the mask equals its corner m[n, 0, 0] outside the
   centred box |ky|, |kx| < R): planes whose corner is 1 (high-pass MFM images) have weight only
   in the box, so ``_mfl_band_kernel``, grid (planes,), computes D on the (2R-1) x R band and the
@@ -39,6 +45,7 @@ Extra memory: the gradient, plus an fp32 copy of it for bf16 / fp16 pred, and O(
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -109,8 +116,17 @@ def _sym_weight(m_base, sm_h, sm_w, ky, kx, valid, h, w):
 
 
 @triton.jit
-def _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE: tl.constexpr):
-    """(partial loss sum colw c d, coefficient of D in G): d = s2^(gamma/2), G = coef * D."""
+def _loss_terms(Dr, Di, m_base, sm_h, sm_w, ky, kx, valid, h, w, scale_ptr, part_ptr, gamma, inv_sqrt,
+                HAS_MASK: tl.constexpr, GAMMA_MODE: tl.constexpr):
+    """Stores this program's loss partial sum(colw c d) at part_ptr and returns coef, G = coef * D:
+    d = s2^(gamma/2), c = the symmetrised removed weight (1 without a mask), colw = 1 at kx = 0, w/2 else 2;
+    ky, kx, valid broadcast to D's shape."""
+    if HAS_MASK:
+        c = _sym_weight(m_base, sm_h, sm_w, ky, kx, valid, h, w)
+    else:
+        c = tl.where(valid, 1.0, 0.0)
+    colw = tl.where((kx == 0) | (kx == w // 2), 1.0, 2.0)
+    scale = tl.load(scale_ptr)
     s2 = Dr * Dr + Di * Di + 1e-12
     if GAMMA_MODE == 1:
         d = tl.sqrt(s2)
@@ -122,9 +138,8 @@ def _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE: tl.constexp
         lg = tl.log(s2)
         d = tl.exp((0.5 * gamma) * lg)
         slope = tl.exp((0.5 * gamma - 1.0) * lg)
-    partial = tl.sum(colw * c * d)
-    coef = (c * (scale * gamma)) * slope * (colw * inv_sqrt)
-    return partial, coef
+    tl.store(part_ptr, tl.sum(colw * c * d))
+    return (c * (scale * gamma)) * slope * (colw * inv_sqrt)
 
 
 @triton.jit
@@ -231,6 +246,21 @@ def _store_packed(row, ys, kx, w, so_h, Br, Bi, rows_ok):
     tl.store(row + ys[:, None] * so_h + (2 * kx + 1)[None, :], Bi, mask=rows_ok & im_ok)
 
 
+@triton.jit
+def _full_path_plane(m_ptr, p_ptr, t_ptr, stat_ptr, plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h,
+                     st_w, sm_n, sm_h, sm_w, NORM: tl.constexpr, BAND: tl.constexpr):
+    """(mask, pred and target bases of the plane, target mean and std, band_plane): band_plane when BAND and
+    the plane's mask corner is 1 (the band kernel's plane)."""
+    m_base = m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)
+    band_plane = False
+    if BAND:
+        band_plane = tl.load(m_base).to(tl.float32) == 1.0
+    p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
+    t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
+    mean, std = _target_stats(stat_ptr, plane, C, PF, NORM)
+    return m_base, p_base, t_base, mean, std, band_plane
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -247,14 +277,12 @@ def _mfl_full_fwd_kernel(
     kb = tl.program_id(0)
     plane = tl.program_id(1)
     part_ptr += plane * tl.num_programs(0) + kb
-    m_base = m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)
-    if BAND:
-        if tl.load(m_base).to(tl.float32) == 1.0:  # a band plane: _mfl_band_kernel owns it
-            tl.store(part_ptr, 0.0)
-            return
-    p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
-    t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
-    mean, std = _target_stats(stat_ptr, plane, C, PF, NORM)
+    m_base, p_base, t_base, mean, std, band_plane = _full_path_plane(
+        m_ptr, p_ptr, t_ptr, stat_ptr, plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sm_n,
+        sm_h, sm_w, NORM, BAND)
+    if band_plane:  # _mfl_band_kernel owns it
+        tl.store(part_ptr, 0.0)
+        return
 
     kx = kb * BKX + tl.arange(0, BKX)
     ky = tl.arange(0, HP)
@@ -270,14 +298,8 @@ def _mfl_full_fwd_kernel(
     Di = Dq * -inv_sqrt
 
     valid = (ky[:, None] < h) & (kx[None, :] < w // 2 + 1)
-    if HAS_MASK:
-        c = _sym_weight(m_base, sm_h, sm_w, ky[:, None], kx[None, :], valid, h, w)
-    else:
-        c = tl.where(valid, 1.0, 0.0)
-    colw = tl.where((kx == 0) | (kx == w // 2), 1.0, 2.0)[None, :]
-    scale = tl.load(scale_ptr)
-    partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
-    tl.store(part_ptr, partial)
+    coef = _loss_terms(Dr, Di, m_base, sm_h, sm_w, ky[:, None], kx[None, :], valid, h, w, scale_ptr, part_ptr, gamma,
+                       inv_sqrt, HAS_MASK, GAMMA_MODE)
     if NEED_GRAD:
         # G goes through this program's own packed columns of ws (Im G of columns 0 and w/2, which
         # have no packed slot, through `side`), so that the inverse along H can stream it in chunks
@@ -305,6 +327,69 @@ def _mfl_full_fwd_kernel(
             Br, Bi = _cols_idft(Gr, Gi, eh_t, HP * HP, Br, Bi, PREC)
         tl.debug_barrier()  # every chunk of G read before B overwrites it
         _store_packed(row, ky, kx, w, so_h, Br, Bi, rows_ok)
+
+
+@triton.jit
+def _mfl_fact_fwd_kernel(
+        p_ptr, t_ptr, m_ptr, ws_ptr, part_ptr, scale_ptr, stat_ptr, ew_ptr, eq_ptr, tw_ptr,
+        C, PF, h, w,
+        sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sm_n, sm_h, sm_w, so_n, so_c, so_h,
+        inv_sqrt, gamma,
+        P: tl.constexpr, PP: tl.constexpr, Q: tl.constexpr, KXP: tl.constexpr, WP: tl.constexpr,
+        BKX: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr, BAND: tl.constexpr, NORM: tl.constexpr,
+        T_U8: tl.constexpr, NEED_GRAD: tl.constexpr, GAMMA_MODE: tl.constexpr, PREC: tl.constexpr):
+    """The full path's forward for h = P Q (P = 7, Q = 2^k >= 16), the transform along H factored:
+    rows y = n1 + P n2, frequencies ky = k1 + Q k2 (k2 < P, padded to PP), so
+        D[ky] = sum_n1 W_h^(ky n1) C_n1[k1],   C_n1 = Eq @ A[n1 + P n2, :]   (Q-point DFT GEMMs)
+        B[n1 + P n2] = Eq^H @ (sum_k2 conj(W_h^(ky n1)) G[ky])
+    with the twiddles tw = W_h^(ky n1) (PP x Q per n1, zero for k2 >= P) applied in fp32 on the CUDA cores.
+    About a seventh of the direct path's MMAs along H, and G never leaves registers. Same outputs as
+    _mfl_full_fwd_kernel: the loss partial and packed B in ws."""
+    kb = tl.program_id(0)
+    plane = tl.program_id(1)
+    part_ptr += plane * tl.num_programs(0) + kb
+    m_base, p_base, t_base, mean, std, band_plane = _full_path_plane(
+        m_ptr, p_ptr, t_ptr, stat_ptr, plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h, st_w, sm_n,
+        sm_h, sm_w, NORM, BAND)
+    if band_plane:  # _mfl_band_kernel owns it
+        tl.store(part_ptr, 0.0)
+        return
+
+    kx = kb * BKX + tl.arange(0, BKX)
+    q = tl.arange(0, Q)    # n2 of a row, k1 of a frequency
+    k2 = tl.arange(0, PP)
+    eq_t = eq_ptr + q[:, None] * Q + q[None, :]  # the (symmetric) Q-point DFT table
+    tw_off = k2[:, None] * Q + q[None, :]        # (PP, Q) twiddles of one n1
+    zero = tl.zeros((Q, BKX), tl.float32)
+    Dr = tl.zeros((PP, Q, BKX), tl.float32)
+    Dq = tl.zeros((PP, Q, BKX), tl.float32)  # Dq = -Im D
+    for n1 in range(0, P):
+        Ar, As = _rows_dft(p_base, t_base, n1 + P * q, kx, ew_ptr, h, w, sp_h, sp_w, st_h, st_w, mean, std,
+                           Q, BKX, BW, KXP, WP, NORM, T_U8, PREC)
+        Cr, Cq = _cols_dft(Ar, As, eq_t, Q * Q, zero, zero, PREC)  # C = Cr - i Cq
+        wc = tl.load(tw_ptr + n1 * PP * Q + tw_off)[:, :, None]            # W = wc - i ws
+        wsn = tl.load(tw_ptr + (P + n1) * PP * Q + tw_off)[:, :, None]
+        Dr += wc * Cr[None, :, :] - wsn * Cq[None, :, :]
+        Dq += wc * Cq[None, :, :] + wsn * Cr[None, :, :]
+    Dr = Dr * inv_sqrt
+    Di = Dq * -inv_sqrt
+
+    ky = (q[None, :] + Q * k2[:, None])[:, :, None]
+    kx3 = kx[None, None, :]
+    valid = (k2 < P)[:, None, None] & (kx3 < w // 2 + 1)
+    coef = _loss_terms(Dr, Di, m_base, sm_h, sm_w, ky, kx3, valid, h, w, scale_ptr, part_ptr, gamma, inv_sqrt,
+                       HAS_MASK, GAMMA_MODE)
+    if NEED_GRAD:
+        Gr = coef * Dr
+        Gi = coef * Di
+        row = ws_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+        for n1 in range(0, P):
+            wc = tl.load(tw_ptr + n1 * PP * Q + tw_off)[:, :, None]            # conj(W) = wc + i ws
+            wsn = tl.load(tw_ptr + (P + n1) * PP * Q + tw_off)[:, :, None]
+            Hr = tl.sum(wc * Gr - wsn * Gi, axis=0)
+            Hi = tl.sum(wc * Gi + wsn * Gr, axis=0)
+            Br, Bi = _cols_idft(Hr, Hi, eq_t, Q * Q, zero, zero, PREC)
+            _store_packed(row, n1 + P * q, kx, w, so_h, Br, Bi, (q < Q)[:, None])
 
 
 @triton.jit
@@ -377,11 +462,8 @@ def _mfl_band_kernel(
     Di = Dq * -inv_sqrt
 
     valid = (j[:, None] < 2 * R - 1) & (kx[None, :] < w // 2 + 1)
-    c = _sym_weight(m_base, sm_h, sm_w, j[:, None] - (R - 1), kx[None, :], valid, h, w)
-    colw = tl.where((kx == 0) | (kx == w // 2), 1.0, 2.0)[None, :]
-    scale = tl.load(scale_ptr)
-    partial, coef = _loss_terms(Dr, Di, c, colw, scale, gamma, inv_sqrt, GAMMA_MODE)
-    tl.store(part_ptr, partial)
+    coef = _loss_terms(Dr, Di, m_base, sm_h, sm_w, j[:, None] - (R - 1), kx[None, :], valid, h, w, scale_ptr,
+                       part_ptr, gamma, inv_sqrt, True, GAMMA_MODE)
     if NEED_GRAD:
         o_base = out_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
         for y0 in range(0, h, BY):
@@ -432,6 +514,28 @@ def _table(precision: str, *args) -> torch.Tensor:
     return table.to(torch.bfloat16) if precision == "bf16" else table
 
 
+FACTOR = 7  # the H transform is factored for h = 7 * 2^k (2^k >= 16: 112, 224)
+FACTOR_H = True  # False: the direct transform at every size (bench/tune_loss.py compares the two)
+
+
+def _factored(h: int) -> bool:
+    q = h // FACTOR
+    return h % FACTOR == 0 and q >= 16 and q & (q - 1) == 0
+
+
+@functools.lru_cache(maxsize=16)
+def _twiddles(h: int, device: torch.device) -> torch.Tensor:
+    """(2, P, PP, Q) fp32 [cos; sin] of 2 pi ky n1 / h for ky = k1 + Q k2, n1 < P = 7, k2 < PP = 8, k1 < Q = h / 7;
+    zero for k2 >= P. Exact integer phases in float64, then cast (cached)."""
+    q = h // FACTOR
+    n1 = torch.arange(FACTOR, dtype=torch.int64)[:, None, None]
+    ky = (torch.arange(q)[None, None, :] + q * torch.arange(8)[None, :, None]).to(torch.int64)
+    angle = (ky * n1).remainder(h).to(torch.float64) * (2 * math.pi / h)
+    keep = (torch.arange(8) < FACTOR).to(torch.float64)[None, :, None]
+    table = torch.stack([torch.cos(angle) * keep, torch.sin(angle) * keep])
+    return table.to(device=device, dtype=torch.float32).contiguous()
+
+
 def _gamma_mode(gamma: float) -> int:
     return 1 if gamma == 1.0 else (2 if gamma == 2.0 else 0)
 
@@ -480,7 +584,7 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
     if precision == "bf16" and triton_interpreted():
         precision = "bf16_emulated"
     ew = _table(precision, w, 0, w // 2 + 1, KXP, WP, dev)
-    eh = _table(precision, h, 0, h, HP, HP, dev)
+    factored = FACTOR_H and _factored(h)
     n_kb = KXP // cfg["BKX"]
     partials = torch.empty(planes * (n_kb + int(band)), dtype=torch.float32, device=dev)
     grad = pred.new_empty(pred.shape) if need_grad else pred.new_empty(0)
@@ -491,11 +595,20 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
     common = dict(NORM=norm, T_U8=target.dtype == torch.uint8, NEED_GRAD=need_grad,
                   GAMMA_MODE=_gamma_mode(loss_gamma), PREC=precision)
     strides = (*pred.stride(), *target.stride(), *sm, *so)
-    side = torch.empty(planes * 2 * HP if need_grad else 0, dtype=torch.float32, device=dev)
-    _mfl_full_fwd_kernel[(n_kb, planes)](
-        pred, target, m, ws, side, partials, scale, stats, ew, eh, C, pf, h, w, *strides, 1.0 / (h * w) ** 0.5,
-        float(loss_gamma), HP=HP, KXP=KXP, WP=WP, BKX=cfg["BKX"], BY=BY, BW=cfg["BW"], BKC=cfg["BKC"],
-        HAS_MASK=mask is not None, BAND=band, **common, num_warps=cfg["fwd_warps"], num_stages=stages)
+    if factored:
+        q = h // FACTOR
+        _mfl_fact_fwd_kernel[(n_kb, planes)](
+            pred, target, m, ws, partials, scale, stats, ew, _table(precision, q, 0, q, q, q, dev), _twiddles(h, dev),
+            C, pf, h, w, *strides, 1.0 / (h * w) ** 0.5, float(loss_gamma), P=FACTOR, PP=8, Q=q, KXP=KXP, WP=WP,
+            BKX=cfg["BKX"], BW=cfg["BW"], HAS_MASK=mask is not None, BAND=band, **common,
+            num_warps=cfg["fwd_warps"], num_stages=stages)
+    else:
+        side = torch.empty(planes * 2 * HP if need_grad else 0, dtype=torch.float32, device=dev)
+        _mfl_full_fwd_kernel[(n_kb, planes)](
+            pred, target, m, ws, side, partials, scale, stats, ew, _table(precision, h, 0, h, HP, HP, dev), C, pf, h,
+            w, *strides, 1.0 / (h * w) ** 0.5, float(loss_gamma), HP=HP, KXP=KXP, WP=WP, BKX=cfg["BKX"], BY=BY,
+            BW=cfg["BW"], BKC=cfg["BKC"], HAS_MASK=mask is not None, BAND=band, **common,
+            num_warps=cfg["fwd_warps"], num_stages=stages)
     if need_grad:
         _mfl_full_inv_kernel[(triton.cdiv(h, cfg["BYV"]), planes)](
             ws, grad, m, ew, C, pf, h, w, *sm, *so, KXP=KXP, WP=WP, BY=cfg["BYV"], BX=cfg["BX"], BAND=band,

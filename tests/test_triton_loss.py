@@ -77,6 +77,26 @@ def test_matches_reference(shape, case):
     _check(pred, target, mask, **kw)
 
 
+FACTORED = [dict(), dict(loss_gamma=0.5, normalize_target=True), dict(reduction="sum", loss_gamma=2.0),
+            dict(mask_band="r1", reduction="mean"), dict(patch_factor=2, loss_gamma=0.5)]
+
+
+@pytest.mark.parametrize("factor_h", [True, False], ids=["factored", "direct"])
+@pytest.mark.parametrize("case", FACTORED, ids=_case_id)
+def test_h_transform_factored_7x16_matches_reference(case, factor_h, monkeypatch):
+    """h = 112 = 7 x 16: _mfl_fact_fwd_kernel (the default there) and the direct kernel, both on the reference."""
+    import kernels.masked_freq_loss as K
+    monkeypatch.setattr(K, "FACTOR_H", factor_h)
+    kw = dict(case)
+    pf = kw.get("patch_factor", 1)
+    shape = (2, 3, 112 * pf, 48 * pf)
+    pred, target = _inputs(shape, pixels=bool(kw.get("normalize_target")))
+    mask = mfm_fast.make_masks(2, 112, 48, r1=6, low=torch.tensor([True, False]), device=DEVICE).repeat(1, pf, pf)
+    if kw.get("mask_band") == "r1":
+        kw["mask_band"] = 6
+    _check(pred, target, mask, **kw)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(mask_band=2), dict(reduction="sum", loss_gamma=0.5)], ids=_case_id)
 def test_patch_factor(kw):
     shape = (2, 3, 16, 24)
