@@ -59,11 +59,13 @@ def loss_specs(size: int, precision: str, band: int = mfl.BAND_MAX) -> dict:
     cfg = mfl._config(size, size)
     common = dict(NORM=True, T_U8=False, NEED_GRAD=True, GAMMA_MODE=0, PREC=precision)
     shape = dict(HP=cfg["HP"], KXP=cfg["KXP"], WP=cfg["WP"])
-    factored = {}
-    if mfl._factored(size):
-        factored["fact_fwd"] = (mfl._mfl_fact_fwd_kernel, dict(P=mfl.FACTOR, PP=8, Q=size // mfl.FACTOR, KXP=cfg["KXP"],
-                                                               WP=cfg["WP"], BKX=cfg["BKX"], BW=cfg["BW"],
-                                                               HAS_MASK=True, BAND=True, **common), cfg["fwd_warps"])
+    factored, q = {}, size // mfl.FACTOR
+    if mfl._factored(size):  # the square planes here: H and W both factored
+        factored["fact_fwd"] = (mfl._mfl_fact_fwd_kernel, dict(P=mfl.FACTOR, PP=8, Q=q, KXP=cfg["KXP"], WP=cfg["WP"],
+                                                               BKX=cfg["BKX"], BW=cfg["BW"], HAS_MASK=True, BAND=True,
+                                                               **common), cfg["fwd_warps"])
+        factored["fact_inv"] = (mfl._mfl_fact_inv_kernel, dict(P=mfl.FACTOR, PP=8, Q=q, K2=cfg["KXP"] // q,
+                                                               BY=cfg["BYV"], BAND=True, PREC=precision), cfg["warps"])
     return {
         **factored,
         "full_fwd": (mfl._mfl_full_fwd_kernel, dict(**shape, BKX=cfg["BKX"], BY=cfg["BY"], BW=cfg["BW"],

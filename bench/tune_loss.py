@@ -3,7 +3,7 @@
     python bench/tune_loss.py            # B=256, 3x224x224, r1=16, fp32 pred, normalize_target
 
 Times loss forward + backward (triton.testing.do_bench, L2 cleared per rep) for the torch backend,
-the Triton backend with the H transform factored (7 x 2^k sizes) and direct, with and without the
+the Triton backend with the transforms along H and W factored (7 x 2^k sizes) or direct, with and without the
 mask_band promise, in each precision mode, and a few block configurations of the full path, next to 1.5 copies of the batch (read pred, read x, write grad)
 measured in the same run. Every variant's loss and gradient are compared with the torch backend.
 """
@@ -54,26 +54,26 @@ def main(argv=None) -> int:
             err = max(float((loss - ref_loss).abs() / ref_loss.abs()),
                       float((grad - ref_grad).abs().max() / ref_grad.abs().max()))
             ms = triton.testing.do_bench(lambda: run(**kw))
-            print(f"{label:<44} {ms:8.4f} ms  {ms / floor:6.2f}x floor  max rel err vs torch {err:.1e}")
+            print(f"{label:<56} {ms:8.4f} ms  {ms / floor:6.2f}x floor  max rel err vs torch {err:.1e}")
         except Exception as exc:  # report and go on: one failing variant must not hide the others
-            print(f"{label:<44} failed: {type(exc).__name__}: {str(exc)[:100]}")
+            print(f"{label:<56} failed: {type(exc).__name__}: {str(exc)[:100]}")
 
     bench("torch", backend="torch")
-    base, factor_h = K._config, K.FACTOR_H
+    base, factors = K._config, (K.FACTOR_H, K.FACTOR_W)
     try:
-        for fact in (True, False):  # the H transform factored 7 x 2^k (the default where it applies) or direct
-            K.FACTOR_H = fact
+        for fact_h, fact_w in ((True, True), (True, False), (False, True), (False, False)):  # 7 x 2^k factored
+            K.FACTOR_H, K.FACTOR_W = fact_h, fact_w
             for band in (args.r1, None):
-                for prec in ("tf32x3", "tf32", "bf16"):
-                    bench(f"triton H={'factored' if fact else 'direct'} mask_band={band} precision={prec}",
-                          backend="triton", mask_band=band, precision=prec)
-        K.FACTOR_H = factor_h
+                for prec in ("tf32x3", "tf32", "bf16") if fact_h == fact_w else ("tf32x3",):
+                    bench(f"triton H={'fact' if fact_h else 'direct'} W={'fact' if fact_w else 'direct'} "
+                          f"mask_band={band} precision={prec}", backend="triton", mask_band=band, precision=prec)
+        K.FACTOR_H, K.FACTOR_W = factors
         for bkx, warps, stages in [(16, 4, 2), (32, 4, 2), (32, 8, 1), (32, 8, 3), (16, 8, 2), (16, 4, 3)]:
             K._config = lambda h, w, b=bkx, nw=warps, ns=stages: {**base(h, w), "BKX": b, "fwd_warps": nw,
                                                                  "num_stages": ns}
             bench(f"triton full path BKX={bkx} warps={warps} stages={stages}", backend="triton")
     finally:
-        K._config, K.FACTOR_H = base, factor_h
+        K._config, (K.FACTOR_H, K.FACTOR_W) = base, factors
     return 0
 
 

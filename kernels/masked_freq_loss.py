@@ -21,12 +21,13 @@ Launches (all in the forward; backward only scales the saved gradient by grad_ou
   BKC-row chunks; B (whose columns 0 and w/2 are real) is then written packed over G.
   ``_mfl_full_inv_kernel``, grid (h / BYV, planes): gradient rows = the inverse along W of the
   packed rows, written over them (fp32) or into the low-precision gradient.
-- factored full path (h = 7 x 2^k, 2^k >= 16: 112, 224; ``FACTOR_H``): ``_mfl_fact_fwd_kernel``
-  replaces ``_mfl_full_fwd_kernel``: Cooley-Tukey along H, rows y = n1 + 7 n2, frequencies
-  ky = k1 + Q k2: 7 Q-point DFT GEMMs (Q = h / 7) and the twiddle-and-7-point step in fp32 on the
-  CUDA cores, so about 1/7 of the direct path's MMAs along H; G stays in registers and B goes
-  straight to the packed rows (the tf32x3 MMAs per 224 plane: 77 + 22 + 22 + 88 MFLOP instead of
-  77 + 176 + 176 + 88).
+- factored full path (lengths 7 x 2^k, 2^k >= 16: 112, 224): Cooley-Tukey 7 x Q, Q-point DFT GEMMs
+  (Q = n / 7) and the twiddle-and-7-point step in fp32 on the CUDA cores. ``_mfl_fact_fwd_kernel``
+  replaces ``_mfl_full_fwd_kernel`` when h = 7 Q (``FACTOR_H``): rows y = n1 + 7 n2, frequencies
+  ky = k1 + Q k2, about 1/7 of the direct MMAs along H, G stays in registers and B goes straight to
+  the packed rows; ``_mfl_fact_inv_kernel`` replaces ``_mfl_full_inv_kernel`` when w = 7 Q
+  (``FACTOR_W``): a quarter of its MMAs. tf32x3 MMAs per 224 plane, forward W + forward H + inverse
+  H + inverse W: 77 + 22 + 22 + 19 = 140 MFLOP instead of 77 + 176 + 176 + 88 = 517.
 - band path (``mask_band=R``, a promise that the mask equals its corner m[n, 0, 0] outside the
   centred box |ky|, |kx| < R): planes whose corner is 1 (high-pass MFM images) have weight only
   in the box, so ``_mfl_band_kernel``, grid (planes,), computes D on the (2R-1) x R band and the
@@ -261,6 +262,15 @@ def _full_path_plane(m_ptr, p_ptr, t_ptr, stat_ptr, plane, C, PF, h, w, sp_n, sp
     return m_base, p_base, t_base, mean, std, band_plane
 
 
+@triton.jit
+def _load_packed(row, kx, w, rows_ok):
+    """(Br, Bi) at half-spectrum columns kx of packed rows (the layout of _store_packed; Bi = 0 at 0, w/2)."""
+    pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
+    Br = tl.load(row + pos_r, mask=rows_ok & (kx < w // 2 + 1), other=0.0)
+    Bi = tl.load(row + (2 * kx + 1), mask=rows_ok & ((kx > 0) & (kx < w // 2)), other=0.0)
+    return Br, Bi
+
+
 # ---------------------------------------------------------------- kernels
 
 
@@ -409,10 +419,7 @@ def _mfl_full_inv_kernel(
     ys = yb * BY + tl.arange(0, BY)
     kx = tl.arange(0, KXP)
     rows_ok = ys[:, None] < h
-    pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
-    row = ws_ptr + off + ys[:, None] * so_h
-    Br = tl.load(row + pos_r[None, :], mask=rows_ok & (kx < w // 2 + 1)[None, :], other=0.0)
-    Bi = tl.load(row + (2 * kx + 1)[None, :], mask=rows_ok & ((kx > 0) & (kx < w // 2))[None, :], other=0.0)
+    Br, Bi = _load_packed(ws_ptr + off + ys[:, None] * so_h, kx[None, :], w, rows_ok)
     tl.debug_barrier()  # in place: all loads of the block before the first store
     brh, brl = _split(Br, PREC)
     bih, bil = _split(Bi, PREC)
@@ -423,6 +430,44 @@ def _mfl_full_inv_kernel(
         ew = ew_ptr + kx[:, None] * WP + xs[None, :]  # (KXP, BX) slice of Ew
         g = _mm(brh, brl, ew, 2 * KXP * WP, tl.zeros((BY, BX), tl.float32), False, PREC)
         g = _mm(-bih, -bil, ew + KXP * WP, 2 * KXP * WP, g, False, PREC)
+        tl.store(out_row + xs[None, :], g.to(out_ptr.dtype.element_ty), mask=rows_ok & (xs < w)[None, :])
+
+
+@triton.jit
+def _mfl_fact_inv_kernel(
+        ws_ptr, out_ptr, m_ptr, eq_ptr, tw_ptr, C, PF, h, w, sm_n, sm_h, sm_w, so_n, so_c, so_h,
+        P: tl.constexpr, PP: tl.constexpr, Q: tl.constexpr, K2: tl.constexpr, BY: tl.constexpr, BAND: tl.constexpr,
+        PREC: tl.constexpr):
+    """_mfl_full_inv_kernel with the transform along W factored, w = P Q (P = 7, Q = 2^k >= 16): columns
+    x = m1 + P m2, frequencies kx = k1 + Q k2 (k2 < K2 = KXP / Q), so
+        grad[m1 + P m2] = Re sum_k1 W_Q^(-k1 m2) T_m1[k1],   T_m1[k1] = sum_k2 W_w^(-kx m1) B[kx]
+    with T in fp32 on the CUDA cores (twiddles tw of w) and 7 Q-point GEMMs: a quarter of the direct MMAs."""
+    yb = tl.program_id(0)
+    plane = tl.program_id(1)
+    if BAND:
+        if tl.load(m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)).to(tl.float32) == 1.0:
+            return
+    off = _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
+    ys = yb * BY + tl.arange(0, BY)
+    q = tl.arange(0, Q)    # k1 of a frequency, m2 of a column
+    k2 = tl.arange(0, K2)
+    rows_ok = ys[:, None] < h
+    Br, Bi = _load_packed(ws_ptr + off + ys[:, None, None] * so_h, (q[None, :] + Q * k2[:, None])[None, :, :], w,
+                          rows_ok[:, :, None])  # (BY, K2, Q)
+    tl.debug_barrier()  # in place: all loads of the block before the first store
+    eq_t = eq_ptr + q[:, None] * Q + q[None, :]  # the (symmetric) Q-point DFT table
+    tw_off = k2[:, None] * Q + q[None, :]
+    out_row = out_ptr + off + ys[:, None] * so_h
+    for m1 in range(0, P):
+        wc = tl.load(tw_ptr + m1 * PP * Q + tw_off)[None, :, :]  # W_w^(-kx m1) = wc + i ws
+        wsn = tl.load(tw_ptr + (P + m1) * PP * Q + tw_off)[None, :, :]
+        Tr = tl.sum(Br * wc - Bi * wsn, axis=1)
+        Ti = tl.sum(Br * wsn + Bi * wc, axis=1)
+        trh, trl = _split(Tr, PREC)
+        tih, til = _split(Ti, PREC)
+        g = _mm(trh, trl, eq_t, 2 * Q * Q, tl.zeros((BY, Q), tl.float32), False, PREC)
+        g = _mm(-tih, -til, eq_t + Q * Q, 2 * Q * Q, g, False, PREC)
+        xs = m1 + P * q
         tl.store(out_row + xs[None, :], g.to(out_ptr.dtype.element_ty), mask=rows_ok & (xs < w)[None, :])
 
 
@@ -514,8 +559,9 @@ def _table(precision: str, *args) -> torch.Tensor:
     return table.to(torch.bfloat16) if precision == "bf16" else table
 
 
-FACTOR = 7  # the H transform is factored for h = 7 * 2^k (2^k >= 16: 112, 224)
-FACTOR_H = True  # False: the direct transform at every size (bench/tune_loss.py compares the two)
+FACTOR = 7  # transforms of length 7 * 2^k (2^k >= 16: 112, 224) are factored
+FACTOR_H = True  # False: the direct transform along H at every size (bench/tune_loss.py compares the two)
+FACTOR_W = True  # the same for the inverse transform along W (the gradient rows)
 
 
 def _factored(h: int) -> bool:
@@ -609,7 +655,13 @@ def _forward(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weigh
             w, *strides, 1.0 / (h * w) ** 0.5, float(loss_gamma), HP=HP, KXP=KXP, WP=WP, BKX=cfg["BKX"], BY=BY,
             BW=cfg["BW"], BKC=cfg["BKC"], HAS_MASK=mask is not None, BAND=band, **common,
             num_warps=cfg["fwd_warps"], num_stages=stages)
-    if need_grad:
+    if need_grad and FACTOR_W and _factored(w):
+        q = w // FACTOR
+        _mfl_fact_inv_kernel[(triton.cdiv(h, cfg["BYV"]), planes)](
+            ws, grad, m, _table(precision, q, 0, q, q, q, dev), _twiddles(w, dev), C, pf, h, w, *sm, *so, P=FACTOR,
+            PP=8, Q=q, K2=KXP // q, BY=cfg["BYV"], BAND=band, PREC=precision, num_warps=cfg["warps"],
+            num_stages=stages)
+    elif need_grad:
         _mfl_full_inv_kernel[(triton.cdiv(h, cfg["BYV"]), planes)](
             ws, grad, m, ew, C, pf, h, w, *sm, *so, KXP=KXP, WP=WP, BY=cfg["BYV"], BX=cfg["BX"], BAND=band,
             PREC=precision, num_warps=cfg["warps"], num_stages=stages)

@@ -33,7 +33,7 @@ def _compile(size, precision):
 def test_kernels_fit_hopper_and_tf32x3_products_start_from_zero(size):
     """Every side the launchers accept (up to 256; the band kernels at their widest band)."""
     results = _compile(size, "tf32x3")
-    factored = {"fact_fwd"} if size in (224, 112) else set()  # the H transform factored 7 x 2^k
+    factored = {"fact_fwd", "fact_inv"} if size in (224, 112) else set()  # the transforms factored 7 x 2^k
     assert set(results) == {"full_fwd", "full_inv", "band", "corrupt_band", "corrupt_general", "corrupt_rows"} | factored
     for name, r in results.items():
         assert r["shared"] <= HOPPER_SMEM, f"{name}: {r['shared']} B of shared memory"

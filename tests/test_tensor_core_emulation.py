@@ -71,13 +71,14 @@ def test_emulation_is_active_in_the_loss_kernels():
     assert max_rel_err(emulated, ref_grad) > 1e-4
 
 
-@pytest.mark.parametrize("gamma, factor_h", [(0.5, True), (0.5, False), (1.0, True)],
+@pytest.mark.parametrize("gamma, factor", [(0.5, True), (0.5, False), (1.0, True)],
                          ids=["0.5-factored", "0.5-direct", "1.0-factored"])
-def test_tf32x3_loss_within_1e5_at_224_under_emulated_tensor_cores(gamma, factor_h, monkeypatch):
-    """MFM size: one low-pass image (full path: the H transform factored 7 x 32, or direct as at sizes that
+def test_tf32x3_loss_within_1e5_at_224_under_emulated_tensor_cores(gamma, factor, monkeypatch):
+    """MFM size: one low-pass image (full path: the transforms factored 7 x 32, or direct as at sizes that
     are not 7 x 2^k) and one high-pass image (band path), fp32 pred."""
     import kernels.masked_freq_loss as K
-    monkeypatch.setattr(K, "FACTOR_H", factor_h)
+    monkeypatch.setattr(K, "FACTOR_H", factor)
+    monkeypatch.setattr(K, "FACTOR_W", factor)
     g = torch.Generator().manual_seed(0)
     x, pred = torch.rand(2, 3, 224, 224, generator=g), torch.randn(2, 3, 224, 224, generator=g)
     mask = mfm_fast.make_masks(2, 224, 224, r1=16, low=torch.tensor([True, False]))

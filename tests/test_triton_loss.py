@@ -81,17 +81,21 @@ FACTORED = [dict(), dict(loss_gamma=0.5, normalize_target=True), dict(reduction=
             dict(mask_band="r1", reduction="mean"), dict(patch_factor=2, loss_gamma=0.5)]
 
 
-@pytest.mark.parametrize("factor_h", [True, False], ids=["factored", "direct"])
+@pytest.mark.parametrize("factor", [True, False], ids=["factored", "direct"])
+@pytest.mark.parametrize("hw", [(112, 48), (48, 112)], ids=["h=7x16", "w=7x16"])
 @pytest.mark.parametrize("case", FACTORED, ids=_case_id)
-def test_h_transform_factored_7x16_matches_reference(case, factor_h, monkeypatch):
-    """h = 112 = 7 x 16: _mfl_fact_fwd_kernel (the default there) and the direct kernel, both on the reference."""
+def test_transforms_factored_7x16_match_reference(case, hw, factor, monkeypatch):
+    """h = 112 = 7 x 16: _mfl_fact_fwd_kernel; w = 112: _mfl_fact_inv_kernel (the defaults at these sizes),
+    and the direct kernels, all on the reference."""
     import kernels.masked_freq_loss as K
-    monkeypatch.setattr(K, "FACTOR_H", factor_h)
+    monkeypatch.setattr(K, "FACTOR_H", factor)
+    monkeypatch.setattr(K, "FACTOR_W", factor)
     kw = dict(case)
     pf = kw.get("patch_factor", 1)
-    shape = (2, 3, 112 * pf, 48 * pf)
+    h, w = hw
+    shape = (2, 3, h * pf, w * pf)
     pred, target = _inputs(shape, pixels=bool(kw.get("normalize_target")))
-    mask = mfm_fast.make_masks(2, 112, 48, r1=6, low=torch.tensor([True, False]), device=DEVICE).repeat(1, pf, pf)
+    mask = mfm_fast.make_masks(2, h, w, r1=6, low=torch.tensor([True, False]), device=DEVICE).repeat(1, pf, pf)
     if kw.get("mask_band") == "r1":
         kw["mask_band"] = 6
     _check(pred, target, mask, **kw)
