@@ -23,11 +23,11 @@ echo "== fft_mask"
 timeout ${BENCH_S:-120} python bench/fft_mask.py --batch 64 256 --check --plot --markdown --quick --out-dir "$out" \
   > "$out/fft_mask.log" 2>&1
 grep -E "check |x-floor|^corrupt|^loss|^step|B = |skipped" "$out/fft_mask.log" | head -70
+echo "== Triton loss: transforms factored 7 x 32 vs direct (tune.log)" | tee "$out/tune.log"
+timeout ${TUNE_LOSS_S:-90} python bench/tune_loss.py --quick 2>&1 | tee -a "$out/tune.log"
 echo "== FOLK ops (appended to fft_mask.log)"
 timeout ${FOLK_S:-90} python bench/folk_ops.py --check --no-json >> "$out/fft_mask.log" 2>&1
 sed -n '/folk_ops bench/,$p' "$out/fft_mask.log" | head -40
-echo "== loss variants" | tee "$out/tune.log"
-timeout ${TUNE_LOSS_S:-60} python bench/tune_loss.py 2>&1 | tee -a "$out/tune.log"
 echo "== corruption tile sweep"
 timeout ${TUNE_S:-60} python bench/tune_corrupt.py >> "$out/tune.log" 2>&1
 sed -n '/corruption\|band fp32/,$p' "$out/tune.log" | grep -v "^ *File\|^    " | head -40

@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--r1", type=int, default=16)
+    p.add_argument("--quick", action="store_true",
+                   help="only torch and tf32x3 with the transforms factored / direct (each variant compiles kernels)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_loss.py needs a CUDA device")
@@ -61,14 +63,16 @@ def main(argv=None) -> int:
     bench("torch", backend="torch")
     base, factors = K._config, (K.FACTOR_H, K.FACTOR_W)
     try:
-        for fact_h, fact_w in ((True, True), (True, False), (False, True), (False, False)):  # 7 x 2^k factored
+        combos = ((True, True), (False, False)) if args.quick else ((True, True), (True, False), (False, True),
+                                                                    (False, False))
+        for fact_h, fact_w in combos:  # the 7 x 2^k transforms factored (the default) or direct
             K.FACTOR_H, K.FACTOR_W = fact_h, fact_w
             for band in (args.r1, None):
-                for prec in ("tf32x3", "tf32", "bf16") if fact_h == fact_w else ("tf32x3",):
+                for prec in ("tf32x3", "tf32", "bf16") if fact_h == fact_w and not args.quick else ("tf32x3",):
                     bench(f"triton H={'fact' if fact_h else 'direct'} W={'fact' if fact_w else 'direct'} "
                           f"mask_band={band} precision={prec}", backend="triton", mask_band=band, precision=prec)
         K.FACTOR_H, K.FACTOR_W = factors
-        for bkx, warps, stages in [(16, 4, 2), (32, 4, 2), (32, 8, 1), (32, 8, 3), (16, 8, 2), (16, 4, 3)]:
+        for bkx, warps, stages in [] if args.quick else [(16, 4, 2), (32, 4, 2), (32, 8, 1), (32, 8, 3), (16, 8, 2), (16, 4, 3)]:
             K._config = lambda h, w, b=bkx, nw=warps, ns=stages: {**base(h, w), "BKX": b, "fwd_warps": nw,
                                                                  "num_stages": ns}
             bench(f"triton full path BKX={bkx} warps={warps} stages={stages}", backend="triton")
