@@ -237,9 +237,9 @@ def test_bad_triton_options(kw, err, msg):
         mfm_fast.MaskedFreqLoss(backend="triton", **kw)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 16, 24), (2, 3, 112, 112)], ids=["direct", "factored"])
 @pytest.mark.parametrize("precision, tol", [("ieee", TOL), ("tf32", 2e-2), ("bf16", 5e-2)])
-def test_precision_modes(precision, tol):
-    shape = (2, 3, 16, 24)
+def test_precision_modes(precision, tol, shape):
     pred, target = _inputs(shape)
     mask = masks_for(shape, r1=2).to(DEVICE)
     for band in (None, 2):
