@@ -1,15 +1,20 @@
 """Compile the Triton kernels for a GPU without one: shared memory, MMA counts, 3xTF32 structure.
 
-    python bench/aot_sm90.py [--size 224] [--precision tf32x3] [--arch 90] [--dump DIR]
+    python bench/aot_sm90.py [--size 224] [--precision tf32x3] [--arch 90] [--ops loss corrupt] [--dump DIR]
 
 Runs triton.compile on the kernels of kernels/masked_freq_loss.py and kernels/corrupt.py with their
-launchers' default block sizes for CUDA compute capability ``--arch`` (Hopper: 90), so a CPU-only machine can see
-whether a change still fits shared memory and what Triton made of the GEMMs. For each kernel it prints
-the shared memory, the tensor-core instructions in the PTX, registers and spills (Triton's bundled
-ptxas -v on the PTX: close to, not exactly, the launch build, and only for the installed Triton: the
-corruption band kernel at R = 16 shows 232 spilled bytes here with Triton 3.8, 2 on the H200 with 3.6)
-and, in the TTGIR, how many dots start from a zero accumulator: for the loss with precision tf32x3 every group of three tf32 products must (a third
-of all dots), so that the MMA's round-toward-zero never sees the running sum (see tests/tensor_core_emulation.py).
+launchers' default block sizes for CUDA compute capability ``--arch`` (Hopper: 90), so a CPU-only
+machine can see whether a change still fits shared memory and what Triton made of the GEMMs. For
+each kernel it prints:
+
+- the shared memory and the tensor-core instructions in the PTX;
+- registers and spills from Triton's bundled ptxas -v on the PTX: close to, not exactly, the launch
+  build, and only for the installed Triton (the corruption band kernel at R = 16 shows 232 spilled
+  bytes here with Triton 3.8, 2 on the H200 with 3.6);
+- in the TTGIR, how many dots start from a zero accumulator: for the loss with precision tf32x3 every
+  group of three tf32 products must (a third of all dots), so that the MMA's round-toward-zero never
+  sees the running sum (see tests/tensor_core_emulation.py).
+
 TRITON_INTERPRET must be unset (the script unsets it before importing triton).
 """
 
