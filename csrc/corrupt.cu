@@ -19,7 +19,8 @@ __global__ void __launch_bounds__(corrupt_threads<S>()) corrupt_kernel(CorruptAr
 
 template <int S>
 static cudaError_t launch(const CorruptArgs& args, int planes, cudaStream_t stream) {
-  const size_t smem = PlaneSmem<S>::bytes(0);
+  constexpr size_t smem = PlaneSmem<S>::bytes(0);
+  static_assert(smem <= kHopperSmemPerBlock, "the corruption plane does not fit sm_90 shared memory");
   cudaError_t err = cudaFuncSetAttribute(corrupt_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;

@@ -61,6 +61,8 @@ struct FftShape {
 // twiddles tw[S], and a scratch area of kScratchPairs row pairs (2 WH complex values each) used to
 // unpack and pack the row pairs. Sized so that the 224 plane fits Hopper's 227 KiB together with
 // `extra` bytes (the loss kernel's reduction buffer): 225,984 + extra bytes.
+constexpr size_t kHopperSmemPerBlock = 232448;  // 227 KiB: the most dynamic shared memory a block may opt in to on sm_90
+
 template <int S>
 struct PlaneSmem {
   static constexpr int WH = S / 2 + 1;

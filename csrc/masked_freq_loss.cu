@@ -75,8 +75,9 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int threads = loss_threads<S>();
-  const size_t smem = PlaneSmem<S>::bytes(sizeof(double) * threads);
+  constexpr int threads = loss_threads<S>();
+  constexpr size_t smem = PlaneSmem<S>::bytes(sizeof(double) * threads);
+  static_assert(smem <= kHopperSmemPerBlock, "the loss plane does not fit sm_90 shared memory");
   cudaError_t err = cudaFuncSetAttribute(loss_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;

@@ -7,6 +7,8 @@ per-plane C++ code (csrc/fft.cuh, csrc/planes.cuh) as the CUDA kernels, match th
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -161,6 +163,31 @@ def test_compiles_fullgraph():
     p2 = p.detach().clone().requires_grad_(True)
     f(p2).backward()
     assert torch.equal(p.grad, p2.grad)
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+@needs_ext
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
+@pytest.mark.parametrize("source", ["corrupt.cu", "masked_freq_loss.cu"])
+def test_sm90_plane_kernels_keep_the_fft_out_of_local_memory(source, tmp_path):
+    """nvcc -Xptxas -v for sm_90: the plane kernels hold no per-thread line arrays (the first version had a
+    3,840-byte stack frame per thread at 224) and spill at most a few dozen bytes."""
+    from torch.utils.cpp_extension import include_paths
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [_nvcc(), "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", *(f"-I{p}" for p in include_paths()),
+           "-c", os.path.join(root, "csrc", source), "-o", str(tmp_path / "k.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kernels = re.findall(r"Function properties for (\w*(?:corrupt|loss)_kernel\w*)\n\s*(\d+) bytes stack frame, "
+                         r"(\d+) bytes spill stores", out.stderr)
+    assert len(kernels) == 2, out.stderr[-2000:]  # 224 and 112
+    for name, stack, spills in kernels:
+        assert int(stack) <= 256 and int(spills) <= 64, (name, stack, spills)
 
 
 # ------------------------------------------------------------------ the kernel maths, host build (no GPU)
