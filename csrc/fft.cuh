@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #ifdef __CUDACC__
 #define MFM_HD __host__ __device__ __forceinline__
@@ -57,22 +58,18 @@ struct FftShape {
   static constexpr int LOG2M = ilog2(M);
 };
 
-// Shared-memory layout of one S x S plane: its half spectrum spec[S][S/2 + 1] (row pitch WH), the
-// twiddles tw[S], and a scratch area of kScratchPairs row pairs (2 WH complex values each) used to
-// unpack and pack the row pairs. Sized so that the 224 plane fits Hopper's 227 KiB together with
-// `extra` bytes (the loss kernel's reduction buffer): 225,984 + extra bytes.
 constexpr size_t kHopperSmemPerBlock = 232448;  // 227 KiB: the most dynamic shared memory a block may opt in to on sm_90
 
+// Shared-memory layout of one S x S plane: its half spectrum spec[S][S/2 + 1] (row pitch WH), then the
+// twiddles tw[S]: 204,288 bytes at 224, plus `extra` bytes (the loss kernel's reduction buffer).
 template <int S>
 struct PlaneSmem {
   static constexpr int WH = S / 2 + 1;
   static constexpr int kPairs = S / 2;
-  static constexpr int kScratchPairs = S >= 224 ? 12 : kPairs;
-  static constexpr int kComplex = S * WH + S + kScratchPairs * 2 * WH;
+  static constexpr int kComplex = S * WH + S;
   static constexpr size_t bytes(size_t extra) { return sizeof(cf) * kComplex + extra; }
   MFM_HD static cf* spec(cf* base) { return base; }
   MFM_HD static cf* twiddles(cf* base) { return base + S * WH; }
-  MFM_HD static cf* scratch(cf* base) { return base + S * WH + S; }
 };
 
 MFM_HD int bit_reverse(int v, int bits) {
@@ -110,21 +107,41 @@ MFM_HD void block_sync() {
 #endif
 }
 
+// run(phase): phase(tid, nth) for every thread, then a barrier.
+// run_two<State>(read, write): read(tid, nth, state) for every thread into its own State (registers on
+// the GPU), a barrier, write(tid, nth, state), a barrier: for phases whose writes land where other
+// threads read.
 struct CtaSched {  // the calling GPU thread's share of each phase, then a CTA barrier
+  static constexpr int kEntryCap = 8;  // per_pair_entry values per thread and round (registers)
   int tid, nth;
   template <class Phase>
   MFM_HD void run(const Phase& phase) const {
     phase(tid, nth);
     block_sync();
   }
+  template <class State, class Read, class Write>
+  MFM_HD void run_two(const Read& read, const Write& write) const {
+    State state;
+    read(tid, nth, state);
+    block_sync();
+    write(tid, nth, state);
+    block_sync();
+  }
 };
 
 struct HostSched {  // virtual threads one after the other (reverse: nth-1 first)
+  static constexpr int kEntryCap = 128;  // >= S / 2 + 1: one virtual thread can hold a whole pair
   int nth;
   bool reverse;
   template <class Phase>
   void run(const Phase& phase) const {
     for (int t = 0; t < nth; ++t) phase(reverse ? nth - 1 - t : t, nth);
+  }
+  template <class State, class Read, class Write>
+  void run_two(const Read& read, const Write& write) const {
+    std::vector<State> states(nth);
+    run([&](int tid, int n) { read(tid, n, states[tid]); });
+    run([&](int tid, int n) { write(tid, n, states[tid]); });
   }
 };
 
@@ -236,34 +253,50 @@ MFM_HD void fft_lines(const Sched& sched, cf* a, int lines, int lstride, int st,
 
 // ---------------------------------------------------------------- the plane pipeline
 
-// f(rows, copy, k) for every row pair p (rows = spec + 2 p WH, its two rows) and k = 0..S/2, where copy
-// holds the pair's 2 WH values as they were before any f ran, so f may overwrite any slot of its pair:
-// kScratchPairs pairs at a time are copied to the scratch, then transformed from there.
-template <int S, class Sched, class F>
-MFM_HD void per_pair_entry(const Sched& sched, cf* spec, cf* scratch, const F& f) {
+// For every row pair p (rows = spec + 2 p WH, its two rows) and k = 0..S/2: v = gather(rows, k) (two
+// values), then scatter(rows, k, v). A round takes whole pairs, as many as fit Sched::kEntryCap entries
+// per thread, and every gather of a round happens before any scatter of it (the values wait in the
+// thread's EntryState: registers on the GPU), so scatter may overwrite anything its pair gathers.
+// 4 rounds at 224 with 512 threads.
+template <int CAP>
+struct EntryState {
+  cf v[2 * CAP];
+};
+
+template <int S, class Sched, class Gather, class Scatter>
+MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, const Scatter& scatter) {
   using P = PlaneSmem<S>;
-  constexpr int WH = P::WH, PAIRS = P::kPairs, CHUNK = P::kScratchPairs;
-  for (int p0 = 0; p0 < PAIRS; p0 += CHUNK) {
-    const int n = PAIRS - p0 < CHUNK ? PAIRS - p0 : CHUNK;
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < n * 2 * WH; item += nth) scratch[item] = spec[2 * p0 * WH + item];
-    });
-    sched.run([=](int tid, int nth) {
-      for (int item = tid; item < n * WH; item += nth)
-        f(spec + 2 * (p0 + item / WH) * WH, scratch + (item / WH) * 2 * WH, item % WH);
-    });
+  constexpr int WH = P::WH, PAIRS = P::kPairs, CAP = Sched::kEntryCap;
+  const int per_round = sched.nth * CAP / WH < 1 ? 1 : sched.nth * CAP / WH;  // pairs; nth * CAP >= WH
+  for (int p0 = 0; p0 < PAIRS; p0 += per_round) {
+    const int entries = (PAIRS - p0 < per_round ? PAIRS - p0 : per_round) * WH;
+    sched.template run_two<EntryState<CAP>>(
+        [=](int tid, int nth, EntryState<CAP>& st) {
+#pragma unroll
+          for (int j = 0; j < CAP; ++j) {
+            const int e = tid + j * nth;
+            if (e < entries) gather(spec + 2 * (p0 + e / WH) * WH, e % WH, st.v + 2 * j);
+          }
+        },
+        [=](int tid, int nth, EntryState<CAP>& st) {
+#pragma unroll
+          for (int j = 0; j < CAP; ++j) {
+            const int e = tid + j * nth;
+            if (e < entries) scatter(spec + 2 * (p0 + e / WH) * WH, e % WH, st.v + 2 * j);
+          }
+        });
   }
 }
 
-// spec, tw, scratch: the parts of PlaneSmem<S> (tw filled by make_twiddles).
+// The 2D pipeline on one S x S real plane, spec and tw the parts of PlaneSmem<S> (tw filled by
+// make_twiddles):
 //   spec = rfft2(load)            load(y, x) -> float
 //   spectral(ky, kx, v)           for every half-spectrum entry v = spec[ky][kx] (may modify it)
 //   store(y, x, irfft2(spec))     when `inverse` (unnormalised: the spectral step owns the scaling)
-// Rows run as S/2 complex pair lines. The pair lines are transformed in the spec rows of their two rows
-// (2 WH >= S slots), then copied kScratchPairs at a time to the scratch and unpacked back into the
-// rows (and the reverse before the inverse), so that no phase reads what another thread writes.
+// Rows run as S/2 complex pair lines, each transformed in the spec rows of its two rows (2 WH >= S
+// slots) and unpacked into them in place (per_pair_entry), and packed back before the inverse.
 template <int S, class Sched, class Load, class Spectral, class Store>
-MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, cf* scratch, const Load& load,
+MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Load& load,
                            Spectral& spectral, const Store& store, bool inverse) {
   using P = PlaneSmem<S>;
   constexpr int WH = P::WH, PAIRS = P::kPairs;
@@ -275,24 +308,28 @@ MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, cf* scrat
     }
   });
   fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, false);
-  per_pair_entry<S>(sched, spec, scratch, [](cf* rows, const cf* z, int k) {  // unpack Z -> A, B
-    const cf zk = z[freq_pos<S>(k)], zm = cconj(z[freq_pos<S>((S - k) % S)]);
-    const cf a = cscale(cadd(zk, zm), 0.5f), d = cscale(csub(zk, zm), 0.5f);
-    rows[k] = a;
-    rows[WH + k] = {d.y, -d.x};  // d / i
-  });
+  per_pair_entry<S>(  // unpack: Z (digit-reversed) -> A, B
+      sched, spec, [](const cf* z, int k, cf* v) { v[0] = z[freq_pos<S>(k)], v[1] = z[freq_pos<S>((S - k) % S)]; },
+      [](cf* rows, int k, const cf* v) {
+        const cf zk = v[0], zm = cconj(v[1]);
+        const cf a = cscale(cadd(zk, zm), 0.5f), d = cscale(csub(zk, zm), 0.5f);
+        rows[k] = a;
+        rows[WH + k] = {d.y, -d.x};  // d / i
+      });
   fft_lines<S>(sched, spec, WH, 1, WH, tw, false);  // columns: ky digit-reversed from here on
   sched.run([=, &spectral](int tid, int nth) {
     for (int i = tid; i < S * WH; i += nth) spectral(pos_freq<S>(i / WH), i % WH, spec[i]);
   });
   if (!inverse) return;
   fft_lines<S>(sched, spec, WH, 1, WH, tw, true);
-  per_pair_entry<S>(sched, spec, scratch, [](cf* rows, const cf* ab, int k) {  // pack A, B -> Z = A + i B
-    cf a = ab[k], b = ab[WH + k];
-    if (k == 0 || k == S / 2) a.y = b.y = 0.f;  // irfft ignores the imaginary parts there
-    rows[freq_pos<S>(k)] = {a.x - b.y, a.y + b.x};                                 // A + i B
-    if (k > 0 && k < S / 2) rows[freq_pos<S>(S - k)] = {a.x + b.y, b.x - a.y};  // conj(A) + i conj(B)
-  });
+  per_pair_entry<S>(  // pack: A, B -> Z = A + i B over all k, digit-reversed
+      sched, spec, [](const cf* rows, int k, cf* v) { v[0] = rows[k], v[1] = rows[WH + k]; },
+      [](cf* rows, int k, const cf* v) {
+        cf a = v[0], b = v[1];
+        if (k == 0 || k == S / 2) a.y = b.y = 0.f;  // irfft ignores the imaginary parts there
+        rows[freq_pos<S>(k)] = {a.x - b.y, a.y + b.x};                                 // A + i B
+        if (k > 0 && k < S / 2) rows[freq_pos<S>(S - k)] = {a.x + b.y, b.x - a.y};  // conj(A) + i conj(B)
+      });
   fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, true);
   sched.run([=](int tid, int nth) {
     for (int item = tid; item < PAIRS * S; item += nth) {

@@ -92,7 +92,7 @@ MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, cf* smem, const Sched
   PlaneLoad load{a.x, a.x_dt, off, S};
   CorruptSpectral<S> spectral{a.mask + static_cast<int64_t>(n) * S * S};
   CorruptStore store{a.out, a.out_dt, off, S, a.stats.mean[c], a.stats.std[c]};
-  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), P::scratch(smem), load, spectral, store, true);
+  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, true);
 }
 
 // ---------------------------------------------------------------- masked spectral loss
@@ -173,7 +173,7 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, float scale, cf* smem, co
   LossSpectral<S> spectral{a.mask ? a.mask + static_cast<int64_t>(n) * S * S : nullptr, a.gamma,
                            need_grad ? scale * a.gamma / S : 0.f, need_grad, 0.0};
   GradStore store{a.grad, a.grad_dt, off, S};
-  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), P::scratch(smem), load, spectral, store, need_grad);
+  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, need_grad);
   return spectral.acc;
 }
 

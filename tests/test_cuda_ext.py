@@ -176,7 +176,7 @@ def _nvcc():
 @pytest.mark.parametrize("source", ["corrupt.cu", "masked_freq_loss.cu"])
 def test_sm90_plane_kernels_keep_the_fft_out_of_local_memory(source, tmp_path):
     """nvcc -Xptxas -v for sm_90: the plane kernels hold no per-thread line arrays (the first version had a
-    3,840-byte stack frame per thread at 224) and spill at most a few dozen bytes."""
+    3,840-byte stack frame per thread at 224) and spill at most a few dozen bytes (none at present)."""
     from torch.utils.cpp_extension import include_paths
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [_nvcc(), "-std=c++17", "-arch=sm_90", "-O3", "-Xptxas", "-v", *(f"-I{p}" for p in include_paths()),
