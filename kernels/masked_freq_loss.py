@@ -248,14 +248,21 @@ def _store_packed(row, ys, kx, w, so_h, Br, Bi, rows_ok):
 
 
 @triton.jit
+def _is_band_plane(m_base, BAND: tl.constexpr):
+    """With the mask_band promise (BAND), whether the plane's mask corner is 1: a plane of _mfl_band_kernel."""
+    band_plane = False
+    if BAND:
+        band_plane = tl.load(m_base).to(tl.float32) == 1.0
+    return band_plane
+
+
+@triton.jit
 def _full_path_plane(m_ptr, p_ptr, t_ptr, stat_ptr, plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w, st_n, st_c, st_h,
                      st_w, sm_n, sm_h, sm_w, NORM: tl.constexpr, BAND: tl.constexpr):
     """(mask, pred and target bases of the plane, target mean and std, band_plane): band_plane when BAND and
     the plane's mask corner is 1 (the band kernel's plane)."""
     m_base = m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)
-    band_plane = False
-    if BAND:
-        band_plane = tl.load(m_base).to(tl.float32) == 1.0
+    band_plane = _is_band_plane(m_base, BAND)
     p_base = p_ptr + _plane_offsets(plane, C, PF, h, w, sp_n, sp_c, sp_h, sp_w)
     t_base = t_ptr + _plane_offsets(plane, C, PF, h, w, st_n, st_c, st_h, st_w)
     mean, std = _target_stats(stat_ptr, plane, C, PF, NORM)
@@ -315,13 +322,9 @@ def _mfl_full_fwd_kernel(
         # have no packed slot, through `side`), so that the inverse along H can stream it in chunks
         row = ws_ptr + _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
         side = side_ptr + plane * (2 * HP) + tl.where(kx == 0, 0, HP)
-        pos_r = tl.where(kx == 0, 0, tl.where(kx == w // 2, 1, 2 * kx))
-        kx_ok = (kx < w // 2 + 1)[None, :]
-        im_ok = ((kx > 0) & (kx < w // 2))[None, :]
         edge = ((kx == 0) | (kx == w // 2))[None, :]
         rows_ok = ky[:, None] < h
-        tl.store(row + ky[:, None] * so_h + pos_r[None, :], coef * Dr, mask=rows_ok & kx_ok)
-        tl.store(row + ky[:, None] * so_h + (2 * kx + 1)[None, :], coef * Di, mask=rows_ok & im_ok)
+        _store_packed(row, ky, kx, w, so_h, coef * Dr, coef * Di, rows_ok)
         tl.store(side[None, :] + ky[:, None], coef * Di, mask=rows_ok & edge)
         tl.debug_barrier()  # G visible to the whole program
         # B[y, kx] for every row y (indexed by `ky`'s range 0..HP), contracted over chunks kc of ky
@@ -330,8 +333,7 @@ def _mfl_full_fwd_kernel(
         for k0 in range(0, h, BKC):  # B = Eh^H G, streamed over chunks of BKC frequencies ky
             kc = k0 + tl.arange(0, BKC)
             ok = (kc < h)[:, None]
-            Gr = tl.load(row + kc[:, None] * so_h + pos_r[None, :], mask=ok & kx_ok, other=0.0)
-            Gi = tl.load(row + kc[:, None] * so_h + (2 * kx + 1)[None, :], mask=ok & im_ok, other=0.0)
+            Gr, Gi = _load_packed(row + kc[:, None] * so_h, kx[None, :], w, ok)
             Gi += tl.load(side[None, :] + kc[:, None], mask=ok & edge, other=0.0)
             eh_t = eh_ptr + ky[:, None] * HP + kc[None, :]  # (HP, BKC) slice of Eh^T = Eh (symmetric)
             Br, Bi = _cols_idft(Gr, Gi, eh_t, HP * HP, Br, Bi, PREC)
@@ -412,9 +414,8 @@ def _mfl_full_inv_kernel(
     ws and out may be the same buffer: every packed value of the block is loaded before any store."""
     yb = tl.program_id(0)
     plane = tl.program_id(1)
-    if BAND:
-        if tl.load(m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)).to(tl.float32) == 1.0:
-            return
+    if _is_band_plane(m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w), BAND):
+        return
     off = _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
     ys = yb * BY + tl.arange(0, BY)
     kx = tl.arange(0, KXP)
@@ -444,9 +445,8 @@ def _mfl_fact_inv_kernel(
     with T in fp32 on the CUDA cores (twiddles tw of w) and 7 Q-point GEMMs: a quarter of the direct MMAs."""
     yb = tl.program_id(0)
     plane = tl.program_id(1)
-    if BAND:
-        if tl.load(m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w)).to(tl.float32) == 1.0:
-            return
+    if _is_band_plane(m_ptr + _plane_offsets(plane, C, PF, h, w, sm_n, 0, sm_h, sm_w), BAND):
+        return
     off = _plane_offsets(plane, C, PF, h, w, so_n, so_c, so_h, 1)
     ys = yb * BY + tl.arange(0, BY)
     q = tl.arange(0, Q)    # k1 of a frequency, m2 of a column
