@@ -23,6 +23,10 @@ echo "== fft_mask"
 timeout ${BENCH_S:-120} python bench/fft_mask.py --batch 64 256 --check --plot --markdown --quick --out-dir "$out" \
   > "$out/fft_mask.log" 2>&1
 grep -E "check |x-floor|^corrupt|^loss|^step|B = |skipped" "$out/fft_mask.log" | head -70
+echo "== CUDA extension without its L2 prefetch of the next plane (MFM_FAST_CUDA_PREFETCH=0; appended to fft_mask.log)"
+MFM_FAST_CUDA_PREFETCH=0 timeout ${NOPF_S:-40} python bench/fft_mask.py --batch 256 --providers cuda --work corrupt loss \
+  --quick --markdown --no-json >> "$out/fft_mask.log" 2>&1
+tail -12 "$out/fft_mask.log"
 echo "== Triton loss: transforms factored 7 x 32 vs direct (tune.log)" | tee "$out/tune.log"
 timeout ${TUNE_LOSS_S:-90} python bench/tune_loss.py --quick 2>&1 | tee -a "$out/tune.log"
 echo "== FOLK ops (appended to fft_mask.log)"

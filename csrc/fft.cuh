@@ -295,9 +295,12 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 //   store(y, x, irfft2(spec))     when `inverse` (unnormalised: the spectral step owns the scaling)
 // Rows run as S/2 complex pair lines, each transformed in the spec rows of its two rows (2 WH >= S
 // slots) and unpacked into them in place (per_pair_entry), and packed back before the inverse.
-template <int S, class Sched, class Load, class Spectral, class Store>
+//   prefetch(tid, nth)            asks for the next plane's inputs (l2_prefetch in planes.cuh): at the
+//                                 spectral step when there is an inverse (its half of the work hides the
+//                                 reads), else right after the load
+template <int S, class Sched, class Load, class Spectral, class Store, class Prefetch>
 MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Load& load,
-                           Spectral& spectral, const Store& store, bool inverse) {
+                           Spectral& spectral, const Store& store, const Prefetch& prefetch, bool inverse) {
   using P = PlaneSmem<S>;
   constexpr int WH = P::WH, PAIRS = P::kPairs;
   // rows: pair line p holds z[x] = row(2p)[x] + i row(2p+1)[x] in spec[2p][0 .. S-1]
@@ -306,6 +309,7 @@ MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Loa
       const int p = item / S, x = item % S;
       spec[2 * p * WH + x] = {load(2 * p, x), load(2 * p + 1, x)};
     }
+    if (!inverse) prefetch(tid, nth);
   });
   fft_lines<S>(sched, spec, PAIRS, 2 * WH, 1, tw, false);
   per_pair_entry<S>(  // unpack: Z (digit-reversed) -> A, B
@@ -318,6 +322,7 @@ MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Loa
       });
   fft_lines<S>(sched, spec, WH, 1, WH, tw, false);  // columns: ky digit-reversed from here on
   sched.run([=, &spectral](int tid, int nth) {
+    if (inverse) prefetch(tid, nth);
     for (int i = tid; i < S * WH; i += nth) spectral(pos_freq<S>(i / WH), i % WH, spec[i]);
   });
   if (!inverse) return;

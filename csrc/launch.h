@@ -8,12 +8,31 @@
 
 namespace mfm {
 
+#ifdef __CUDACC__
+// How many CTAs of `kernel` the current device holds at once (SM count x occupancy): the look-ahead of the
+// plane kernels' L2 prefetch (CTA b prefetches plane b + resident, the plane that takes its slot when it
+// ends). Host calls only, no sync. An occupancy of 0 (the plane does not fit this GPU's shared memory) is
+// an error.
+template <class Kernel>
+cudaError_t resident_ctas(Kernel kernel, int threads, size_t smem, int* resident) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  *resident = sms * per_sm;
+  return cudaSuccess;
+}
+#endif
+
 // out = corrupt(x) for N * C planes of side S (224 or 112); every pointer on the current device.
-cudaError_t launch_corrupt(int side, const CorruptArgs& args, int planes, cudaStream_t stream);
+// prefetch: each CTA asks L2 for the inputs of the plane that takes its place (see resident_ctas).
+cudaError_t launch_corrupt(int side, const CorruptArgs& args, int planes, bool prefetch, cudaStream_t stream);
 
 // loss partials and (when args.grad) the gradient. workspace: N + N * C floats/doubles (see the .cu).
 // loss_out: one float. reduction: Reduction; removed-count denominators are computed on the device.
 cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, int reduction, float loss_weight,
-                                   double* workspace, float* loss_out, cudaStream_t stream);
+                                   double* workspace, float* loss_out, bool prefetch, cudaStream_t stream);
 
 }  // namespace mfm

@@ -34,10 +34,11 @@ template <int S>
 constexpr int loss_threads() { return S >= 224 ? 512 : 256; }
 
 // partials[plane] = scale * sum(colw w d) of the plane; scale from the reduction (masked: from removed[]).
+// One CTA per plane; it prefetches plane blockIdx.x + lookahead's inputs into L2 (as corrupt_kernel).
 template <int S>
 __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, int images, int reduction,
                                                                  float loss_weight, const double* removed,
-                                                                 double* partials) {
+                                                                 double* partials, int lookahead) {
   extern __shared__ float4 smem_f4[];
   cf* smem = reinterpret_cast<cf*>(smem_f4);
   double* red = reinterpret_cast<double*>(smem + PlaneSmem<S>::kComplex);
@@ -53,9 +54,11 @@ __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, 
   }
   __syncthreads();
   const CtaSched sched{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
-  const double acc = loss_plane<S>(args, blockIdx.x, scale, smem, sched);
+  const int plane = blockIdx.x, next = plane + lookahead;
+  const double acc =
+      loss_plane<S>(args, plane, lookahead > 0 && next < images * args.channels ? next : -1, scale, smem, sched);
   const double total = block_sum(acc, red);
-  if (threadIdx.x == 0) partials[blockIdx.x] = total * scale;
+  if (threadIdx.x == 0) partials[plane] = total * scale;
 }
 
 __global__ void finish_kernel(const double* partials, int planes, float* loss) {
@@ -66,7 +69,7 @@ __global__ void finish_kernel(const double* partials, int planes, float* loss) {
 
 template <int S>
 static cudaError_t launch(const LossArgs& args, int images, int reduction, float loss_weight, double* ws,
-                          float* loss_out, cudaStream_t stream) {
+                          float* loss_out, bool prefetch, cudaStream_t stream) {
   const int planes = images * args.channels;
   double* removed = ws;
   double* partials = ws + images;
@@ -81,7 +84,11 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
   cudaError_t err = cudaFuncSetAttribute(loss_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  loss_kernel<S><<<planes, threads, smem, stream>>>(args, images, reduction, loss_weight, removed, partials);
+  int lookahead = 0;
+  if (prefetch) err = resident_ctas(loss_kernel<S>, threads, smem, &lookahead);
+  if (err != cudaSuccess) return err;
+  loss_kernel<S><<<planes, threads, smem, stream>>>(args, images, reduction, loss_weight, removed, partials,
+                                                    lookahead);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   finish_kernel<<<1, 1, 0, stream>>>(partials, planes, loss_out);
@@ -89,10 +96,10 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
 }
 
 cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, int reduction, float loss_weight,
-                                    double* workspace, float* loss_out, cudaStream_t stream) {
+                                    double* workspace, float* loss_out, bool prefetch, cudaStream_t stream) {
   switch (side) {
-    case 224: return launch<224>(args, images, reduction, loss_weight, workspace, loss_out, stream);
-    case 112: return launch<112>(args, images, reduction, loss_weight, workspace, loss_out, stream);
+    case 224: return launch<224>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream);
+    case 112: return launch<112>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "launch.h"
@@ -96,6 +97,12 @@ void check_launch(cudaError_t err, const char* what) {
               " is the extension built for this GPU's arch? see TORCH_CUDA_ARCH_LIST in setup.py)");
 }
 
+// MFM_FAST_CUDA_PREFETCH=0 turns off the L2 prefetch of each CTA's next plane (for benchmarks); default on.
+bool prefetch_enabled() {
+  const char* env = std::getenv("MFM_FAST_CUDA_PREFETCH");
+  return env == nullptr || std::string(env) != "0";
+}
+
 // ------------------------------------------------------------------ corrupt
 struct CorruptPrep {
   at::Tensor out;
@@ -136,7 +143,7 @@ void corrupt_host(const mfm::CorruptArgs& a, int64_t planes) {
   const mfm::HostSched sched = host_sched();
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<cf> smem = host_smem<S>();
-    for (int64_t p = begin; p < end; ++p) mfm::corrupt_plane<S>(a, static_cast<int>(p), smem.data(), sched);
+    for (int64_t p = begin; p < end; ++p) mfm::corrupt_plane<S>(a, static_cast<int>(p), -1, smem.data(), sched);
   });
 }
 
@@ -154,7 +161,7 @@ at::Tensor corrupt_cuda(const at::Tensor& x, const at::Tensor& mask, at::ArrayRe
   check_device(x, true, "corrupt_cuda");
   const c10::cuda::CUDAGuard guard(x.device());
   CorruptPrep p = prep_corrupt(x, mask, mean, std, out_dtype);
-  check_launch(mfm::launch_corrupt(static_cast<int>(p.side), p.args, static_cast<int>(p.planes),
+  check_launch(mfm::launch_corrupt(static_cast<int>(p.side), p.args, static_cast<int>(p.planes), prefetch_enabled(),
                                    c10::cuda::getCurrentCUDAStream().stream()),
                "corrupt");
   return p.out;
@@ -216,7 +223,7 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<cf> smem = host_smem<S>();
     for (int64_t p = begin; p < end; ++p)
-      partials[p] = mfm::loss_plane<S>(a, static_cast<int>(p), scale, smem.data(), sched) * scale;
+      partials[p] = mfm::loss_plane<S>(a, static_cast<int>(p), -1, scale, smem.data(), sched) * scale;
   });
   double s = 0.0;
   for (double v : partials) s += v;
@@ -253,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor> masked_freq_loss_cuda(
   at::Tensor ws = at::empty({p.images * (1 + p.args.channels)}, pred.options().dtype(at::kDouble));
   check_launch(mfm::launch_masked_freq_loss(static_cast<int>(p.side), p.args, static_cast<int>(p.images), p.reduction,
                                             static_cast<float>(loss_weight), ws.data_ptr<double>(),
-                                            p.loss.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+                                            p.loss.data_ptr<float>(), prefetch_enabled(),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
                "masked_freq_loss");
   return {p.loss, p.grad};
 }

@@ -36,6 +36,30 @@ MFM_HD void store_elem(void* p, int dt, int64_t i, float v) {
   }
 }
 
+MFM_HD int64_t elem_bytes(int dt) { return dt == kF32 ? 4 : (dt == kU8 ? 1 : 2); }
+
+// Ask L2 for `bytes` bytes at base + offset (the next plane's inputs, read while this plane computes, so
+// that the next plane's load phase hits L2 instead of waiting on HBM). GPU only, a no-op on the host.
+// sm_90+: thread 0 issues one bulk prefetch (cp.async.bulk.prefetch.L2; the range trimmed to 16-byte
+// alignment); older GPUs: the threads share the range's 128-byte lines (prefetch.global.L2).
+MFM_HD void l2_prefetch(const void* base, int64_t offset, int64_t bytes, int tid, int nth) {
+#ifdef __CUDA_ARCH__
+  const char* p = static_cast<const char*>(base) + offset;
+#if __CUDA_ARCH__ >= 900
+  const uint64_t begin = (reinterpret_cast<uint64_t>(p) + 15) & ~uint64_t{15};
+  const uint64_t end = (reinterpret_cast<uint64_t>(p) + bytes) & ~uint64_t{15};
+  if (tid == 0 && end > begin)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(begin), "r"(static_cast<uint32_t>(end - begin))
+                 : "memory");
+#else
+  for (int64_t o = static_cast<int64_t>(tid) * 128; o < bytes; o += static_cast<int64_t>(nth) * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+#endif
+#else
+  (void)base, (void)offset, (void)bytes, (void)tid, (void)nth;
+#endif
+}
+
 // Symmetrised keep mask (m(k) + m(-k)) / 2 at the unshifted frequency (ky, kx) of an fftshift-ed S x S mask.
 template <int S>
 MFM_HD float sym_mask(const float* m, int ky, int kx) {
@@ -83,16 +107,23 @@ struct CorruptStore {
   }
 };
 
-// Corrupt plane `plane` (= n * C + c). smem: PlaneSmem<S> with its twiddles filled.
+// Corrupt plane `plane` (= n * C + c); `next`: the plane this CTA runs next (its inputs are prefetched),
+// or -1. smem: PlaneSmem<S> with its twiddles filled.
 template <int S, class Sched>
-MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, cf* smem, const Sched& sched) {
+MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, int next, cf* smem, const Sched& sched) {
   using P = PlaneSmem<S>;
+  constexpr int64_t SS = S * S;
   const int n = plane / a.channels, c = plane % a.channels;
-  const int64_t off = static_cast<int64_t>(plane) * S * S;
+  const int64_t off = plane * SS;
   PlaneLoad load{a.x, a.x_dt, off, S};
-  CorruptSpectral<S> spectral{a.mask + static_cast<int64_t>(n) * S * S};
+  CorruptSpectral<S> spectral{a.mask + n * SS};
   CorruptStore store{a.out, a.out_dt, off, S, a.stats.mean[c], a.stats.std[c]};
-  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, true);
+  const auto prefetch = [&a, next](int tid, int nth) {
+    if (next < 0) return;
+    l2_prefetch(a.x, next * SS * elem_bytes(a.x_dt), SS * elem_bytes(a.x_dt), tid, nth);
+    l2_prefetch(a.mask, next / a.channels * SS * 4, SS * 4, tid, nth);
+  };
+  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch, true);
 }
 
 // ---------------------------------------------------------------- masked spectral loss
@@ -162,18 +193,26 @@ struct GradStore {
 // One plane of the loss: returns this thread's share of sum(colw * w * d) (unscaled; every virtual thread's
 // on the host) and, when a.grad,
 // writes scale * dL/dpred for the plane. scale: the reduction's factor (loss_weight / Z etc.).
+// `next`: as in corrupt_plane.
 template <int S, class Sched>
-MFM_HD double loss_plane(const LossArgs& a, int plane, float scale, cf* smem, const Sched& sched) {
+MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf* smem, const Sched& sched) {
   using P = PlaneSmem<S>;
+  constexpr int64_t SS = S * S;
   const int n = plane / a.channels, c = plane % a.channels;
-  const int64_t off = static_cast<int64_t>(plane) * S * S;
+  const int64_t off = plane * SS;
   DiffLoad load{a.pred, a.pred_dt, a.target, a.target_dt, off, S, a.normalize_target, a.stats.mean[c],
                 a.stats.std[c]};
   const bool need_grad = a.grad != nullptr;
-  LossSpectral<S> spectral{a.mask ? a.mask + static_cast<int64_t>(n) * S * S : nullptr, a.gamma,
+  LossSpectral<S> spectral{a.mask ? a.mask + n * SS : nullptr, a.gamma,
                            need_grad ? scale * a.gamma / S : 0.f, need_grad, 0.0};
   GradStore store{a.grad, a.grad_dt, off, S};
-  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, need_grad);
+  const auto prefetch = [&a, next](int tid, int nth) {
+    if (next < 0) return;
+    l2_prefetch(a.pred, next * SS * elem_bytes(a.pred_dt), SS * elem_bytes(a.pred_dt), tid, nth);
+    l2_prefetch(a.target, next * SS * elem_bytes(a.target_dt), SS * elem_bytes(a.target_dt), tid, nth);
+    if (a.mask) l2_prefetch(a.mask, next / a.channels * SS * 4, SS * 4, tid, nth);
+  };
+  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch, need_grad);
   return spectral.acc;
 }
 

@@ -25,6 +25,7 @@ import torch
 from .torch_backend.masked_freq_loss import register_saved_grad_autograd
 
 SIDES = (224, 112)
+SMEM_PER_BLOCK = 232448  # sm_90's opt-in shared memory per block (csrc/fft.cuh, kHopperSmemPerBlock)
 MAX_CHANNELS = 8
 _INFO_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
 _state: dict = {}
@@ -78,8 +79,13 @@ def unavailable_reason(device_type: Optional[str] = None) -> Optional[str]:
 def size_reason(height: int, width: int, channels: int) -> Optional[str]:
     """None if the compiled kernels take (C, H, W) planes, else why not."""
     if height != width or height not in SIDES:
-        return (f"{height} x {width} planes: the CUDA kernels are compiled for square "
-                f"{' / '.join(f'{s} x {s}' for s in SIDES)} planes only")
+        reason = (f"{height} x {width} planes: the CUDA kernels are compiled for square "
+                  f"{' / '.join(f'{s} x {s}' for s in SIDES)} planes only")
+        plane_bytes = 8 * (height * (width // 2 + 1) + max(height, width))  # half spectrum + twiddles, complex fp32
+        if plane_bytes > SMEM_PER_BLOCK:
+            reason += (f" (this plane's fp32 half spectrum needs {plane_bytes:,} bytes of shared memory, more than "
+                       f"the {SMEM_PER_BLOCK:,} a Hopper block can have)")
+        return reason
     if channels > MAX_CHANNELS:
         return f"{channels} channels: the CUDA kernels take at most {MAX_CHANNELS}"
     return None
