@@ -112,7 +112,7 @@ MFM_HD void block_sync() {
 // the GPU), a barrier, write(tid, nth, state), a barrier: for phases whose writes land where other
 // threads read.
 struct CtaSched {  // the calling GPU thread's share of each phase, then a CTA barrier
-  static constexpr int kEntryCap = 8;  // per_pair_entry values per thread and round (registers)
+  static constexpr int kEntryCap = 6;  // per_pair_entry values per thread and round (registers; 7 and 8 spill at 224)
   int tid, nth;
   template <class Phase>
   MFM_HD void run(const Phase& phase) const {
@@ -130,7 +130,7 @@ struct CtaSched {  // the calling GPU thread's share of each phase, then a CTA b
 };
 
 struct HostSched {  // virtual threads one after the other (reverse: nth-1 first)
-  static constexpr int kEntryCap = 128;  // >= S / 2 + 1: one virtual thread can hold a whole pair
+  static constexpr int kEntryCap = 1024;  // >= kPairGroup (S / 2 + 1): one virtual thread holds a group of pairs
   int nth;
   bool reverse;
   template <class Phase>
@@ -196,8 +196,11 @@ MFM_HD void radix2_fused_pass(const Sched& sched, cf* a, int lines, int lstride,
   constexpr int T = 1 << K, kItems = N / T;  // items per line
   sched.run([=](int tid, int nth) {
     for (int item = tid; item < lines * kItems; item += nth) {
-      cf* line = a + (item / kItems) * lstride;
-      const int b = item % kItems;
+      // consecutive threads take the same b of consecutive lines: a half warp then reads 16 lines (columns:
+      // 16 different banks; row pairs: 2 to a bank) instead of the 2^K-strided groups of one line (4-7 to a
+      // bank; bench/smem_banks.py)
+      cf* line = a + (item % lines) * lstride;
+      const int b = item / lines;
       const int j = b % h_low, base = (b / h_low) * (T * h_low);  // groups of T h_low never straddle blocks
       cf v[T];
 #pragma unroll
@@ -254,10 +257,15 @@ MFM_HD void fft_lines(const Sched& sched, cf* a, int lines, int lstride, int st,
 // ---------------------------------------------------------------- the plane pipeline
 
 // For every row pair p (rows = spec + 2 p WH, its two rows) and k = 0..S/2: v = gather(rows, k) (two
-// values), then scatter(rows, k, v). A round takes whole pairs, as many as fit Sched::kEntryCap entries
-// per thread, and every gather of a round happens before any scatter of it (the values wait in the
-// thread's EntryState: registers on the GPU), so scatter may overwrite anything its pair gathers.
-// 4 rounds at 224 with 512 threads.
+// values), then scatter(rows, k, v). A round takes whole groups of kPairGroup pairs, as many as fit
+// Sched::kEntryCap entries per thread, and every gather of a round happens before any scatter of it (the
+// values wait in the thread's EntryState: registers on the GPU), so scatter may overwrite anything its
+// pair gathers. 4 rounds at 224 with 512 threads.
+// Entry e of a round is (pair p0 + kPairGroup (e / (kPairGroup WH)) + e mod kPairGroup, k = (e / kPairGroup)
+// mod WH): consecutive threads take one k of 8 consecutive pairs, whose digit-reversed positions fall on
+// different banks (k-consecutive entries of one pair put up to 12 on a bank; bench/smem_banks.py).
+constexpr int kPairGroup = 8;
+
 template <int CAP>
 struct EntryState {
   cf v[2 * CAP];
@@ -266,8 +274,11 @@ struct EntryState {
 template <int S, class Sched, class Gather, class Scatter>
 MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, const Scatter& scatter) {
   using P = PlaneSmem<S>;
-  constexpr int WH = P::WH, PAIRS = P::kPairs, CAP = Sched::kEntryCap;
-  const int per_round = sched.nth * CAP / WH < 1 ? 1 : sched.nth * CAP / WH;  // pairs; nth * CAP >= WH
+  constexpr int WH = P::WH, PAIRS = P::kPairs, CAP = Sched::kEntryCap, G = kPairGroup;
+  static_assert(PAIRS % G == 0, "row pairs come in whole groups");
+  const int groups = sched.nth * CAP / (G * WH);  // per round; nth * CAP >= G * WH (HostSched: CAP alone)
+  const int per_round = G * (groups < 1 ? 1 : groups);
+  const auto rows_of = [=](int p0, int e) { return spec + 2 * (p0 + G * (e / (G * WH)) + e % G) * WH; };
   for (int p0 = 0; p0 < PAIRS; p0 += per_round) {
     const int entries = (PAIRS - p0 < per_round ? PAIRS - p0 : per_round) * WH;
     sched.template run_two<EntryState<CAP>>(
@@ -275,14 +286,14 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 #pragma unroll
           for (int j = 0; j < CAP; ++j) {
             const int e = tid + j * nth;
-            if (e < entries) gather(spec + 2 * (p0 + e / WH) * WH, e % WH, st.v + 2 * j);
+            if (e < entries) gather(rows_of(p0, e), (e / G) % WH, st.v + 2 * j);
           }
         },
         [=](int tid, int nth, EntryState<CAP>& st) {
 #pragma unroll
           for (int j = 0; j < CAP; ++j) {
             const int e = tid + j * nth;
-            if (e < entries) scatter(spec + 2 * (p0 + e / WH) * WH, e % WH, st.v + 2 * j);
+            if (e < entries) scatter(rows_of(p0, e), (e / G) % WH, st.v + 2 * j);
           }
         });
   }

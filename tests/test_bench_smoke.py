@@ -164,3 +164,18 @@ def test_folk_ops_bench_checks_and_prints_every_work(capsys, tmp_path):
     payload = json.loads(next(tmp_path.glob("folk_ops-*.json")).read_text())
     assert {r["work"] for r in payload["samples"]} == {"masks", "folk_corrupt", "mp_loss", "loss"}
     assert folk.main(["--device", "cpu", "--providers", "numpy"]) == 2
+
+
+def test_smem_bank_model_runs_and_sees_the_old_conflicts(capsys):
+    """bench/smem_banks.py (a model of csrc/fft.cuh's index maps) runs; its --compare column shows the
+    k-consecutive unpack gather that the pair-group mapping replaced, at > 10 wavefronts per access."""
+    import re
+    path = Path(__file__).resolve().parent.parent / "bench" / "smem_banks.py"
+    spec = importlib.util.spec_from_file_location("smem_banks", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--compare"])
+    out = capsys.readouterr().out
+    gather = re.search(r"224 x 224.*?unpack gather\s+([\d.]+)\s+\(before: ([\d.]+)\)", out, re.S)
+    assert gather and float(gather.group(1)) <= 2.0 and float(gather.group(2)) > 10.0, out
+    assert mod.freq_pos(1, 224) == 32 and mod.freq_pos(7, 224) == 16  # k = 7 -> q = 1 -> bitrev_5(1) = 16
