@@ -260,7 +260,7 @@ MFM_HD void fft_lines(const Sched& sched, cf* a, int lines, int lstride, int st,
 // values), then scatter(rows, k, v). A round takes whole groups of kPairGroup pairs, as many as fit
 // Sched::kEntryCap entries per thread, and every gather of a round happens before any scatter of it (the
 // values wait in the thread's EntryState: registers on the GPU), so scatter may overwrite anything its
-// pair gathers. 4 rounds at 224 with 512 threads.
+// pair gathers. 5 rounds at 224 with 512 threads (24 pairs each, the last 16).
 // Entry e of a round is (pair p0 + kPairGroup (e / (kPairGroup WH)) + e mod kPairGroup, k = (e / kPairGroup)
 // mod WH): consecutive threads take one k of 8 consecutive pairs, whose digit-reversed positions fall on
 // different banks (k-consecutive entries of one pair put up to 12 on a bank; bench/smem_banks.py).
