@@ -64,7 +64,12 @@ def phases(s, threads, old):
             t_count, per_line = 1 << k, s >> k
 
             def idx(i, t, lines=lines, ls=ls, st=st, h=h, t_count=t_count, per_line=per_line):
-                line, b = (i // per_line, i % per_line) if old else (i % lines, i // lines)
+                if old:
+                    line, b = i // per_line, i % per_line
+                elif ls % 2 == 0 and h >= 2:  # row pairs: b's low bit fastest, then the line
+                    line, b = (i >> 1) % lines, ((i >> 1) // lines) * 2 + (i & 1)
+                else:
+                    line, b = i % lines, i // lines
                 return line * ls + ((b // h) * (t_count * h) + b % h + t * h) * st
             out.append((f"{name} radix-2 {'inv' if inverse else 'fwd'} K={k} h={h}",
                         wavefronts(lines * per_line, t_count, idx), 1.0))

@@ -194,13 +194,18 @@ template <int N, int K, class Sched>
 MFM_HD void radix2_fused_pass(const Sched& sched, cf* a, int lines, int lstride, int st, const cf* tw, bool inverse,
                               int h_low) {  // h_low: the smallest span of the K stages
   constexpr int T = 1 << K, kItems = N / T;  // items per line
+  static_assert(kItems % 2 == 0, "the row-pair interleave below pairs up items");
   sched.run([=](int tid, int nth) {
     for (int item = tid; item < lines * kItems; item += nth) {
-      // consecutive threads take the same b of consecutive lines: a half warp then reads 16 lines (columns:
-      // 16 different banks; row pairs: 2 to a bank) instead of the 2^K-strided groups of one line (4-7 to a
-      // bank; bench/smem_banks.py)
-      cf* line = a + (item % lines) * lstride;
-      const int b = item / lines;
+      // Consecutive threads take the same b of consecutive lines, so a half warp reads 16 lines (columns: 16
+      // banks) instead of the 2^K-strided groups of one line (4-7 to a bank). Lines an even number of
+      // elements apart (row pairs, 2 WH) would put 2 on a bank, so there b's low bit goes fastest, then the
+      // line (8 lines x 2 odd-spaced offsets), when h_low >= 2 makes that bit an offset of 1. See
+      // bench/smem_banks.py.
+      const bool interleave = lstride % 2 == 0 && h_low >= 2;
+      const int l = interleave ? (item >> 1) % lines : item % lines;
+      const int b = interleave ? ((item >> 1) / lines) * 2 + (item & 1) : item / lines;
+      cf* line = a + l * lstride;
       const int j = b % h_low, base = (b / h_low) * (T * h_low);  // groups of T h_low never straddle blocks
       cf v[T];
 #pragma unroll
