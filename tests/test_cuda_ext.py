@@ -454,6 +454,22 @@ def test_gpu_determinism_and_current_stream():
 
 
 @gpu
+def test_gpu_l2_prefetch_is_only_a_hint(monkeypatch):
+    """MFM_FAST_CUDA_PREFETCH=0 (no L2 prefetch of the next plane) gives the same bits; 600 planes is more
+    than one wave of resident CTAs, so the prefetching run does prefetch."""
+    x, pred, m = _gpu_batch(200, 224, "random", seed=5)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MFM_FAST_CUDA_PREFETCH", flag)
+        p = pred.clone().requires_grad_(True)
+        loss = mfm_fast.masked_freq_loss(p, x, m, backend="cuda")
+        loss.backward()
+        runs.append((loss.detach(), p.grad, mfm_fast.corrupt(x, m, backend="cuda")))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu
 def test_gpu_compile_fullgraph():
     x, pred, m = _gpu_batch(2, 224, "low", seed=5)
     f = lambda p: mfm_fast.masked_freq_loss(p, x, m, normalize_target=True, backend="cuda")  # noqa: E731
