@@ -1,7 +1,7 @@
 // Masked spectral loss (MFM_SPEC.md §3), forward and gradient in one pass: one CTA per (image, channel)
 // plane computes D = rfft2_ortho(pred - normalise(target)) in shared memory, its partial sum of
 // colw * w * d, and (when asked) the gradient scale * irfft2_ortho(w gamma s^(gamma-2) D) in pred's dtype.
-// Deterministic: per-plane partials reduced by a fixed tree, then summed in plane order by one thread.
+// Deterministic: per-plane partials reduced by a fixed tree, then summed by a fixed tree over the planes.
 // No host sync: the masked reduction's denominator is summed on the device before the plane pass.
 #include "launch.h"
 
@@ -44,10 +44,10 @@ __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, 
   double* red = reinterpret_cast<double*>(smem + PlaneSmem<S>::kComplex);
   make_twiddles<S>(PlaneSmem<S>::twiddles(smem), threadIdx.x, blockDim.x);
   float scale = loss_weight;
-  if (reduction == kMasked) {
-    double z = 0.0;
-    for (int n = 0; n < images; ++n) z += removed[n];  // same order in every CTA
-    z *= args.channels;
+  if (reduction == kMasked) {  // the threads share the images, then a fixed tree: the same bits in every CTA
+    double part = 0.0;
+    for (int n = threadIdx.x; n < images; n += blockDim.x) part += removed[n];
+    const double z = block_sum(part, red) * args.channels;
     scale = static_cast<float>(loss_weight / (z > 1e-30 ? z : 1e-30));
   } else if (reduction == kMean) {
     scale = static_cast<float>(loss_weight / (static_cast<double>(images) * args.channels * S * S));
@@ -61,10 +61,13 @@ __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, 
   if (threadIdx.x == 0) partials[plane] = total * scale;
 }
 
-__global__ void finish_kernel(const double* partials, int planes, float* loss) {
-  double s = 0.0;
-  for (int i = 0; i < planes; ++i) s += partials[i];
-  *loss = static_cast<float>(s);
+// loss = sum of the plane partials: strided per thread, then the fixed tree (deterministic).
+__global__ void __launch_bounds__(kRedThreads) finish_kernel(const double* partials, int planes, float* loss) {
+  __shared__ double red[kRedThreads];
+  double part = 0.0;
+  for (int i = threadIdx.x; i < planes; i += blockDim.x) part += partials[i];
+  const double total = block_sum(part, red);
+  if (threadIdx.x == 0) *loss = static_cast<float>(total);
 }
 
 template <int S>
@@ -91,7 +94,7 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
                                                     lookahead);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  finish_kernel<<<1, 1, 0, stream>>>(partials, planes, loss_out);
+  finish_kernel<<<1, kRedThreads, 0, stream>>>(partials, planes, loss_out);
   return cudaGetLastError();
 }
 
