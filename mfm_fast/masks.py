@@ -67,13 +67,15 @@ def _dist2(height: int, width: int, device) -> torch.Tensor:
     return y[:, None] ** 2 + x[None, :] ** 2
 
 
-@functools.lru_cache(maxsize=64)
-def _base_mask_cached(height: int, width: int, rings: Rings, device: torch.device) -> torch.Tensor:
+def _base_mask_uncached(height: int, width: int, rings: Rings, device: torch.device) -> torch.Tensor:
     dist2 = _dist2(height, width, None)
     removed = torch.zeros(height, width, dtype=torch.bool)
     for r1, r2 in rings:
         removed |= (r1 * r1 <= dist2) & (dist2 < r2 * r2)
     return (~removed).to(torch.float32).to(device)
+
+
+_base_mask_cached = functools.lru_cache(maxsize=64)(_base_mask_uncached)
 
 
 def base_mask(height: int, width: int, r1: float = 16, r2: float = 999, device=None, *,
@@ -87,7 +89,10 @@ def base_mask(height: int, width: int, r1: float = 16, r2: float = 999, device=N
     """
     V.check_even_size(None, height, width)
     rings = check_rings(r1, r2, bands)
-    return _base_mask_cached(height, width, rings, torch.device(device) if device is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():  # dynamo traces through caches anyway (and warns): build it in the graph
+        return _base_mask_uncached(height, width, rings, device)
+    return _base_mask_cached(height, width, rings, device)
 
 
 def _check_low(low, n: int, pf: int, device: torch.device) -> torch.Tensor:

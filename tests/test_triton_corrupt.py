@@ -194,7 +194,9 @@ def test_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 def test_compile_fullgraph():
+    """Compiles with no dynamo warning (it used to warn about the base-mask cache, traced through)."""
     x = _pixels((2, 3, 16, 16))
     fc = mfm_fast.FrequencyCorruption(r1=4, backend="triton")
     low = torch.tensor([True, False], device=DEVICE)
