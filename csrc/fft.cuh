@@ -195,14 +195,13 @@ MFM_HD void radix2_fused_pass(const Sched& sched, cf* a, int lines, int lstride,
                               int h_low) {  // h_low: the smallest span of the K stages
   constexpr int T = 1 << K, kItems = N / T;  // items per line
   static_assert(kItems % 2 == 0, "the row-pair interleave below pairs up items");
+  // Consecutive threads take the same b of consecutive lines, so a half warp reads 16 lines (columns: 16
+  // banks) instead of the 2^K-strided groups of one line (4-7 to a bank). Lines an even number of elements
+  // apart (row pairs, 2 WH) would put 2 on a bank, so there b's low bit goes fastest, then the line (8
+  // lines x 2 odd-spaced offsets), when h_low >= 2 makes that bit an offset of 1. See bench/smem_banks.py.
+  const bool interleave = lstride % 2 == 0 && h_low >= 2;
   sched.run([=](int tid, int nth) {
     for (int item = tid; item < lines * kItems; item += nth) {
-      // Consecutive threads take the same b of consecutive lines, so a half warp reads 16 lines (columns: 16
-      // banks) instead of the 2^K-strided groups of one line (4-7 to a bank). Lines an even number of
-      // elements apart (row pairs, 2 WH) would put 2 on a bank, so there b's low bit goes fastest, then the
-      // line (8 lines x 2 odd-spaced offsets), when h_low >= 2 makes that bit an offset of 1. See
-      // bench/smem_banks.py.
-      const bool interleave = lstride % 2 == 0 && h_low >= 2;
       const int l = interleave ? (item >> 1) % lines : item % lines;
       const int b = interleave ? ((item >> 1) / lines) * 2 + (item & 1) : item / lines;
       cf* line = a + l * lstride;

@@ -22,6 +22,13 @@ __device__ double block_sum(double v, double* red) {
   return out;
 }
 
+// Sum of v[0 .. n): strided per thread, then the fixed tree (deterministic: the same bits in every CTA).
+__device__ double block_sum_of(const double* v, int n, double* red) {
+  double part = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) part += v[i];
+  return block_sum(part, red);
+}
+
 // removed[n] = sum over image n of (1 - mask).
 template <int S>
 __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask, double* removed) {
@@ -44,10 +51,8 @@ __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, 
   double* red = reinterpret_cast<double*>(smem + PlaneSmem<S>::kComplex);
   make_twiddles<S>(PlaneSmem<S>::twiddles(smem), threadIdx.x, blockDim.x);
   float scale = loss_weight;
-  if (reduction == kMasked) {  // the threads share the images, then a fixed tree: the same bits in every CTA
-    double part = 0.0;
-    for (int n = threadIdx.x; n < images; n += blockDim.x) part += removed[n];
-    const double z = block_sum(part, red) * args.channels;
+  if (reduction == kMasked) {
+    const double z = block_sum_of(removed, images, red) * args.channels;
     scale = static_cast<float>(loss_weight / (z > 1e-30 ? z : 1e-30));
   } else if (reduction == kMean) {
     scale = static_cast<float>(loss_weight / (static_cast<double>(images) * args.channels * S * S));
@@ -61,12 +66,10 @@ __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, 
   if (threadIdx.x == 0) partials[plane] = total * scale;
 }
 
-// loss = sum of the plane partials: strided per thread, then the fixed tree (deterministic).
+// loss = sum of the plane partials.
 __global__ void __launch_bounds__(kRedThreads) finish_kernel(const double* partials, int planes, float* loss) {
   __shared__ double red[kRedThreads];
-  double part = 0.0;
-  for (int i = threadIdx.x; i < planes; i += blockDim.x) part += partials[i];
-  const double total = block_sum(part, red);
+  const double total = block_sum_of(partials, planes, red);
   if (threadIdx.x == 0) *loss = static_cast<float>(total);
 }
 

@@ -38,14 +38,18 @@ MFM_HD void store_elem(void* p, int dt, int64_t i, float v) {
 
 MFM_HD int64_t elem_bytes(int dt) { return dt == kF32 ? 4 : (dt == kU8 ? 1 : 2); }
 
-// Ask L2 for `bytes` bytes at base + offset (the next plane's inputs, read while this plane computes, so
-// that the next plane's load phase hits L2 instead of waiting on HBM). GPU only, a no-op on the host.
-// sm_90+: bulk prefetches (cp.async.bulk.prefetch.L2) of up to 64 KiB, one per thread (4 threads for a
-// 224 x 224 fp32 plane), the range trimmed to 16-byte alignment; older GPUs: the threads share the
-// range's 128-byte lines (prefetch.global.L2).
-MFM_HD void l2_prefetch(const void* base, int64_t offset, int64_t bytes, int tid, int nth) {
+// Ask L2 for plane `plane` (S * S elements of dtype dt) of the buffer at base, nothing when base is null:
+// the next plane's inputs, read while this plane computes so that the next plane's load phase hits L2
+// instead of waiting on HBM. GPU only, a no-op on the host. sm_90+: bulk prefetches
+// (cp.async.bulk.prefetch.L2) of up to 64 KiB, one per thread (4 threads for a 224 x 224 fp32 plane), the
+// range trimmed to 16-byte alignment; older GPUs: the threads share the range's 128-byte lines
+// (prefetch.global.L2).
+template <int S>
+MFM_HD void l2_prefetch_plane(const void* base, int dt, int64_t plane, int tid, int nth) {
 #ifdef __CUDA_ARCH__
-  const char* p = static_cast<const char*>(base) + offset;
+  if (base == nullptr) return;
+  const int64_t bytes = static_cast<int64_t>(S) * S * elem_bytes(dt);
+  const char* p = static_cast<const char*>(base) + plane * bytes;
 #if __CUDA_ARCH__ >= 900
   constexpr uint64_t kChunk = 65536;
   const uint64_t begin = (reinterpret_cast<uint64_t>(p) + 15) & ~uint64_t{15};
@@ -61,7 +65,7 @@ MFM_HD void l2_prefetch(const void* base, int64_t offset, int64_t bytes, int tid
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
 #endif
 #else
-  (void)base, (void)offset, (void)bytes, (void)tid, (void)nth;
+  (void)base, (void)dt, (void)plane, (void)tid, (void)nth;
 #endif
 }
 
@@ -125,8 +129,8 @@ MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, int next, cf* smem, c
   CorruptStore store{a.out, a.out_dt, off, S, a.stats.mean[c], a.stats.std[c]};
   const auto prefetch = [&a, next](int tid, int nth) {
     if (next < 0) return;
-    l2_prefetch(a.x, next * SS * elem_bytes(a.x_dt), SS * elem_bytes(a.x_dt), tid, nth);
-    l2_prefetch(a.mask, next / a.channels * SS * 4, SS * 4, tid, nth);
+    l2_prefetch_plane<S>(a.x, a.x_dt, next, tid, nth);
+    l2_prefetch_plane<S>(a.mask, kF32, next / a.channels, tid, nth);
   };
   plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch, true);
 }
@@ -213,9 +217,9 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf
   GradStore store{a.grad, a.grad_dt, off, S};
   const auto prefetch = [&a, next](int tid, int nth) {
     if (next < 0) return;
-    l2_prefetch(a.pred, next * SS * elem_bytes(a.pred_dt), SS * elem_bytes(a.pred_dt), tid, nth);
-    l2_prefetch(a.target, next * SS * elem_bytes(a.target_dt), SS * elem_bytes(a.target_dt), tid, nth);
-    if (a.mask) l2_prefetch(a.mask, next / a.channels * SS * 4, SS * 4, tid, nth);
+    l2_prefetch_plane<S>(a.pred, a.pred_dt, next, tid, nth);
+    l2_prefetch_plane<S>(a.target, a.target_dt, next, tid, nth);
+    l2_prefetch_plane<S>(a.mask, kF32, next / a.channels, tid, nth);
   };
   plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch, need_grad);
   return spectral.acc;
