@@ -1,8 +1,8 @@
 """Build script for mfm_fast.
 
 There is deliberately no pyproject.toml: with pip 23.2 any pyproject.toml switches `pip install -e .`
-to an isolated build environment without torch, which the CUDA extension needs at build time. Tool
-settings live in setup.cfg and pytest.ini.
+to an isolated build environment without torch, which the CUDA extension needs at build time. Test
+settings live in pytest.ini.
 
 `pip install -e .` also builds the CUDA extension `mfm_fast._C` (csrc/) when nvcc is found; no GPU is
 needed to build it. Environment:
@@ -26,9 +26,12 @@ import subprocess
 import sys
 import time
 
-from setuptools import find_packages, setup
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+# setuptools loads other packages' entry points (e.g. PyPI kernels' `kernels.locking`) while it runs; with this
+# folder first on sys.path they would resolve into our top-level kernels/ folder. Nothing here imports from it.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+
+from setuptools import find_packages, setup  # noqa: E402
 INFO_PATH = os.path.join(HERE, "mfm_fast", "_build_info.json")
 SOURCES = ["csrc/ops.cpp", "csrc/corrupt.cu", "csrc/masked_freq_loss.cu"]
 
@@ -155,7 +158,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mfm_fast", "mfm_fast.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in the top-level folder kernels/ but install as mfm_fast.kernels: a bare
+    # top-level `kernels` would collide with PyPI's `kernels` (Hugging Face's kernel hub loader).
+    packages=find_packages(include=["mfm_fast", "mfm_fast.*"]) + ["mfm_fast.kernels"],
+    package_dir={"mfm_fast.kernels": "kernels"},
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "train": ["timm", "torchvision", "tqdm", "matplotlib", "scikit-image>=0.25"],

@@ -34,9 +34,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import corrupt as cor  # noqa: E402
-from kernels import masked_freq_loss as mfl  # noqa: E402
-from kernels._dft import next_pow2  # noqa: E402
+from mfm_fast.kernels import corrupt as cor  # noqa: E402
+from mfm_fast.kernels import masked_freq_loss as mfl  # noqa: E402
+from mfm_fast.kernels._dft import next_pow2  # noqa: E402
 
 DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#]+)")
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         print("tune_corrupt.py needs a CUDA device")
         return 0
     import triton.testing
-    from kernels import corrupt as kc
+    from mfm_fast.kernels import corrupt as kc
 
     g = torch.Generator(device="cuda").manual_seed(0)
     b, s = args.batch, args.size

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         print("tune_loss.py needs a CUDA device")
         return 0
     import triton.testing
-    import kernels.masked_freq_loss as K
+    import mfm_fast.kernels.masked_freq_loss as K
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, s = args.batch, args.size

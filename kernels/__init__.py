@@ -6,5 +6,6 @@
   launches. ``torch.ops.mfm_fast.masked_freq_loss_triton``.
 - _dft.py: the cached DFT tables both use (DFT-as-GEMM on ``tl.dot``).
 
-Selected through mfm_fast.dispatch; on CPU tensors they run only under TRITON_INTERPRET=1.
+Installed as the subpackage ``mfm_fast.kernels`` (never a bare top-level ``kernels``, which is PyPI's kernel hub
+loader). Selected through mfm_fast.dispatch; on CPU tensors they run only under TRITON_INTERPRET=1.
 """

@@ -3,6 +3,10 @@
 Mask convention everywhere: an fftshift-ed **keep** mask (N, H, W), 1 = kept, DC at (H//2, W//2).
 """
 
+from ._checkout import provide_kernels_package
+
+provide_kernels_package()
+
 from ._common import IMAGENET_MEAN, IMAGENET_STD
 from ._validate import set_value_checks
 from .adaptive_masks import make_adaptive_masks

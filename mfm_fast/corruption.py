@@ -15,9 +15,9 @@ from .masks import check_patch_factor, check_rings, make_masks, mask_band_for
 from .torch_backend.corrupt import corrupt as _corrupt_torch
 
 def _triton_corrupt_module():
-    """kernels.corrupt, imported on first use (it imports triton, and TRITON_INTERPRET must be set first)."""
-    import kernels.corrupt
-    return kernels.corrupt
+    """mfm_fast.kernels.corrupt, imported on first use (it imports triton, and TRITON_INTERPRET must be set first)."""
+    from .kernels import corrupt as triton_corrupt
+    return triton_corrupt
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,

@@ -184,7 +184,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
                                                  target_std, need_grad)
         log_fallback_once("masked_freq_loss", "cuda", "torch", why)
     if name == "triton":
-        import kernels.masked_freq_loss as triton_loss  # imports triton: only once the backend is chosen
+        from .kernels import masked_freq_loss as triton_loss  # imports triton: only once the backend is chosen
 
         why = triton_loss.unsupported_reason(pred, reduction, with_matrix, ave_spectrum, patch_factor)
         if why is None:

@@ -76,7 +76,7 @@ def test_emulation_is_active_in_the_loss_kernels():
 def test_tf32x3_loss_within_1e5_at_224_under_emulated_tensor_cores(gamma, factor, monkeypatch):
     """MFM size: one low-pass image (full path: the transforms factored 7 x 32, or direct as at sizes that
     are not 7 x 2^k) and one high-pass image (band path), fp32 pred."""
-    import kernels.masked_freq_loss as K
+    import mfm_fast.kernels.masked_freq_loss as K
     monkeypatch.setattr(K, "FACTOR_H", factor)
     monkeypatch.setattr(K, "FACTOR_W", factor)
     g = torch.Generator().manual_seed(0)

@@ -114,7 +114,7 @@ def test_band_wider_than_half_image_uses_general_path():
 
 
 def test_band_wider_than_band_max_uses_general_path():
-    import kernels.corrupt as kc
+    import mfm_fast.kernels.corrupt as kc
     r1 = kc.BAND_MAX + 2  # would need more shared memory than sm_90 has on the band path
     x = _pixels((1, 3, 2 * r1 + 4, 2 * r1 + 4))
     mask = masks_for(x.shape, r1=r1).to(DEVICE)

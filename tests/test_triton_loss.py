@@ -87,7 +87,7 @@ FACTORED = [dict(), dict(loss_gamma=0.5, normalize_target=True), dict(reduction=
 def test_transforms_factored_7x16_match_reference(case, hw, factor, monkeypatch):
     """h = 112 = 7 x 16: _mfl_fact_fwd_kernel; w = 112: _mfl_fact_inv_kernel (the defaults at these sizes),
     and the direct kernels, all on the reference."""
-    import kernels.masked_freq_loss as K
+    import mfm_fast.kernels.masked_freq_loss as K
     monkeypatch.setattr(K, "FACTOR_H", factor)
     monkeypatch.setattr(K, "FACTOR_W", factor)
     kw = dict(case)
