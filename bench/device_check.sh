@@ -2,15 +2,15 @@
 # One GPU run of the checks and timings, deadline-aware, in about DEADLINE_S seconds (default 480):
 #   OUT=/tmp/out bash bench/device_check.sh           # files go to $OUT (default bench/results)
 #   ONLY="build smoke graph" bash bench/device_check.sh   # a subset of the steps, in the same order
-# Steps, in order (estimated seconds on an H100 / H200):
+# Steps, in order (estimated seconds on an H200, until a run measures them: its summary prints each step's time):
 #   build      60  pip install -e . with every core (the CUDA extension), python -m mfm_fast.info
-#   smoke      40  bench/gpu_smoke.py under CUDA_LAUNCH_BLOCKING=1: every CUDA kernel at 224 and 112, N = 1
+#   smoke      30  bench/gpu_smoke.py under CUDA_LAUNCH_BLOCKING=1: every CUDA kernel at 224 and 112, N = 1
 #                  and past one wave, need_grad on and off; error against the torch backend
-#   sanitizer  90  compute-sanitizer memcheck, racecheck, synccheck on bench/gpu_smoke.py --one-launch
-#   graph      20  bench/gpu_smoke.py --graph: CUDA graph replay of corrupt + loss vs eager, bit for bit
+#   sanitizer  75  compute-sanitizer memcheck, racecheck, synccheck on bench/gpu_smoke.py --one-launch
+#   graph      15  bench/gpu_smoke.py --graph: CUDA graph replay of corrupt + loss vs eager, bit for bit
 #   tests      90  pytest -m gpu, one process per file: test_cuda_ext, test_triton_loss, test_gpu
-#   fft_mask  150  bench/fft_mask.py --batch 64 256 --check: official, torch_compile, torch, triton, cuda;
-#                  fp32 and bf16 pred
+#   fft_mask  120  bench/fft_mask.py --batch 64 256 --check: official, torch_compile, torch, triton, cuda;
+#                  fp32 and bf16 pred; corrupt, loss fwd+bwd, step
 #   cufftdx    45  bench/cufftdx_plane.py: NVIDIA's cuFFTDx plane round trip vs ours and a copy
 #   ncu        60  Nsight Compute, each kernel once (gpu_smoke.py --one-launch --n 50 --with-cufftdx):
 #                  instructions, achieved occupancy, shared-memory bank conflicts, DRAM bytes
@@ -145,7 +145,7 @@ run_tests() {
 
 run_fft_mask() {
   limit "$STEP_CAP" "$PY" bench/fft_mask.py --batch 64 256 --check --providers official,torch_compile,torch,triton,cuda \
-    --dtype fp32 bf16 --quick --plot --markdown --out-dir "$out" >"$out/fft_mask.log" 2>&1
+    --dtype fp32 bf16 --work corrupt loss step --quick --plot --markdown --out-dir "$out" >"$out/fft_mask.log" 2>&1
   local rc=$?
   grep -E "check |^skipped|FAIL|wrote|done in" "$out/fft_mask.log" | head -60 | tee -a "$log"
   sed -n '/^| B | size/,$p' "$out/fft_mask.log" | head -90 | tee -a "$log"
@@ -215,11 +215,11 @@ say "device_check | $(date -u +%FT%TZ) | git $(git rev-parse --short HEAD 2>/dev
 [ -z "$no_gpu" ] && command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
 
 step build 60 150 run_build
-step smoke 40 90 run_smoke
-step sanitizer 90 180 run_sanitizer
-step graph 20 60 run_graph
+step smoke 30 90 run_smoke
+step sanitizer 75 180 run_sanitizer
+step graph 15 60 run_graph
 step tests 90 180 run_tests
-step fft_mask 150 240 run_fft_mask
+step fft_mask 120 240 run_fft_mask
 step cufftdx 45 120 run_cufftdx
 step ncu 60 150 run_ncu
 step nopf 40 60 run_nopf
