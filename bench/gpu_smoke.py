@@ -197,7 +197,9 @@ def one_launch(args, device):
     import mfm_fast
 
     impl = None
-    if args.with_cufftdx:
+    if args.with_cufftdx and device.type != "cuda":
+        print("cuFFTDx kernels not launched: they run on CUDA tensors only")
+    elif args.with_cufftdx:
         import cufftdx_plane
 
         lib = cufftdx_plane.library_path("sm_90")

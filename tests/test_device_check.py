@@ -103,6 +103,14 @@ def test_gpu_smoke_reports_a_mismatch(capsys, monkeypatch):
     assert out.count("FAIL ") >= 6 and "6 FAILED" in out
 
 
+def test_gpu_smoke_one_launch_on_cpu(capsys):
+    smoke = load("gpu_smoke")
+    assert smoke.main(["--one-launch", "--device", "cpu", "--backend", "torch", "--sizes", "112", "--with-cufftdx"]) == 0
+    out = capsys.readouterr().out
+    assert "launched 112 N=1 (3 planes): corrupt, loss need_grad=1, loss need_grad=0" in out
+    assert "cuFFTDx kernels not launched: they run on CUDA tensors only" in out
+
+
 @needs_no_gpu
 def test_gpu_smoke_without_a_device_says_so(capsys):
     smoke = load("gpu_smoke")
@@ -172,3 +180,10 @@ def test_cufftdx_kernel_compiles_for_sm90_without_spills():
     for sym in ("cufftdx_plane_roundtrip", "cufftdx_plane_forward", "cufftdx_plane_threads",
                 "cufftdx_plane_smem_bytes", "cufftdx_plane_error_string"):
         assert re.search(rf" T {sym}$", nm, re.M), sym
+    impl = bench.CufftdxPlanes(lib)  # static cudart: loads without a GPU; these entry points make no CUDA call
+    assert impl.launch_shape(224) == (256, 224 * 113 * 8 + 16 * 1792)  # half spectrum + 16 lines of scratch
+    assert impl.launch_shape(112) == (256, 112 * 57 * 8 + 32 * 896)
+    assert impl.launch_shape(224)[1] <= bench.SMEM_PER_BLOCK and impl.launch_shape(64) == (0, 0)
+    assert impl.lib.cufftdx_plane_error_string(2).decode() == "out of memory"
+    with pytest.raises(ValueError, match="CUDA planes"):
+        impl.roundtrip(torch.rand(1, 3, 112, 112))
