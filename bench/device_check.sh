@@ -22,15 +22,20 @@
 # fft_mask.log and fft_mask's JSON and PNG. cuFFTDx needs PyPI nvidia-mathdx: installed, at $MATHDX_ROOT,
 # or its wheel carried in .whl/ (docs/gpu-runs.md). Exit status 1 if a step failed, else 0.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-bench/results}
-mkdir -p "$out"
-log="$out/device_check.log"
-: >"$log"
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-480}
 ALL_STEPS="build smoke sanitizer graph tests fft_mask cufftdx ncu nopf"
 ONLY=${ONLY:-$ALL_STEPS}
+for name in $ONLY; do
+  [[ " $ALL_STEPS " == *" $name "* ]] || { echo "ONLY: unknown step '$name'; choose from: $ALL_STEPS" >&2; exit 2; }
+done
+[[ "$DEADLINE_S" =~ ^[0-9]+$ ]] || { echo "DEADLINE_S: a whole number of seconds, got '$DEADLINE_S'" >&2; exit 2; }
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$repo/bench/results}
+mkdir -p "$out" && out=$(cd "$out" && pwd) || { echo "OUT: cannot create '$out'" >&2; exit 2; }
+cd "$repo"
+log="$out/device_check.log"
+: >"$log"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the scripts import this checkout, installed or not
 start=$(date +%s)
@@ -180,12 +185,12 @@ run_ncu() {
   local ncu rc
   ncu=$(find_tool ncu)
   [ -z "$ncu" ] && { say "ncu not found (PATH, /usr/local/cuda/bin, /opt/nvidia/nsight-compute)"; return 1; }
-  limit "$STEP_CAP" "$ncu" --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
+  limit "$STEP_CAP" "$ncu" --target-processes all --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
     --metrics "$NCU_METRICS" "$PY" bench/gpu_smoke.py --one-launch --n 50 --with-cufftdx >"$out/ncu.txt" 2>&1
   rc=$?
   if grep -qiE "failed to find metric|invalid metric" "$out/ncu.txt" && (($(left) > 30)); then
     say "ncu: $(grep -m1 -iE 'failed to find metric|invalid metric' "$out/ncu.txt"); again with fewer metrics"
-    limit "$STEP_CAP" "$ncu" --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
+    limit "$STEP_CAP" "$ncu" --target-processes all --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
       --metrics "$NCU_METRICS_MIN" "$PY" bench/gpu_smoke.py --one-launch --n 50 --with-cufftdx >"$out/ncu.txt" 2>&1
     rc=$?
   fi
@@ -226,7 +231,7 @@ step nopf 40 60 run_nopf
 
 say ""
 say "== summary ($(($(date +%s) - start)) s of ${DEADLINE_S} s)"
-for line in "${summary[@]}"; do say "$line"; done
+for line in ${summary[@]+"${summary[@]}"}; do say "$line"; done
 files=$(find "$out" -type f -newer "$stamp" | sort)
 n=$(printf '%s' "$files" | grep -c . || true)
 rm -f "$stamp"

@@ -187,3 +187,10 @@ def test_cufftdx_kernel_compiles_for_sm90_without_spills():
     assert impl.lib.cufftdx_plane_error_string(2).decode() == "out of memory"
     with pytest.raises(ValueError, match="CUDA planes"):
         impl.roundtrip(torch.rand(1, 3, 112, 112))
+
+
+@pytest.mark.parametrize("env, message", [({"ONLY": "smoke bogus"}, "ONLY: unknown step 'bogus'"),
+                                          ({"DEADLINE_S": "8min"}, "DEADLINE_S: a whole number of seconds")])
+def test_device_check_bad_settings_name_the_variable(tmp_path, env, message):
+    proc, files = run_check(tmp_path, **env)
+    assert proc.returncode == 2 and message in proc.stderr and not files
