@@ -105,7 +105,8 @@ def test_gpu_smoke_reports_a_mismatch(capsys, monkeypatch):
 
 def test_gpu_smoke_one_launch_on_cpu(capsys):
     smoke = load("gpu_smoke")
-    assert smoke.main(["--one-launch", "--device", "cpu", "--backend", "torch", "--sizes", "112", "--with-cufftdx"]) == 0
+    argv = ["--one-launch", "--device", "cpu", "--backend", "torch", "--sizes", "112", "--with-cufftdx"]
+    assert smoke.main(argv) == 0
     out = capsys.readouterr().out
     assert "launched 112 N=1 (3 planes): corrupt, loss need_grad=1, loss need_grad=0" in out
     assert "cuFFTDx kernels not launched: they run on CUDA tensors only" in out
