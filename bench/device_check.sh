@@ -15,6 +15,7 @@
 #   ncu        60  Nsight Compute, each kernel once (gpu_smoke.py --one-launch --n 50 --with-cufftdx):
 #                  instructions, achieved occupancy, shared-memory bank conflicts, DRAM bytes
 #   nopf       40  fft_mask, cuda, B = 256 with MFM_FAST_CUDA_PREFETCH=0 (no L2 prefetch; appended to fft_mask.log)
+#   pretrain  150  only when named in ONLY: python -m mfm_fast.pretrain images/s, ViT-S/16 bf16, --method mfm,folk
 # Before a step starts, its estimate is compared with the time left: a step that would not fit prints
 # "skip <step>: needs ~Ns, M s left" and the next one is tried. Each step runs under a timeout (the smaller
 # of its cap and the time left) and a failing step never stops the next. Without a GPU every step says so.
@@ -24,8 +25,8 @@
 set -uo pipefail
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-480}
-ALL_STEPS="build smoke sanitizer graph tests fft_mask cufftdx ncu nopf"
-ONLY=${ONLY:-$ALL_STEPS}
+ALL_STEPS="build smoke sanitizer graph tests fft_mask cufftdx ncu nopf pretrain"
+ONLY=${ONLY:-${ALL_STEPS% pretrain}}
 for name in $ONLY; do
   [[ " $ALL_STEPS " == *" $name "* ]] || { echo "ONLY: unknown step '$name'; choose from: $ALL_STEPS" >&2; exit 2; }
 done
@@ -208,6 +209,13 @@ run_nopf() {
   return $rc
 }
 
+run_pretrain() {
+  limit "$STEP_CAP" "$PY" -m mfm_fast.pretrain --synthetic --model vit_small_patch16_224 --batch-size 256 --steps 40 \
+    --timing-warmup 15 --no-checkpoint --vis-num 0 --no-progress --log-every 40 --report-throughput \
+    --method mfm,folk --output-dir /tmp/device_check_pretrain 2>&1 | tee -a "$log" | grep '^{'
+  return "${PIPESTATUS[0]}"
+}
+
 no_gpu=""
 if [ -z "${DEVICE_CHECK_ASSUME_GPU:-}" ]; then  # set: skip the detection (tests of the deadline logic)
   if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -228,6 +236,7 @@ step fft_mask 120 240 run_fft_mask
 step cufftdx 45 120 run_cufftdx
 step ncu 60 150 run_ncu
 step nopf 40 60 run_nopf
+step pretrain 150 240 run_pretrain
 
 say ""
 say "== summary ($(($(date +%s) - start)) s of ${DEADLINE_S} s)"

@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
-STEPS = ["build", "smoke", "sanitizer", "graph", "tests", "fft_mask", "cufftdx", "ncu", "nopf"]
+STEPS = ["build", "smoke", "sanitizer", "graph", "tests", "fft_mask", "cufftdx", "ncu", "nopf"]  # the default run
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
 
 
@@ -49,6 +49,7 @@ def test_device_check_on_cpu_skips_every_step_with_its_reason(tmp_path):
     lines = proc.stdout.splitlines()
     for name in STEPS:
         assert any(re.fullmatch(rf"skip {name}: no GPU \(.+\)", line) for line in lines), name
+    assert "skip pretrain: not in ONLY" in lines  # only when asked for
     assert "== summary" in proc.stdout
     assert 1 <= len(files) <= 8 and (tmp_path / "out" / "device_check.log").read_text() == proc.stdout
 
@@ -68,7 +69,7 @@ def test_device_check_keeps_to_its_deadline_and_goes_on_after_a_failure(tmp_path
     m = re.search(r"^skip tests: needs ~90s, (\d+) s left$", out, re.M)
     assert m and 0 < int(m.group(1)) < 70
     assert re.search(r"^graph +FAIL 1 ", out, re.M) and re.search(r"^cufftdx +FAIL 1 ", out, re.M)
-    for name in set(STEPS) - {"graph", "cufftdx", "tests"}:
+    for name in set(STEPS + ["pretrain"]) - {"graph", "cufftdx", "tests"}:
         assert f"skip {name}: not in ONLY" in out
     assert len(files) <= 8
 
