@@ -42,19 +42,19 @@ DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
 
 
-def corrupt_specs(size: int, precision: str, band: int = 16, band_rows: int = cor.BAND_BLOCK_ROWS,
-                  band_cols: int = 32, band_warps: int = 4) -> dict:
+def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=cor.BAND_COEF_TILES,
+                  out_tiles=cor.BAND_OUT_TILES) -> dict:
     """name -> (jit function, constexprs, num_warps) as kernels/corrupt.launch launches them (default tiles;
-    the band path at R = `band` and at its widest band, the most shared memory)."""
+    the band path's two phases at R = `band` and at the widest band, the most shared memory)."""
     hp = wp = next_pow2(size)
     common = dict(IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
     general_rows = min(cor.GENERAL_BLOCK_ROWS, hp)
     specs = {}
     for suffix, r in (("", band), (f"_r{cor.BAND_MAX}", cor.BAND_MAX)):
-        tiles = dict(KP=next_pow2(2 * r - 1), BKX=next_pow2(r), BM=min(band_rows, hp), BK=min(band_cols, wp))
-        specs[f"corrupt_band_coef{suffix}"] = (cor._band_coefficients_kernel, dict(WP=wp, HP=hp, **tiles, **common),
-                                               band_warps)
-        specs[f"corrupt_band_out{suffix}"] = (cor._band_lowpass_kernel, dict(WP=wp, HP=hp, **tiles, **common), band_warps)
+        for phase, fn, (rows, cols, warps) in (("coef", cor._band_coefficients_kernel, coef_tiles),
+                                               ("out", cor._band_lowpass_kernel, out_tiles)):
+            specs[f"corrupt_band_{phase}{suffix}"] = (fn, dict(WP=wp, HP=hp, KP=next_pow2(2 * r - 1), BKX=next_pow2(r),
+                                                              BM=min(rows, hp), BK=min(cols, wp), **common), warps)
     return {
         **specs,
         "corrupt_general": (cor._corrupt_spectrum_kernel, dict(WP=wp, HP=hp, BK=min(32, wp), KP=hp,
@@ -107,7 +107,8 @@ def corrupt_launch_values(size: int, batch: int = 256, channels: int = 3, band: 
     """The corruption kernels' integer arguments at a contiguous (batch, channels, size, size) launch
     (a bool mask (batch, size, size), one row split), for the specialisation Triton's launcher applies."""
     plane = size * size
-    rows = triton.cdiv(size, min(cor.BAND_BLOCK_ROWS, next_pow2(size))) * min(cor.BAND_BLOCK_ROWS, next_pow2(size))
+    rows = min(cor.BAND_COEF_TILES[0], next_pow2(size))
+    rows *= triton.next_power_of_2(triton.cdiv(size, rows))
     return dict(mask_ptr="*u8", C=channels, H=size, W=size, s_xn=channels * plane, s_xc=plane, s_xh=size, s_xw=1, s_mn=plane,
                 s_mh=size, s_mw=1, R=band, SPLITS=1, ROWS_PER_SPLIT=rows, KY0=-(band - 1), NUM_KY=2 * band - 1,
                 NUM_KX=size // 2 + 1, NUM_BLOCKS=triton.cdiv(size // 2 + 1, cor.GENERAL_BLOCK_KX))

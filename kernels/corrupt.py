@@ -43,7 +43,10 @@ from ._dft import channel_stats, dft_table, next_pow2
 BAND_MAX = 32          # widest band of the one-launch path: R = 33..64 needs 296-336 KiB of shared memory
 #                        on sm_90 whatever the row tiles (bench/aot_sm90.py), more than Hopper's 227 KiB
 GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
-BAND_BLOCK_ROWS = 64   # image rows per block of both band-path phases
+# band-path tiles (block_rows, block_cols, num_warps), phase 1 and phase 2: <= 128 registers, no spills at
+# R = 16 on sm_90 (bench/aot_sm90.py)
+BAND_COEF_TILES = (128, 16, 8)
+BAND_OUT_TILES = (64, 32, 4)
 BAND_SPLITS = 1        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
@@ -73,14 +76,13 @@ def _mm_table(a, t_ptrs, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr
     if PRECISION == "tf32x3":
         a_hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
         a_lo = a - a_hi
-        t_lo = tl.load(t_ptrs + lo_off)
         if TAB_LEFT:
             c = tl.dot(t, a_lo, input_precision="tf32")
-            c = tl.dot(t_lo, a_hi, c, input_precision="tf32")
+            c = tl.dot(tl.load(t_ptrs + lo_off), a_hi, c, input_precision="tf32")
             c = tl.dot(t, a_hi, c, input_precision="tf32")
         else:
             c = tl.dot(a_lo, t, input_precision="tf32")
-            c = tl.dot(a_hi, t_lo, c, input_precision="tf32")
+            c = tl.dot(a_hi, tl.load(t_ptrs + lo_off), c, input_precision="tf32")
             c = tl.dot(a_hi, t, c, input_precision="tf32")
     elif TAB_LEFT:
         c = _mm(t, a, PRECISION, INTERPRETED)
@@ -331,38 +333,42 @@ def _band_tables(height: int, width: int, band: int, precision: str, device: tor
 
 
 def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.Tensor, mask_band: int,
-           precision: str, block_rows: Optional[int] = None, block_cols: int = 32, num_warps: Optional[int] = None,
+           precision: str, block_rows: Optional[int] = None, block_cols: Optional[int] = None,
+           num_warps: Optional[int] = None,
            num_stages: Optional[int] = None, splits: Optional[int] = None) -> list:
-    """Write the corrupted input into `out` (N, C, H, W) contiguous; the tile sizes are tunable
-    (bench/tune_corrupt.py) and are clipped to the padded image; `splits` (band path) is the number
-    of row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels
-    of the first two launches, whose n_regs / n_spills / metadata.shared the tuning script reports."""
+    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: BAND_COEF_TILES
+    and BAND_OUT_TILES on the band path; given ones apply to both phases) are tunable
+    (bench/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
+    row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels,
+    whose n_regs / n_spills / metadata.shared the tuning script reports."""
     n, channels, height, width = x.shape
     device = x.device
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     wp, hp = next_pow2(width), next_pow2(height)
     interp = triton_interpreted()
-    bk = min(block_cols, wp)
     byte = x.dtype == torch.uint8
-    opts = dict(num_warps=num_warps or 4, **({} if num_stages is None else {"num_stages": num_stages}))
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     if mask_band > 0:
         r = mask_band
         ew, ewt, eh, ehts = _band_tables(height, width, r, precision, device)
         kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
-        bm = min(block_rows or BAND_BLOCK_ROWS, hp)
+        (bm1, bk1, w1), (bm2, bk2, w2) = [(min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps)
+                                          for rows, cols, warps in (BAND_COEF_TILES, BAND_OUT_TILES)]
         # a power of two times BM, so that the splits' rows stay inside the tables' HP rows
-        rows_per_split = bm * triton.next_power_of_2(triton.cdiv(height, (splits or BAND_SPLITS) * bm))
+        rows_per_split = bm1 * triton.next_power_of_2(triton.cdiv(height, (splits or BAND_SPLITS) * bm1))
         num_splits = triton.cdiv(height, rows_per_split)
         uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
         coef = _band_coefficients_kernel[(n * channels, num_splits)](
-            x, ew, eh, uv, height, width, channels, *x.stride(), rows_per_split, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm,
-            BK=bk, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, **opts)
-        low = _band_lowpass_kernel[(n * channels, triton.cdiv(height, bm))](
+            x, ew, eh, uv, height, width, channels, *x.stride(), rows_per_split, WP=wp, HP=hp, KP=kp, BKX=bkx,
+            BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, **stages)
+        low = _band_lowpass_kernel[(n * channels, triton.cdiv(height, bm2))](
             x, mask, uv, ewt, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
-            num_splits, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm, BK=bk, IS_BYTE=byte, PRECISION=precision,
-            INTERPRETED=interp, **opts)
+            num_splits, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm2, BK=bk2, IS_BYTE=byte, PRECISION=precision,
+            INTERPRETED=interp, num_warps=w2, **stages)
         return [coef, low]
+    opts = dict(num_warps=num_warps or 4, **stages)
+    bk = min(block_cols or 32, wp)
     # the general path's (H x 2 BKX) tiles need small row blocks to fit shared memory
     bm = min(block_rows or GENERAL_BLOCK_ROWS, GENERAL_BLOCK_ROWS, hp)
     num_kx = width // 2 + 1
