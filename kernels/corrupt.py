@@ -46,7 +46,7 @@ GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs
 # band-path tiles (block_rows, block_cols, num_warps), phase 1 and phase 2: <= 128 registers, no spills at
 # R = 16 on sm_90 (bench/aot_sm90.py)
 BAND_COEF_TILES = (128, 16, 8)
-BAND_OUT_TILES = (64, 32, 4)
+BAND_OUT_TILES = (128, 32, 8)
 BAND_SPLITS = 1        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
@@ -66,23 +66,33 @@ def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _mm_table(a, t_ptrs, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs, summed from zero in fp32.
+def _load_table(t_ptrs, t_ok):
+    if t_ok is None:
+        t = tl.load(t_ptrs)
+    else:
+        t = tl.load(t_ptrs, mask=t_ok, other=0.0)
+    return t
+
+
+@triton.jit
+def _mm_table(a, t_ptrs, t_ok, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs (read where t_ok, else 0: None reads all),
+    summed from zero in fp32.
 
     "tf32x3": three tf32 products lo*hi + hi*lo + hi*hi, with a = hi + lo split here (hi rounded to
     nearest tf32) and the table's tf32 remainder pre-split at t_ptrs + lo_off (so no table operand is
     split in registers); other precisions: one product as _mm."""
-    t = tl.load(t_ptrs)
+    t = _load_table(t_ptrs, t_ok)
     if PRECISION == "tf32x3":
         a_hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
         a_lo = a - a_hi
         if TAB_LEFT:
             c = tl.dot(t, a_lo, input_precision="tf32")
-            c = tl.dot(tl.load(t_ptrs + lo_off), a_hi, c, input_precision="tf32")
+            c = tl.dot(_load_table(t_ptrs + lo_off, t_ok), a_hi, c, input_precision="tf32")
             c = tl.dot(t, a_hi, c, input_precision="tf32")
         else:
             c = tl.dot(a_lo, t, input_precision="tf32")
-            c = tl.dot(a_hi, tl.load(t_ptrs + lo_off), c, input_precision="tf32")
+            c = tl.dot(a_hi, _load_table(t_ptrs + lo_off, t_ok), c, input_precision="tf32")
             c = tl.dot(a_hi, t, c, input_precision="tf32")
     elif TAB_LEFT:
         c = _mm(t, a, PRECISION, INTERPRETED)
@@ -142,10 +152,11 @@ def _band_coefficients_kernel(
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
             xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
-            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], WP * 2 * BKX, False, PRECISION,
-                           INTERPRETED)
-        # rows past the plane hold zero pixels and zero table columns (the table is padded to HP >= rows)
-        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], 2 * KP * HP, True, PRECISION, INTERPRETED)
+            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], None, WP * 2 * BKX, False,
+                           PRECISION, INTERPRETED)
+        # rows past the plane: zero pixels, and the table columns are not read (zero)
+        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], rows[None, :] < H, 2 * KP * HP, True,
+                        PRECISION, INTERPRETED)
     tl.store(uv_ptr + (plane * tl.num_programs(1) + split) * 2 * KP * 2 * BKX + r[:, None] * (2 * BKX) + q[None, :], uv)
 
 
@@ -187,15 +198,16 @@ def _band_lowpass_kernel(
     pp = tl.where(valid, xs * ((0.5 * (m_pos.to(tl.float32) + m_neg.to(tl.float32)) - c) * colw * sign), 0.0)
 
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], HP * 2 * KP, True,
-                   PRECISION, INTERPRETED)                                             # (BM, 2 BKX)
+    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], rows[:, None] < H,
+                   HP * 2 * KP, True, PRECISION, INTERPRETED)                          # (BM, 2 BKX)
     mean = tl.load(stats_ptr + ch)
     inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     out_base = out_ptr + plane * H * W
     qc = tl.arange(0, 2 * BKX)
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
-        y = _mm_table(bc, ewt_ptr + qc[:, None] * WP + cols[None, :], 2 * BKX * WP, False, PRECISION, INTERPRETED)
+        y = _mm_table(bc, ewt_ptr + qc[:, None] * WP + cols[None, :], None, 2 * BKX * WP, False, PRECISION,
+                      INTERPRETED)
         if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
             y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
         _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
