@@ -7,14 +7,16 @@ input is ``normalise(clamp(y, 0, 1))`` with
 
 where Ew (W x K_w) and Eh (K_h x H) are DFT tables restricted to a set of frequencies
 (kx >= 0 half spectrum; column weights colw = 1 at kx = 0 and kx = W/2, else 2) and c is the
-mask's value outside those frequencies. Two paths share one kernel:
+mask's value outside those frequencies. Two paths:
 
 * **band path** (``mask_band = R``, a promise that the mask equals ``mask[n, 0, 0]`` outside the
-  centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R).
-  The whole spectrum work is a (2R - 1) x R complex tile held in registers, so the op is one
-  launch, one program per plane, reading x twice (the second read hits L2) and writing the
-  output once: a streaming pass at the memory floor. Low-pass images get c = 0, high-pass
-  images c = 1, i.e. ``x - lowpass``, exactly.
+  centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R),
+  a (2R - 1) x R complex band, in two launches. Phase 1, one program per (plane, row range; one
+  range by default): [U; V] = sum over row blocks of [Ch; Sh] (x Ew), a (2 KP, 2 BKX) fp32 tile
+  per program (8 KB at R = 16) in a small workspace; it reads x once. Phase 2, one program per
+  (plane, block of rows): gathers [P; iP] from the partial sums (fixed order) and the mask, then
+  y = c x + [Ch^T | Sh^T] [P; iP] Ew^H and the epilogue, one streaming pass. Low-pass images
+  (c = 0) do not read x again; high-pass images (c = 1, ``x - lowpass`` exactly) do.
 * **general path** (any mask): c = 0 and every frequency. Launch 1, one program per (plane,
   block of 16 half-spectrum columns): forward transform, mask, inverse along H, written to a
   (N C, 2, H, W/2+1) fp32 workspace. Launch 2, one program per (plane, block of rows): the
@@ -22,7 +24,9 @@ mask's value outside those frequencies. Two paths share one kernel:
   (W <= 30) launch 1 finishes the job alone.
 
 GEMMs run in fp32 on tensor cores with the 3xTF32 split (``precision="tf32x3"``, the default):
-within 1e-5 of the fp64 reference relative to max |output|. ``precision="ieee"`` uses plain
+within 1e-5 of the fp64 reference relative to max |output|. The band path splits by hand (three tf32
+products summed from zero, the DFT tables pre-split on the host, :func:`_mm_table`), which keeps
+its kernels within 128 registers; the general path uses Triton's own "tf32x3". ``precision="ieee"`` uses plain
 fp32 FMA (slowest, most exact); ``"tf32"`` and ``"bf16"`` round the GEMM operands to 10 / 7
 mantissa bits: faster, with errors near 1e-3 / 1e-2 of max |output| (measured in the docs).
 """
@@ -40,8 +44,8 @@ from mfm_fast.dispatch import triton_interpreted
 
 from ._dft import channel_stats, dft_table, next_pow2
 
-BAND_MAX = 32          # widest band of the one-launch path: R = 33..64 needs 296-336 KiB of shared memory
-#                        on sm_90 whatever the row tiles (bench/aot_sm90.py), more than Hopper's 227 KiB
+BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (bench/aot_sm90.py:
+#                        160 KiB of shared memory per phase at R = 32); wider promises take the general path
 GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
 # band-path tiles (block_rows, block_cols, num_warps), phase 1 and phase 2: <= 128 registers, no spills at
 # R = 16 on sm_90 (bench/aot_sm90.py)
@@ -407,7 +411,7 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[fl
     """x (N, C, H, W) pixels (fp32 / fp16 / bf16 / uint8, any strides), mask (N, H, W) fftshift-ed keep mask
     -> (N, C, H, W) normalised corrupted input in out_dtype, contiguous.
 
-    mask_band > 0 takes the one-launch band path (see the module docstring; the caller promises the
+    mask_band > 0 takes the band path (see the module docstring; the caller promises the
     mask is constant outside the band and that :func:`band_fits`); 0 takes the general path.
     """
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
