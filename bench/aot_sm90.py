@@ -9,8 +9,9 @@ each kernel it prints:
 
 - the shared memory and the tensor-core instructions in the PTX;
 - registers and spills from Triton's bundled ptxas -v on the PTX: close to, not exactly, the launch
-  build, and only for the installed Triton (the corruption band kernel at R = 16 shows 232 spilled
-  bytes here with Triton 3.8, 2 on the H200 with 3.6);
+  build, and only for the installed Triton. The corruption kernels are specialised as Triton's
+  launcher specialises a contiguous fp32 batch at this size (corrupt_launch_values: unit strides
+  constant, pointers and 16-divisible integers hinted); the loss kernels are compiled unspecialised;
 - in the TTGIR, how many dots start from a zero accumulator: for the loss with precision tf32x3 every
   group of three tf32 products must (a third of all dots), so that the MMA's round-toward-zero never
   sees the running sum (see tests/tensor_core_emulation.py).
@@ -109,9 +110,10 @@ def corrupt_launch_values(size: int, batch: int = 256, channels: int = 3, band: 
     plane = size * size
     rows = min(cor.BAND_COEF_TILES[0], next_pow2(size))
     rows *= triton.next_power_of_2(triton.cdiv(size, rows))
-    return dict(mask_ptr="*u8", C=channels, H=size, W=size, s_xn=channels * plane, s_xc=plane, s_xh=size, s_xw=1, s_mn=plane,
-                s_mh=size, s_mw=1, R=band, SPLITS=1, ROWS_PER_SPLIT=rows, KY0=-(band - 1), NUM_KY=2 * band - 1,
-                NUM_KX=size // 2 + 1, NUM_BLOCKS=triton.cdiv(size // 2 + 1, cor.GENERAL_BLOCK_KX))
+    return dict(mask_ptr="*u8", C=channels, H=size, W=size, s_xn=channels * plane, s_xc=plane, s_xh=size, s_xw=1,
+                s_mn=plane, s_mh=size, s_mw=1, R=band, SPLITS=1, ROWS_PER_SPLIT=rows,  # band path
+                KY0=0, NUM_KY=size, NUM_KX=size // 2 + 1,  # general path
+                NUM_BLOCKS=triton.cdiv(size // 2 + 1, cor.GENERAL_BLOCK_KX))
 
 
 def _signature(fn, constexprs: dict, values=None) -> tuple[dict, dict, dict]:
@@ -131,7 +133,8 @@ def _signature(fn, constexprs: dict, values=None) -> tuple[dict, dict, dict]:
     signature = {name: kind(name) for name in fn.arg_names}
     attrs = {}
     if values is not None:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name] != "constexpr"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if signature[name] != "constexpr"
                  and (name.endswith("_ptr") or isinstance(values.get(name), int) and values[name] % 16 == 0)}
     return signature, constexprs, attrs
 
