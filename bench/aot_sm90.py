@@ -9,8 +9,9 @@ each kernel it prints:
 
 - the shared memory and the tensor-core instructions in the PTX;
 - registers and spills from Triton's bundled ptxas -v on the PTX: close to, not exactly, the launch
-  build, and only for the installed Triton (the corruption band kernel at R = 16 shows 232 spilled
-  bytes here with Triton 3.8, 2 on the H200 with 3.6);
+  build, and only for the installed Triton. The corruption kernels are specialised as Triton's
+  launcher specialises a contiguous fp32 batch at this size (corrupt_launch_values: unit strides
+  constant, pointers and 16-divisible integers hinted); the loss kernels are compiled unspecialised;
 - in the TTGIR, how many dots start from a zero accumulator: for the loss with precision tf32x3 every
   group of three tf32 products must (a third of all dots), so that the MMA's round-toward-zero never
   sees the running sum (see tests/tensor_core_emulation.py).
@@ -42,17 +43,24 @@ DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
 
 
-def corrupt_specs(size: int, precision: str, band: int = cor.BAND_MAX) -> dict:
+def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=cor.BAND_COEF_TILES,
+                  out_tiles=cor.BAND_OUT_TILES) -> dict:
     """name -> (jit function, constexprs, num_warps) as kernels/corrupt.launch launches them (default tiles;
-    the band path at its widest band, the most shared memory)."""
+    the band path's two phases at R = `band` and at the widest band, the most shared memory)."""
     hp = wp = next_pow2(size)
-    common = dict(WP=wp, HP=hp, BK=min(32, wp), IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
+    common = dict(IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
     general_rows = min(cor.GENERAL_BLOCK_ROWS, hp)
+    specs = {}
+    for suffix, r in (("", band), (f"_r{cor.BAND_MAX}", cor.BAND_MAX)):
+        for phase, fn, (rows, cols, warps) in (("coef", cor._band_coefficients_kernel, coef_tiles),
+                                               ("out", cor._band_lowpass_kernel, out_tiles)):
+            specs[f"corrupt_band_{phase}{suffix}"] = (fn, dict(WP=wp, HP=hp, KP=next_pow2(2 * r - 1), BKX=next_pow2(r),
+                                                              BM=min(rows, hp), BK=min(cols, wp), **common), warps)
     return {
-        "corrupt_band": (cor._corrupt_spectrum_kernel, dict(KP=next_pow2(2 * band - 1), BKX=next_pow2(band),
-                                                            BM=min(64, hp), BAND=True, FUSED=True, **common), 4),
-        "corrupt_general": (cor._corrupt_spectrum_kernel, dict(KP=hp, BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
-                                                               BAND=False, FUSED=False, **common), 4),
+        **specs,
+        "corrupt_general": (cor._corrupt_spectrum_kernel, dict(WP=wp, HP=hp, BK=min(32, wp), KP=hp,
+                                                               BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
+                                                               FUSED=False, **common), 4),
         "corrupt_rows": (cor._corrupt_inverse_rows_kernel, dict(WP=wp, HP=hp, BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
                                                                 BK=min(32, wp), PRECISION=precision,
                                                                 INTERPRETED=False), 4),
@@ -89,20 +97,46 @@ def kernel_specs(size: int, precision: str, ops=("loss", "corrupt")) -> list:
     specs = []
     if "loss" in ops:
         loss, stages = loss_specs(size, precision)
-        specs += [(name, *spec, stages) for name, spec in loss.items()]
+        specs += [(name, *spec, stages, None) for name, spec in loss.items()]
     if "corrupt" in ops:
-        specs += [(name, *spec, None) for name, spec in corrupt_specs(size, precision).items()]
+        values = corrupt_launch_values(size)
+        specs += [(name, *spec, None, values) for name, spec in corrupt_specs(size, precision).items()]
     return specs
 
 
-def _signature(fn, constexprs: dict) -> dict:
+def corrupt_launch_values(size: int, batch: int = 256, channels: int = 3, band: int = 16) -> dict:
+    """The corruption kernels' integer arguments at a contiguous (batch, channels, size, size) launch
+    (a bool mask (batch, size, size), one row split), for the specialisation Triton's launcher applies."""
+    plane = size * size
+    rows = min(cor.BAND_COEF_TILES[0], next_pow2(size))
+    rows *= triton.next_power_of_2(triton.cdiv(size, rows))
+    return dict(mask_ptr="*u8", C=channels, H=size, W=size, s_xn=channels * plane, s_xc=plane, s_xh=size, s_xw=1,
+                s_mn=plane, s_mh=size, s_mw=1, R=band, SPLITS=1, ROWS_PER_SPLIT=rows,  # band path
+                KY0=0, NUM_KY=size, NUM_KX=size // 2 + 1,  # general path
+                NUM_BLOCKS=triton.cdiv(size // 2 + 1, cor.GENERAL_BLOCK_KX))
+
+
+def _signature(fn, constexprs: dict, values=None) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for triton.compile. With `values` (argument name -> the integer
+    a launch passes) it specialises as Triton's launcher does: integers equal to 1 become constants,
+    pointers (torch allocations) and integers divisible by 16 get tt.divisibility = 16."""
+    constexprs = dict(constexprs)
+    if values is not None:
+        constexprs.update({name: 1 for name in fn.arg_names if values.get(name) == 1 and name not in constexprs})
+
     def kind(name):
         if name in constexprs:
             return "constexpr"
         if name.endswith("_ptr"):
-            return "*fp32"
+            return (values or {}).get(name, "*fp32")
         return "fp32" if name in ("inv_sqrt", "gamma") else "i32"
-    return {name: kind(name) for name in fn.arg_names}
+    signature = {name: kind(name) for name in fn.arg_names}
+    attrs = {}
+    if values is not None:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if signature[name] != "constexpr"
+                 and (name.endswith("_ptr") or isinstance(values.get(name), int) and values[name] % 16 == 0)}
+    return signature, constexprs, attrs
 
 
 def dot_structure(ttgir: str) -> tuple[int, int]:
@@ -131,9 +165,10 @@ def ptxas_usage(ptx: str, arch: int) -> tuple:
 def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=("loss", "corrupt")) -> dict:
     """name -> dict(shared, wgmma, mma_sync, dots, zero_started, registers, spill_bytes, ttgir) per kernel."""
     out = {}
-    for name, fn, constexprs, warps, stages in kernel_specs(size, precision, ops):
+    for name, fn, constexprs, warps, stages, values in kernel_specs(size, precision, ops):
         options = dict(num_warps=warps, **({} if stages is None else {"num_stages": stages}))
-        compiled = triton.compile(ASTSource(fn, _signature(fn, constexprs), constexprs=constexprs),
+        signature, constexprs, attrs = _signature(fn, constexprs, values)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         dots, zero_started = dot_structure(ttgir)

@@ -7,14 +7,16 @@ input is ``normalise(clamp(y, 0, 1))`` with
 
 where Ew (W x K_w) and Eh (K_h x H) are DFT tables restricted to a set of frequencies
 (kx >= 0 half spectrum; column weights colw = 1 at kx = 0 and kx = W/2, else 2) and c is the
-mask's value outside those frequencies. Two paths share one kernel:
+mask's value outside those frequencies. Two paths:
 
 * **band path** (``mask_band = R``, a promise that the mask equals ``mask[n, 0, 0]`` outside the
-  centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R).
-  The whole spectrum work is a (2R - 1) x R complex tile held in registers, so the op is one
-  launch, one program per plane, reading x twice (the second read hits L2) and writing the
-  output once: a streaming pass at the memory floor. Low-pass images get c = 0, high-pass
-  images c = 1, i.e. ``x - lowpass``, exactly.
+  centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R),
+  a (2R - 1) x R complex band, in two launches. Phase 1, one program per (plane, row range; one
+  range by default): [U; V] = sum over row blocks of [Ch; Sh] (x Ew), a (2 KP, 2 BKX) fp32 tile
+  per program (8 KB at R = 16) in a small workspace; it reads x once. Phase 2, one program per
+  (plane, block of rows): gathers [P; iP] from the partial sums (fixed order) and the mask, then
+  y = c x + [Ch^T | Sh^T] [P; iP] Ew^H and the epilogue, one streaming pass. Low-pass images
+  (c = 0) do not read x again; high-pass images (c = 1, ``x - lowpass`` exactly) do.
 * **general path** (any mask): c = 0 and every frequency. Launch 1, one program per (plane,
   block of 16 half-spectrum columns): forward transform, mask, inverse along H, written to a
   (N C, 2, H, W/2+1) fp32 workspace. Launch 2, one program per (plane, block of rows): the
@@ -22,7 +24,9 @@ mask's value outside those frequencies. Two paths share one kernel:
   (W <= 30) launch 1 finishes the job alone.
 
 GEMMs run in fp32 on tensor cores with the 3xTF32 split (``precision="tf32x3"``, the default):
-within 1e-5 of the fp64 reference relative to max |output|. ``precision="ieee"`` uses plain
+within 1e-5 of the fp64 reference relative to max |output|. The band path splits by hand (three tf32
+products summed from zero, the DFT tables pre-split on the host, :func:`_mm_table`), which keeps
+its kernels within 128 registers; the general path uses Triton's own "tf32x3". ``precision="ieee"`` uses plain
 fp32 FMA (slowest, most exact); ``"tf32"`` and ``"bf16"`` round the GEMM operands to 10 / 7
 mantissa bits: faster, with errors near 1e-3 / 1e-2 of max |output| (measured in the docs).
 """
@@ -40,9 +44,14 @@ from mfm_fast.dispatch import triton_interpreted
 
 from ._dft import channel_stats, dft_table, next_pow2
 
-BAND_MAX = 32          # widest band of the one-launch path: R = 33..64 needs 296-336 KiB of shared memory
-#                        on sm_90 whatever the row tiles (bench/aot_sm90.py), more than Hopper's 227 KiB
+BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (bench/aot_sm90.py:
+#                        160 KiB of shared memory per phase at R = 32); wider promises take the general path
 GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
+# band-path tiles (block_rows, block_cols, num_warps), phase 1 and phase 2: <= 128 registers, no spills at
+# R = 16 on sm_90 (bench/aot_sm90.py)
+BAND_COEF_TILES = (128, 16, 8)
+BAND_OUT_TILES = (128, 32, 8)
+BAND_SPLITS = 1        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
 
@@ -57,6 +66,42 @@ def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
             c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _load_table(t_ptrs, t_ok):
+    if t_ok is None:
+        t = tl.load(t_ptrs)
+    else:
+        t = tl.load(t_ptrs, mask=t_ok, other=0.0)
+    return t
+
+
+@triton.jit
+def _mm_table(a, t_ptrs, t_ok, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs (read where t_ok, else 0: None reads all),
+    summed from zero in fp32.
+
+    "tf32x3": three tf32 products lo*hi + hi*lo + hi*hi, with a = hi + lo split here (hi rounded to
+    nearest tf32) and the table's tf32 remainder pre-split at t_ptrs + lo_off (so no table operand is
+    split in registers); other precisions: one product as _mm."""
+    t = _load_table(t_ptrs, t_ok)
+    if PRECISION == "tf32x3":
+        a_hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        a_lo = a - a_hi
+        if TAB_LEFT:
+            c = tl.dot(t, a_lo, input_precision="tf32")
+            c = tl.dot(_load_table(t_ptrs + lo_off, t_ok), a_hi, c, input_precision="tf32")
+            c = tl.dot(t, a_hi, c, input_precision="tf32")
+        else:
+            c = tl.dot(a_lo, t, input_precision="tf32")
+            c = tl.dot(a_hi, _load_table(t_ptrs + lo_off, t_ok), c, input_precision="tf32")
+            c = tl.dot(a_hi, t, c, input_precision="tf32")
+    elif TAB_LEFT:
+        c = _mm(t, a, PRECISION, INTERPRETED)
+    else:
+        c = _mm(a, t, PRECISION, INTERPRETED)
     return c
 
 
@@ -92,14 +137,95 @@ def _normalise_store(out_ptr, y, rows, cols, H, W, mean, inv_std):
 
 
 @triton.jit
+def _band_coefficients_kernel(
+        x_ptr, ew_ptr, eh_ptr, uv_ptr, H, W, C, s_xn, s_xc, s_xh, s_xw, ROWS_PER_SPLIT,
+        WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Band phase 1, program (plane, row split): the split's share of the band spectrum. Per block
+    of BM rows, A = x Ew (BM, 2 BKX) = [Ar | Ai], then [U; V] += [Ch; Sh] A (2 KP, 2 BKX), one
+    stacked GEMM; stored to uv (planes, splits, 2 KP, 2 BKX). The band spectrum is X = U + [Vi | -Vr]."""
+    plane = tl.program_id(0)
+    split = tl.program_id(1)
+    x_base = x_ptr + (plane // C) * s_xn + (plane % C) * s_xc
+    r = tl.arange(0, 2 * KP)
+    q = tl.arange(0, 2 * BKX)
+    uv = tl.zeros((2 * KP, 2 * BKX), tl.float32)
+    for i in range(0, ROWS_PER_SPLIT, BM):
+        rows = split * ROWS_PER_SPLIT + i + tl.arange(0, BM)
+        a = tl.zeros((BM, 2 * BKX), tl.float32)
+        for w0 in range(0, W, BK):
+            cols = w0 + tl.arange(0, BK)
+            xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], None, WP * 2 * BKX, False,
+                           PRECISION, INTERPRETED)
+        # rows past the plane: zero pixels, and the table columns are not read (zero)
+        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], rows[None, :] < H, 2 * KP * HP, True,
+                        PRECISION, INTERPRETED)
+    tl.store(uv_ptr + (plane * tl.num_programs(1) + split) * 2 * KP * 2 * BKX + r[:, None] * (2 * BKX) + q[None, :], uv)
+
+
+@triton.jit
+def _band_lowpass_kernel(
+        x_ptr, mask_ptr, uv_ptr, ewt_ptr, ehts_ptr, stats_ptr, out_ptr,
+        C, H, W, s_xn, s_xc, s_xh, s_xw, s_mn, s_mh, s_mw, R, SPLITS,
+        WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Band phase 2, program (plane, block of BM rows): y = c x + [Ch^T | Sh^T] [P; iP] Ew^H, then
+    the epilogue. [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
+    with the symmetrised mask M, iP = [-Pi | Pr]; ky = r - (R - 1) for r < 2R - 1, kx < R."""
+    plane = tl.program_id(0)
+    n = plane // C
+    ch = plane % C
+    x_base = x_ptr + n * s_xn + ch * s_xc
+    r = tl.arange(0, 2 * KP)[:, None]
+    q = tl.arange(0, 2 * BKX)[None, :]
+    jj = r % KP
+    kx = q % BKX
+    lower = r >= KP                                        # the iP half: the partner column, re negated
+    qx = tl.where(lower, (q + BKX) % (2 * BKX), q)         # column of X this entry reads
+    x_off = jj * (2 * BKX) + qx
+    v_off = KP * 2 * BKX + jj * (2 * BKX) + (qx + BKX) % (2 * BKX)
+    v_sign = tl.where(qx < BKX, 1.0, -1.0)
+    xs = tl.zeros((2 * KP, 2 * BKX), tl.float32)
+    for s in range(0, SPLITS):                             # fixed order: reruns are bit-identical
+        base = uv_ptr + (plane * SPLITS + s) * 2 * KP * 2 * BKX
+        xs += tl.load(base + x_off) + v_sign * tl.load(base + v_off)
+
+    ky = jj - (R - 1)
+    valid = (jj < 2 * R - 1) & (kx < R)
+    m_base = mask_ptr + n * s_mn
+    m_pos = tl.load(m_base + ((ky + H // 2 + H) % H) * s_mh + ((kx + W // 2) % W) * s_mw, mask=valid, other=0)
+    m_neg = tl.load(m_base + ((H // 2 - ky + H) % H) * s_mh + ((W // 2 - kx + W) % W) * s_mw, mask=valid, other=0)
+    c = tl.load(m_base).to(tl.float32)    # the mask's value outside the band: frequency (-H/2, -W/2)
+    colw = tl.where((kx == 0) | (2 * kx == W), 1.0, 2.0) / (H * W)
+    sign = tl.where(lower & (q < BKX), -1.0, 1.0)
+    pp = tl.where(valid, xs * ((0.5 * (m_pos.to(tl.float32) + m_neg.to(tl.float32)) - c) * colw * sign), 0.0)
+
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], rows[:, None] < H,
+                   HP * 2 * KP, True, PRECISION, INTERPRETED)                          # (BM, 2 BKX)
+    mean = tl.load(stats_ptr + ch)
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    out_base = out_ptr + plane * H * W
+    qc = tl.arange(0, 2 * BKX)
+    for w0 in range(0, W, BK):
+        cols = w0 + tl.arange(0, BK)
+        y = _mm_table(bc, ewt_ptr + qc[:, None] * WP + cols[None, :], None, 2 * BKX * WP, False, PRECISION,
+                      INTERPRETED)
+        if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
+            y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+        _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
+
+
+@triton.jit
 def _corrupt_spectrum_kernel(
         x_ptr, mask_ptr, ew_ptr, ewt_ptr, eh_ptr, eht_ptr, stats_ptr, out_ptr, ws_ptr,
         C, H, W, s_xn, s_xc, s_xh, s_xw, s_mn, s_mh, s_mw,
         KY0, NUM_KY, NUM_KX,
         WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, BAND: tl.constexpr, FUSED: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, FUSED: tl.constexpr,
         IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Program (plane, kx block). Complex tiles are stored as [re | im] (rows, 2 BKX):
+    """General path, program (plane, kx block). Complex tiles are stored as [re | im] (rows, 2 BKX):
     A = x Ew, X = Ch A + Sh (-i A), P = X * (M - c) colw / HW, B = Ch^T P + Sh^T (i P),
     y = B Ew^H = [Br | Bi] [cos; -sin]; then the epilogue (FUSED) or B to the workspace."""
     plane = tl.program_id(0)
@@ -126,7 +252,7 @@ def _corrupt_spectrum_kernel(
         xc += _mm(hc, a, PRECISION, INTERPRETED) + _mm(hs, _swap_halves(a, BKX, PRECISION, INTERPRETED),
                                                       PRECISION, INTERPRETED)
 
-    # ---- mask: symmetrised keep mask (m(k) + m(-k)) / 2, minus c, times colw / (H W) ----------
+    # ---- mask: symmetrised keep mask (m(k) + m(-k)) / 2, times colw / (H W) --------------------
     ky = KY0 + j
     kx = kxb * BKX + q % BKX                # the half-spectrum column of each [re | im] column
     valid = (j[:, None] < NUM_KY) & (kx[None, :] < NUM_KX)
@@ -138,11 +264,8 @@ def _corrupt_spectrum_kernel(
     m_pos = tl.load(m_base + row_p[:, None] * s_mh + col_p[None, :] * s_mw, mask=valid, other=0).to(tl.float32)
     m_neg = tl.load(m_base + row_m[:, None] * s_mh + col_m[None, :] * s_mw, mask=valid, other=0).to(tl.float32)
     keep = 0.5 * (m_pos + m_neg)
-    c = 0.0
-    if BAND:
-        c = tl.load(m_base).to(tl.float32)   # the mask's value outside the band: frequency (-H/2, -W/2)
     colw = tl.where((kx == 0) | (2 * kx == W), 1.0, 2.0) / (H * W)
-    scale2 = tl.where(valid, (keep - c) * colw[None, :], 0.0)                    # (KP, 2 BKX)
+    scale2 = tl.where(valid, keep * colw[None, :], 0.0)                          # (KP, 2 BKX)
     p = xc * scale2
     p_i = -_swap_halves(p, BKX, PRECISION, INTERPRETED)                          # i P = [-Pi | Pr]
 
@@ -160,9 +283,6 @@ def _corrupt_spectrum_kernel(
             for w0 in range(0, W, BK):
                 cols = w0 + tl.arange(0, BK)
                 y = _mm(bc, tl.load(ewt_blk + q[:, None] * WP + cols[None, :]), PRECISION, INTERPRETED)
-                if BAND:
-                    if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
-                        y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
                 _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
         else:
             tl.store(ws_base + rows[:, None] * (2 * BKX) + q[None, :], bc)
@@ -215,11 +335,27 @@ def _tables(height: int, width: int, first_ky: int, num_ky: int, num_kx: int, bl
     return ew, ewt, eh, eh.transpose(1, 2).contiguous()
 
 
+@functools.lru_cache(maxsize=32)
+def _band_tables(height: int, width: int, band: int, precision: str, device: torch.device):
+    """Band-path tables: ew (WP, 2 BKX) = [cos | -sin] and ewt (2 BKX, WP) over kx in [0, R),
+    eh (2 KP, HP) = [Ch; Sh] over ky in (-R, R), ehts (HP, 2 KP) = [Ch^T | Sh^T]. For "tf32x3" each
+    is stacked with its split: (2, ...) = [hi; lo], hi rounded to nearest tf32, lo = table - hi."""
+    ew, ewt, eh, eht = _tables(height, width, -(band - 1), 2 * band - 1, band, next_pow2(band), device)
+    tables = [ew[0], ewt[0], eh.reshape(-1, eh.shape[-1]), eht.permute(1, 0, 2).reshape(eht.shape[1], -1)]
+    if precision == "tf32x3":
+        his = [((t.contiguous().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32) for t in tables]
+        tables = [torch.stack([hi, t - hi]) for hi, t in zip(his, tables)]
+    return [t.contiguous() for t in tables]
+
+
 def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.Tensor, mask_band: int,
-           precision: str, block_rows: int = 64, block_cols: int = 32, num_warps: Optional[int] = None,
-           num_stages: Optional[int] = None) -> None:
-    """Write the corrupted input into `out` (N, C, H, W) contiguous; the tile sizes are tunable
-    (bench/tune_corrupt.py) and are clipped to the padded image. Returns the (first) compiled kernel,
+           precision: str, block_rows: Optional[int] = None, block_cols: Optional[int] = None,
+           num_warps: Optional[int] = None,
+           num_stages: Optional[int] = None, splits: Optional[int] = None) -> list:
+    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: BAND_COEF_TILES
+    and BAND_OUT_TILES on the band path; given ones apply to both phases) are tunable
+    (bench/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
+    row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels,
     whose n_regs / n_spills / metadata.shared the tuning script reports."""
     n, channels, height, width = x.shape
     device = x.device
@@ -227,32 +363,46 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         mask = mask.view(torch.uint8)
     wp, hp = next_pow2(width), next_pow2(height)
     interp = triton_interpreted()
-    if mask_band == 0:  # the general path's (H x 2 BKX) tiles need small row blocks to fit shared memory
-        block_rows = min(block_rows, GENERAL_BLOCK_ROWS)
-    bm, bk = min(block_rows, hp), min(block_cols, wp)
-    common = dict(WP=wp, HP=hp, BM=bm, BK=bk, IS_BYTE=x.dtype == torch.uint8, PRECISION=precision,
-                  INTERPRETED=interp, **({} if num_stages is None else {"num_stages": num_stages}))
+    byte = x.dtype == torch.uint8
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     if mask_band > 0:
         r = mask_band
-        ew, ewt, eh, eht = _tables(height, width, -(r - 1), 2 * r - 1, r, next_pow2(r), device)
-        return _corrupt_spectrum_kernel[(n * channels, 1)](
-            x, mask, ew, ewt, eh, eht, stats, out, out, channels, height, width, *x.stride(), *mask.stride(),
-            -(r - 1), 2 * r - 1, r, KP=eh.shape[1], BKX=next_pow2(r), BAND=True, FUSED=True,
-            num_warps=num_warps or 4, **common)
+        ew, ewt, eh, ehts = _band_tables(height, width, r, precision, device)
+        kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
+        (bm1, bk1, w1), (bm2, bk2, w2) = [(min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps)
+                                          for rows, cols, warps in (BAND_COEF_TILES, BAND_OUT_TILES)]
+        # a power of two times BM, so that the splits' rows stay inside the tables' HP rows
+        rows_per_split = bm1 * triton.next_power_of_2(triton.cdiv(height, (splits or BAND_SPLITS) * bm1))
+        num_splits = triton.cdiv(height, rows_per_split)
+        uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
+        coef = _band_coefficients_kernel[(n * channels, num_splits)](
+            x, ew, eh, uv, height, width, channels, *x.stride(), rows_per_split, WP=wp, HP=hp, KP=kp, BKX=bkx,
+            BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, **stages)
+        low = _band_lowpass_kernel[(n * channels, triton.cdiv(height, bm2))](
+            x, mask, uv, ewt, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
+            num_splits, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm2, BK=bk2, IS_BYTE=byte, PRECISION=precision,
+            INTERPRETED=interp, num_warps=w2, **stages)
+        return [coef, low]
+    opts = dict(num_warps=num_warps or 4, **stages)
+    bk = min(block_cols or 32, wp)
+    # the general path's (H x 2 BKX) tiles need small row blocks to fit shared memory
+    bm = min(block_rows or GENERAL_BLOCK_ROWS, GENERAL_BLOCK_ROWS, hp)
     num_kx = width // 2 + 1
     bkx = GENERAL_BLOCK_KX
     ew, ewt, eh, eht = _tables(height, width, 0, height, num_kx, bkx, device)
     blocks = ew.shape[0]
     fused = blocks == 1
     ws = out if fused else torch.empty((n * channels, blocks, hp, 2 * bkx), dtype=torch.float32, device=device)
-    compiled = _corrupt_spectrum_kernel[(n * channels, blocks)](
+    spectrum = _corrupt_spectrum_kernel[(n * channels, blocks)](
         x, mask, ew, ewt, eh, eht, stats, out, ws, channels, height, width, *x.stride(), *mask.stride(),
-        0, height, num_kx, KP=hp, BKX=bkx, BAND=False, FUSED=fused, num_warps=num_warps or 4, **common)
-    if not fused:
-        _corrupt_inverse_rows_kernel[(n * channels, triton.cdiv(height, bm))](
-            ws, ewt, stats, out, channels, height, width, blocks, WP=wp, HP=hp, BKX=bkx, BM=bm, BK=bk,
-            PRECISION=precision, INTERPRETED=interp, num_warps=4)
-    return compiled
+        0, height, num_kx, WP=wp, HP=hp, KP=hp, BKX=bkx, BM=bm, BK=bk, FUSED=fused, IS_BYTE=byte,
+        PRECISION=precision, INTERPRETED=interp, **opts)
+    if fused:
+        return [spectrum]
+    rows = _corrupt_inverse_rows_kernel[(n * channels, triton.cdiv(height, bm))](
+        ws, ewt, stats, out, channels, height, width, blocks, WP=wp, HP=hp, BKX=bkx, BM=bm, BK=bk,
+        PRECISION=precision, INTERPRETED=interp, num_warps=4)
+    return [spectrum, rows]
 
 
 @torch.library.custom_op("mfm_fast::corrupt_triton", mutates_args=())
@@ -261,7 +411,7 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[fl
     """x (N, C, H, W) pixels (fp32 / fp16 / bf16 / uint8, any strides), mask (N, H, W) fftshift-ed keep mask
     -> (N, C, H, W) normalised corrupted input in out_dtype, contiguous.
 
-    mask_band > 0 takes the one-launch band path (see the module docstring; the caller promises the
+    mask_band > 0 takes the band path (see the module docstring; the caller promises the
     mask is constant outside the band and that :func:`band_fits`); 0 takes the general path.
     """
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)

@@ -4,9 +4,10 @@ The interpreter runs ``tl.dot`` in fp32, which hides the rounding of the GPU's t
 (operands truncated to tf32, each k-step of 8 rounded toward zero into the fp32 accumulator) reproduces
 the gamma = 0.5 gradient error measured on an H200 for the first tf32x3 kernels (4.2e-5 there, 3.9e-5
 here) and shows the fix: every 3xTF32 product starts from a zero accumulator and is added to the running
-sum in fp32 (round to nearest), so the round-toward-zero error never accumulates across the sum. The
-model also gives the corruption errors measured on the H200 (1.4e-6 vs 1.7e-6 for tf32x3, 3.2e-3 vs
-3.4e-3 for tf32 on the band path; 2.0e-6 and 4.2e-3 on the general path vs 1.7-2.5e-6 and 5.0e-3)."""
+sum in fp32 (round to nearest), so the round-toward-zero error never accumulates across the sum. For
+corruption at 224 x 224 the model gives 2.0e-6 (tf32x3) and 4.2e-3 (tf32) on the general path, whose
+kernels the H200 measured at 1.7-2.5e-6 and 5.0e-3, and 1.8e-6 and 3.2e-3 on the band path (hand-split
+tf32x3 like the loss; not yet measured on a GPU), the H200's levels for Triton corruption."""
 
 import numpy as np
 import pytest
@@ -89,9 +90,10 @@ def test_tf32x3_loss_within_1e5_at_224_under_emulated_tensor_cores(gamma, factor
     assert max_rel_err(grad, ref_grad) <= TOL
 
 
-def test_model_matches_the_h200_on_the_corruption_band_path():
-    """Calibration: on the H200 the band path measured max errors of 1.7e-6 (tf32x3, Triton's own
-    lowering) and 3.4e-3 (tf32) at 224 x 224; the model gives the same levels (within 2x)."""
+def test_corruption_band_path_at_the_h200_error_levels_under_emulated_tensor_cores():
+    """Triton corruption at 224 x 224 measured max errors of 1.7e-6 (tf32x3) and 3.4e-3 (tf32) on the
+    H200; the band path (two kernels, hand-split tf32x3 with pre-split tables) stays at those levels
+    (within 2x) under the model, and within TOL of the fp64 reference for tf32x3."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 224, 224, generator=g)
     mask = mfm_fast.make_masks(2, 224, 224, r1=16, low=torch.tensor([True, False]))
@@ -99,5 +101,5 @@ def test_model_matches_the_h200_on_the_corruption_band_path():
     with emulate_tf32_tensor_cores():
         err3 = max_rel_err(mfm_fast.corrupt(x, mask, backend="triton", mask_band=16, precision="tf32x3"), ref)
         err1 = max_rel_err(mfm_fast.corrupt(x, mask, backend="triton", mask_band=16, precision="tf32"), ref)
-    assert 1.7e-6 / 2 <= err3 <= 2 * 1.7e-6
+    assert err3 <= TOL and 1.7e-6 / 2 <= err3 <= 2 * 1.7e-6
     assert 3.4e-3 / 2 <= err1 <= 2 * 3.4e-3

@@ -41,6 +41,19 @@ def test_disc_masks_match_reference(shape, r1, band):
     assert max_rel_err(out.cpu(), _reference(x, mask)) <= TOL
 
 
+@pytest.mark.parametrize("splits, block_rows", [(1, 16), (2, 16), (3, 16), (4, 32)])
+def test_band_path_row_splits_and_tiles(splits, block_rows):
+    """Phase 1 summed over several row ranges (phase 2 adds the partial spectra in a fixed order),
+    on an image whose rows are not a multiple of the row block."""
+    import mfm_fast.kernels.corrupt as kc
+    x = _pixels((2, 3, 40, 48))
+    mask = mfm_fast.make_masks(2, 40, 48, r1=5, low=torch.tensor([True, False]), device=DEVICE)
+    out = torch.empty_like(x)
+    stats = kc.channel_stats(tuple(mfm_fast.IMAGENET_MEAN), tuple(mfm_fast.IMAGENET_STD), x.device)
+    kc.launch(x, mask, stats, out, 5, "tf32x3", block_rows=block_rows, block_cols=16, splits=splits)
+    assert max_rel_err(out.cpu(), _reference(x, mask)) <= TOL
+
+
 @pytest.mark.parametrize("low", [True, False], ids=["all-low", "all-high"])
 def test_uniform_batches(low):
     x = _pixels((3, 3, 16, 16))
