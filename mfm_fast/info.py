@@ -28,22 +28,27 @@ def _version(module: str) -> str:
 
 
 def install_kind() -> str:
-    """How this mfm_fast was installed (pip's direct_url.json, PEP 610), and where the package is."""
+    """How this mfm_fast was installed (pip's direct_url.json, PEP 610, of the distribution that holds this
+    package), and where the package is."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        from importlib.metadata import distribution
+        from importlib.metadata import distributions
 
-        dist = distribution("mfm_fast")
-        direct = json.loads(dist.read_text("direct_url.json") or "null")
-    except Exception:  # not installed (a checkout on sys.path), or an install without pip's record
-        return f"no install record (a source checkout on sys.path?), package at {here}"
-    if direct is None:
-        return f"installed without pip's record of its source (setup.py develop, an egg link, an index), package at {here}"
-    if direct.get("dir_info", {}).get("editable"):
-        return f"editable (pip install -e) from {direct.get('url', '?')}, package at {here}"
-    if "archive_info" in direct:
-        return f"non-editable, from the archive {direct.get('url', '?')}, package at {here}"
-    return f"non-editable (pip install .) from {direct.get('url', '?')}, package at {here}"
+        for dist in distributions(name="mfm_fast"):
+            direct = json.loads(dist.read_text("direct_url.json") or "null")
+            if direct is None:
+                continue
+            url = direct.get("url", "")
+            source = url[len("file://"):] if url.startswith("file://") else None
+            if direct.get("dir_info", {}).get("editable"):
+                if source and here.startswith(os.path.abspath(source) + os.sep):
+                    return f"editable (pip install -e) from {url}, package at {here}"
+            elif os.path.abspath(str(dist.locate_file("mfm_fast"))) == here:
+                kind = "non-editable, from the archive" if "archive_info" in direct else "non-editable (pip install .) from"
+                return f"{kind} {url}, package at {here}"
+    except Exception:  # a broken metadata folder is worth a line, not a traceback
+        pass
+    return f"no pip record of this package (setup.py develop, an egg link or a source checkout on sys.path) at {here}"
 
 
 def _backend_reason(name: str, device_type: str, build: bool) -> Optional[str]:
