@@ -112,9 +112,14 @@ def find_ninja() -> Optional[str]:
     try:
         from importlib.metadata import distribution
 
+        import ninja
+
+        # RECORD paths are relative to the real site-packages (the package may be reached through a link)
+        site = os.path.dirname(os.path.dirname(os.path.realpath(ninja.__file__)))
         for f in distribution("ninja").files or ():
-            if f.name == "ninja" and "bin" in f.parts and os.path.isfile(f.locate()):
-                return os.path.abspath(str(f.locate()))
+            path = os.path.normpath(os.path.join(site, str(f)))
+            if f.name == "ninja" and "bin" in f.parts and os.access(path, os.X_OK):
+                return path
     except Exception:  # no ninja package, or one without a RECORD
         pass
     return None

@@ -354,3 +354,34 @@ def test_info_says_an_older_library_was_not_rebuilt_by_the_last_install(monkeypa
     assert line.startswith("built ahead of time by setup.py (2026-01-01T00:00:00Z): arch_list 9.0"), line
     assert "the last install did not rebuild it (the install recorded deferred: pip builds in an isolated" in line
     assert "failed" not in line
+
+
+def test_an_ahead_of_time_library_from_other_sources_gives_way_to_the_just_in_time_build(monkeypatch):
+    from mfm_fast import _jit_build, cuda_backend
+
+    if cuda_backend._ahead_of_time_library() is None:
+        pytest.skip("no ahead-of-time mfm_fast._C in this checkout")
+    stale = {"status": "built", "time_utc": "2026-01-01T00:00:00Z", "arch_list": "9.0", "sources_sha256": "0" * 64}
+    jit = {"time_utc": "2026-01-02T00:00:00Z", "arch_list": "9.0", "build_seconds": 40.0,
+           "library": "/cache/key/mfm_fast_C.so"}
+    monkeypatch.setattr(cuda_backend, "build_info", lambda: stale)
+    monkeypatch.setattr(cuda_backend, "_register", lambda: None)
+    monkeypatch.setattr(cuda_backend, "_state", {})
+    monkeypatch.setattr(_jit_build, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(_jit_build, "load", lambda build_if_needed=True: jit)
+    assert cuda_backend.how_built(build=True) == ("built just in time (2026-01-02T00:00:00Z): arch_list 9.0, "
+                                                  "build_seconds 40.0, cached in /cache/key")
+    # without a way to build it, the older library still loads, and info says what it is
+    monkeypatch.setattr(cuda_backend, "_state", {})
+    monkeypatch.setattr(_jit_build, "unavailable_reason", lambda: "nvcc not found")
+    line = cuda_backend.how_built()
+    assert line.startswith("built ahead of time by setup.py (2026-01-01T00:00:00Z)")
+    assert line.endswith("WARNING: from other csrc sources than the installed ones (nvcc not found)")
+
+
+def test_ninja_is_found_off_path(monkeypatch):
+    from mfm_fast import _jit_build
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    found = _jit_build.find_ninja()
+    assert found is not None and os.path.basename(found) == "ninja" and os.access(found, os.X_OK)
