@@ -87,7 +87,8 @@ def check_even_size(what: str, height, width) -> None:
 
 def check_mask(mask, n: int, height: int, width: int, device: torch.device, name: str = "mask",
                also: str = "") -> torch.Tensor:
-    """Return the mask as (N, H, W); accepts (N, H, W) or (N, 1, H, W), float or bool.
+    """Return the mask as (N, H, W); accepts (N, H, W) or (N, 1, H, W), float, integer or bool (integer masks
+    come back as float32, values unchanged).
 
     `also` names another accepted shape in the error message."""
     if not isinstance(mask, torch.Tensor):
@@ -97,14 +98,16 @@ def check_mask(mask, n: int, height: int, width: int, device: torch.device, name
     if mask.dim() != 3:
         raise ValueError(f"{name}: expected shape (N, H, W) = ({n}, {height}, {width}) (or (N, 1, H, W)), "
                          f"got {tuple(mask.shape)}")
-    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+    if mask.is_complex():
         raise TypeError(f"{name}: dtype {str(mask.dtype).replace('torch.', '')} is not supported; "
-                        "expected a floating-point or bool keep mask (1 = kept)")
+                        "expected a real keep mask (1 = kept): floating-point, integer (0 / 1) or bool")
     if tuple(mask.shape) != (n, height, width):
         raise ValueError(f"{name}: expected shape (N, H, W) = ({n}, {height}, {width}){also}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name}: is on {mask.device} but the images are on {device}; move it with .to(device)")
     check_mask_values(name, mask)
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        mask = mask.to(torch.float32)  # integer 0 / 1 masks (the released MFM data loader's int64 ones): exact
     return mask
 
 

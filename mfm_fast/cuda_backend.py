@@ -10,18 +10,22 @@ that CI checks the kernel maths without a GPU):
   only scales the gradient by grad_output.
 
 Compiled sizes: square 224 x 224 and 112 x 112 planes, 1 to 8 channels. ``import mfm_fast`` never
-imports ``_C``; :func:`unavailable_reason` says why it cannot be used (not built, failed to build, built
-for another torch, ...), as reported by ``python -m mfm_fast.info``.
+imports ``_C``. The first use loads the ahead-of-time ``mfm_fast._C`` that setup.py built, or else the
+just-in-time build of the same sources (mfm_fast/_jit_build.py: compiled on first use and cached);
+:func:`unavailable_reason` says why neither can be used and :func:`how_built` how the loaded one was built,
+as reported by ``python -m mfm_fast.info``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Optional
 
 import torch
 
+from . import _jit_build
 from .torch_backend.masked_freq_loss import register_saved_grad_autograd
 
 SIDES = (224, 112)
@@ -32,7 +36,12 @@ _state: dict = {}
 
 
 def build_info() -> dict:
-    """What setup.py recorded about the extension build (mfm_fast/_build_info.json), or {} if nothing."""
+    """What setup.py recorded at install (mfm_fast/_build_info.json), or {} if nothing.
+
+    ``status``: "built" (ahead of time, with torch_version / arch_list / nvcc / build_seconds / sources_sha256),
+    "skipped" (MFM_FAST_SKIP_CUDA_BUILD=1), "deferred" (left to the just-in-time build on first use, ``reason``
+    says why) or "failed" (the compiler failed). ``previous_build``: the earlier ahead-of-time build whose
+    library an editable install still holds."""
     try:
         with open(_INFO_PATH, encoding="utf-8") as f:
             return json.load(f)
@@ -40,32 +49,96 @@ def build_info() -> dict:
         return {}
 
 
-def _load() -> Optional[str]:
-    """Import mfm_fast._C once and register the fake / autograd rules; None on success, else why not."""
+def _ahead_of_time_library() -> Optional[str]:
+    spec = importlib.util.find_spec("mfm_fast._C")
+    return spec.origin if spec is not None else None
+
+
+def _ahead_of_time_build(info: dict) -> dict:
+    """The record of the build that made the ahead-of-time library ({} when there is none)."""
+    return info if info.get("status") == "built" else info.get("previous_build") or {}
+
+
+def _install_note(info: dict) -> str:
+    if not info:
+        return "no install record (mfm_fast/_build_info.json)"
+    return f"the install recorded {info.get('status')}" + (f": {info['reason']}" if info.get("reason") else "")
+
+
+def _details(record: dict) -> str:
+    return ", ".join(f"{k} {record[k]}" for k in ("arch_list", "nvcc", "torch_version", "build_seconds")
+                     if record.get(k) is not None)
+
+
+def _load(build: bool = True) -> Optional[str]:
+    """Load the extension once: the ahead-of-time mfm_fast._C, else the just-in-time build (compiled first when
+    `build` and nothing is cached). None on success, else why not. Without `build`, a missing just-in-time
+    build is reported but not remembered, so a later call with `build` still compiles it."""
     if "reason" in _state:
         return _state["reason"]
-    reason = None
-    try:
-        from . import _C  # noqa: F401  (loading the library registers torch.ops.mfm_fast.*_cuda)
-        _register()
-    except Exception as exc:  # ImportError, undefined symbols from another torch build, ...
-        info = build_info()
-        if info.get("status") in ("skipped", "failed"):
-            reason = f"the CUDA extension was not built ({info.get('status')}: {info.get('reason')})"
-        elif not info:
-            reason = "the CUDA extension mfm_fast._C is not built (reinstall with `pip install -e .` and nvcc on PATH)"
+    info = build_info()
+    library = _ahead_of_time_library()
+    aot = _ahead_of_time_build(info)
+    src = _jit_build.sources_dir()
+    stale = library is not None and src is not None and aot.get("sources_sha256") not in (
+        None, _jit_build.sources_hash(src))
+    jit_reason = _jit_build.unavailable_reason()
+    if jit_reason is None and info.get("status") == "skipped":
+        jit_reason = "the install was pure Python (MFM_FAST_SKIP_CUDA_BUILD=1 at install time; reinstall without it)"
+    problems = []
+    if library is not None and (not stale or jit_reason is not None):
+        try:
+            from . import _C  # noqa: F401  (loading the library registers torch.ops.mfm_fast.*_cuda)
+            _register()
+            if aot:
+                how = f"built ahead of time by setup.py ({aot.get('time_utc')}): {_details(aot)}"
+                if info.get("status") != "built":
+                    how += f"; the last install did not rebuild it ({_install_note(info)})"
+            else:
+                how = (f"built ahead of time, a prebuilt {os.path.basename(library)} with no build record of its own "
+                       f"({_install_note(info)})")
+            if stale:
+                how += "; WARNING: from other csrc sources than the installed ones (" + jit_reason + ")"
+            _state.update(reason=None, how=how)
+            return None
+        except Exception as exc:  # ImportError, undefined symbols from another torch build, ...
+            why = f"the ahead-of-time {os.path.basename(library)} cannot be loaded"
+            if aot.get("torch_version") and aot["torch_version"] != torch.__version__:
+                why += f" (built for torch {aot['torch_version']}, running {torch.__version__})"
+            problems.append(f"{why} [{type(exc).__name__}: {exc}]")
+    elif library is not None:
+        problems.append(f"the ahead-of-time {os.path.basename(library)} was built from other csrc sources")
+    if jit_reason is None:
+        try:
+            record = _jit_build.load(build_if_needed=build)
+        except Exception as exc:  # a failed compile, a library that does not load
+            jit_reason = str(exc)
         else:
-            reason = "the CUDA extension mfm_fast._C cannot be loaded"
-            if info.get("torch_version") and info["torch_version"] != torch.__version__:
-                reason += f" (built for torch {info['torch_version']}, running {torch.__version__}: rebuild it)"
-        reason += f" [{type(exc).__name__}: {exc}]"
-    _state["reason"] = reason
-    return reason
+            if record is None:
+                return ("the CUDA extension is not built yet: it is built just in time on first use of backend='cuda' "
+                        f"(1-3 minutes; `python -m mfm_fast.info --require-cuda-ext` builds it now); {_install_note(info)}")
+            _register()
+            _state.update(reason=None, how=(f"built just in time ({record.get('time_utc')}): {_details(record)}, "
+                                            f"cached in {os.path.dirname(record['library'])}"))
+            return None
+    if not problems:
+        problems.append(f"the install did not build it ahead of time ({_install_note(info)})")
+    _state["reason"] = (f"the CUDA extension is not available: {'; '.join(problems)}; and it cannot be built just "
+                        f"in time: {jit_reason}")
+    return _state["reason"]
 
 
-def unavailable_reason(device_type: Optional[str] = None) -> Optional[str]:
-    """None if the extension can run on `device_type` tensors (any when None), else why not."""
-    reason = _load()
+def how_built(build: bool = False) -> str:
+    """One line for `python -m mfm_fast.info`: how the loaded extension was built, or why none is loaded."""
+    reason = _load(build)
+    return _state["how"] if reason is None else f"not loaded: {reason}"
+
+
+def unavailable_reason(device_type: Optional[str] = None, build: bool = True) -> Optional[str]:
+    """None if the extension can run on `device_type` tensors (any when None), else why not.
+
+    Loads the extension on the first call, compiling it just in time if needed (unless `build` is False)."""
+    reason = _load(build)
     if reason is not None:
         return reason
     if device_type == "cpu":

@@ -120,7 +120,8 @@ def choose_backend(requested: str, op: str, device: torch.device) -> str:
     order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
     skipped = []
     for name in order:
-        reason = backend_unavailable_reason(name, device.type, op) or AUTO_SKIPS.get((name, op))
+        # AUTO_SKIPS first: a skipped backend is not even loaded (the cuda one would be compiled on first use)
+        reason = AUTO_SKIPS.get((name, op)) or backend_unavailable_reason(name, device.type, op)
         if reason is None:
             _log_once(op, device.type, name, skipped)
             return name

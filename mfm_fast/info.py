@@ -1,14 +1,22 @@
-"""``python -m mfm_fast.info``: versions, devices, and whether each backend can run here (and why not)."""
+"""``python -m mfm_fast.info``: versions, devices, the install, and whether each backend can run here (and why not).
+
+``--require-cuda-ext`` loads the CUDA extension (compiling it just in time if no build exists yet) and exits
+0 only when it loaded, 1 otherwise (the reason on stderr).
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
+import os
 import platform
 import sys
+from typing import Optional
 
 import torch
 
-from . import __version__
+from . import __version__, cuda_backend
 from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, backend_unavailable_reason
 
 
@@ -19,9 +27,41 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__}: {exc})"
 
 
-def report() -> str:
+def install_kind() -> str:
+    """How this mfm_fast was installed (pip's direct_url.json, PEP 610, of the distribution that holds this
+    package), and where the package is."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        from importlib.metadata import distributions
+
+        for dist in distributions(name="mfm_fast"):
+            direct = json.loads(dist.read_text("direct_url.json") or "null")
+            if direct is None:
+                continue
+            url = direct.get("url", "")
+            source = url[len("file://"):] if url.startswith("file://") else None
+            if direct.get("dir_info", {}).get("editable"):
+                if source and here.startswith(os.path.abspath(source) + os.sep):
+                    return f"editable (pip install -e) from {url}, package at {here}"
+            elif os.path.abspath(str(dist.locate_file("mfm_fast"))) == here:
+                kind = "non-editable, from the archive" if "archive_info" in direct else "non-editable (pip install .) from"
+                return f"{kind} {url}, package at {here}"
+    except Exception:  # a broken metadata folder is worth a line, not a traceback
+        pass
+    return f"no pip record of this package (setup.py develop, an egg link or a source checkout on sys.path) at {here}"
+
+
+def _backend_reason(name: str, device_type: str, build: bool) -> Optional[str]:
+    if name == "cuda" and not build:  # report the extension without compiling it
+        return cuda_backend.unavailable_reason(device_type, build=False)
+    return backend_unavailable_reason(name, device_type)
+
+
+def report(build: bool = False) -> str:
+    """The report; `build`: compile the CUDA extension just in time if it is not built yet."""
     lines = [
         f"mfm_fast     {__version__}",
+        f"install      {install_kind()}",
         f"python       {platform.python_version()} ({sys.executable})",
         f"torch        {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
     ]
@@ -32,28 +72,29 @@ def report() -> str:
             lines.append(f"GPU {i}        {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
     else:
         lines.append("GPU          none visible (torch.cuda.is_available() is False)")
-    from .cuda_backend import build_info
-
-    info = build_info()
-    if info:
-        lines.append(f"cuda ext     {info.get('status')}" + (f": {info['reason']}" if info.get("reason") else "")
-                     + "".join(f", {k} {info[k]}" for k in ("arch_list", "nvcc", "torch_version", "build_seconds")
-                               if info.get(k) is not None))
-    else:
-        lines.append("cuda ext     no build record (mfm_fast/_build_info.json): not installed with `pip install -e .`")
+    lines.append(f"cuda ext     {cuda_backend.how_built(build)}")
     lines.append("ops per backend: " + "; ".join(f"{name} {', '.join(sorted(IMPLEMENTED[name]))}" for name in BACKENDS))
     lines.append("backends (cpu tensors / cuda tensors):")
     for name in BACKENDS:
         for device_type in ("cpu", "cuda"):
-            reason = backend_unavailable_reason(name, device_type)
+            reason = _backend_reason(name, device_type, build)
             skips = sorted({why for (b, _), why in AUTO_SKIPS.items() if b == name}) if device_type == "cuda" else []
             note = f" ({'; '.join(skips)})" if reason is None and skips else ""
             lines.append(f"  {name:<10} {device_type:<4}  {'available' + note if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
 
-def main() -> int:
-    print(report())
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mfm_fast.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--require-cuda-ext", action="store_true",
+                        help="load the CUDA extension, building it just in time if needed; exit 1 unless it loaded")
+    args = parser.parse_args(argv)
+    print(report(build=args.require_cuda_ext))
+    if args.require_cuda_ext:
+        reason = cuda_backend.unavailable_reason(build=True)
+        if reason is not None:
+            print(f"{parser.prog}: --require-cuda-ext: {reason}", file=sys.stderr)
+            return 1
     return 0
 
 
