@@ -326,10 +326,15 @@ MFM_HD void st2(cf* p, cf a, cf b) {
 // Inverse (DIT): u[q] = a[j + M q] conj(W_N^(j q)); a[j + M m] = IDFT7(u)[m].
 // Consecutive threads take consecutive lines at the same j: conflict-free (columns: 16 consecutive
 // complex; row pairs: 8 lines 1808 bytes apart per quarter warp), twiddle reads are broadcasts.
-template <int S, class Lines, bool kInverse, class Sched>
-MFM_HD void radix7_pass(const Sched& sched, cf* spec, const cf* tw) {
+// first(tid, nth) runs before the items (the next plane's prefetch).
+struct NoOp {
+  MFM_HD void operator()(int, int) const {}
+};
+template <int S, class Lines, bool kInverse, class Sched, class First = NoOp>
+MFM_HD void radix7_pass(const Sched& sched, cf* spec, const cf* tw, const First& first = {}) {
   constexpr int M = FftShape<S>::M, J = Lines::st == 1 ? 2 : 1, ST = Lines::st;
   sched.run([=](int tid, int nth) {
+    first(tid, nth);
     for_items<Lines::L, M / J>(tid, nth, [&](int l, int b) {
       cf* a = spec + l * Lines::pitch + J * b * ST;
       const cf* w = tw + J * b;
@@ -401,13 +406,11 @@ MFM_HD void radix2_block_pass(const Sched& sched, cf* spec) {
 // The column M-point pass with the spectral step inside: w = spectral.weight(ky, kx) of each entry of
 // (kx, blk) (the mask reads), the forward M-point FFT, then spectral(ky, kx, w, v) on each entry (ky = blk + 7 bitrev(t), a constant offset per register),
 // then (kInverse) the inverse M-point FFT and the write-back; without it nothing is written.
-// prefetch(tid, nth) is issued first (the next plane's inputs: this pass hides their reads).
-template <int S, bool kInverse, class Sched, class Spectral, class Prefetch>
-MFM_HD void column_spectral_pass(const Sched& sched, cf* spec, Spectral& spectral, const Prefetch& prefetch) {
+template <int S, bool kInverse, class Sched, class Spectral>
+MFM_HD void column_spectral_pass(const Sched& sched, cf* spec, Spectral& spectral) {
   using F = FftShape<S>;
   using C = ColLines<S>;
   sched.run([=, &spectral](int tid, int nth) {
-    prefetch(tid, nth);
     for_items<C::L, F::R>(tid, nth, [&](int kx, int blk) {
       cf* a = spec + kx + blk * F::M * C::st;
       float wt[F::M];  // the entries' weights first (global reads), then the M-point FFT
@@ -421,6 +424,7 @@ MFM_HD void column_spectral_pass(const Sched& sched, cf* spec, Spectral& spectra
         constexpr int dky = F::R * bit_reverse_c(decltype(t)::value, F::LOG2M);
         spectral(blk + dky, kx, wt[decltype(t)::value], v[decltype(t)::value]);
       });
+      spectral.end_item();
       if constexpr (kInverse) {
         dit_regs(v);
         store_block<F::M, C::st>(a, v);
@@ -506,13 +510,15 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 //   load(tid, nth, spec)         this thread's share of the plane into the pair lines:
 //                                spec[2p WH + x] = (row 2p [x], row 2p+1 [x]) (planes.cuh, load_pairs)
 //   spectral(ky, kx, w, v)       for every half-spectrum entry v = rfft2(plane)[ky][kx] (may modify it),
-//                                w = spectral.weight(ky, kx) (its mask weight)
+//                                w = spectral.weight(ky, kx) (its mask weight); spectral.end_item() after
+//                                each column block; spectral.visit(f) calls f with the functor to use
+//                                (the loss: its gamma == 1 or general form)
 //   store(tid, nth, spec)        when `kInverse`: this thread's share of the plane from the pair lines,
 //                                which then hold irfft2(spec) (unnormalised: the spectral step owns the
 //                                scaling)
-//   prefetch(tid, nth)           asks for the next plane's inputs (l2_prefetch in planes.cuh): in the
-//                                column spectral pass when there is an inverse (its half of the work
-//                                hides the reads), else right after the load
+//   prefetch(tid, nth)           asks for the next plane's inputs (l2_prefetch in planes.cuh): at the
+//                                forward column radix-7 pass when there is an inverse (the second half
+//                                of the work hides the reads), else right after the load
 // Rows run as S/2 complex pair lines, each transformed in the spec rows of its two rows (2 WH >= S
 // slots) and unpacked into them in place (per_pair_entry), and packed back before the inverse.
 // Phases (barriers): load, rows radix-7, rows M-point, unpack (2), columns radix-7, columns M-point +
@@ -538,13 +544,13 @@ MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Loa
         rows[k] = a;
         rows[WH + k] = {d.y, -d.x};  // d / i
       });
-  radix7_pass<S, ColLines<S>, false>(sched, spec, tw);  // columns: ky digit-reversed from here on
-  const auto no_prefetch = [](int, int) {};
   if constexpr (!kInverse) {
-    column_spectral_pass<S, false>(sched, spec, spectral, no_prefetch);
+    radix7_pass<S, ColLines<S>, false>(sched, spec, tw);  // columns: ky digit-reversed from here on
+    spectral.visit([&](auto& sp) { column_spectral_pass<S, false>(sched, spec, sp); });
     return;
   } else {
-    column_spectral_pass<S, true>(sched, spec, spectral, prefetch);
+    radix7_pass<S, ColLines<S>, false>(sched, spec, tw, prefetch);
+    spectral.visit([&](auto& sp) { column_spectral_pass<S, true>(sched, spec, sp); });
     radix7_pass<S, ColLines<S>, true>(sched, spec, tw);
     per_pair_entry<S>(  // pack: A, B -> Z = A + i B over all k, digit-reversed
         sched, spec, [](const cf* rows, int k, cf* v) { v[0] = rows[k], v[1] = rows[WH + k]; },

@@ -25,8 +25,8 @@ struct Stats {  // per-channel mean / std, passed by value to the kernels
 // Plane buffers are read and written 4 elements of one row at a time: one 16-byte (float32), 8-byte
 // (float16 / bfloat16) or 4-byte (uint8) access when the buffer is 16-byte aligned (`vec`, checked by
 // the host at launch: rows are then aligned too, S * elem_bytes being a multiple of 16 for S = 224 and
-// 112), else 4 scalar accesses. The element type is a template parameter; with_dtype picks it once
-// per plane.
+// 112), else 4 scalar accesses. The element type and the vector choice are template parameters;
+// with_dtype and with_bool pick them once per plane.
 template <class T>
 struct Tag {
   using type = T;
@@ -44,6 +44,12 @@ MFM_HD void with_dtype(int dt, const F& f) {
       [[fallthrough]];
     default: f(Tag<float>{});
   }
+}
+
+template <class F>
+MFM_HD void with_bool(bool b, const F& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 template <class T>
@@ -74,22 +80,36 @@ MFM_HD RawWords<B> load_raw(const void* p) {  // p B-byte aligned
 #endif
   return r;
 }
+MFM_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
 template <int B>
 MFM_HD void store_raw(void* p, const RawWords<B>& r) {
-#ifdef __CUDA_ARCH__
-  if constexpr (B == 16) *static_cast<uint4*>(p) = make_uint4(r.w[0], r.w[1], r.w[2], r.w[3]);
-  else if constexpr (B == 8) *static_cast<uint2*>(p) = make_uint2(r.w[0], r.w[1]);
-  else *static_cast<uint32_t*>(p) = r.w[0];
+#ifdef __CUDA_ARCH__  // explicit vector stores: built from scalars, a uint4 store is split into 4 by the compiler
+  if constexpr (B == 16)
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(r.w[0]), "r"(r.w[1]), "r"(r.w[2]),
+                 "r"(r.w[3])
+                 : "memory");
+  else if constexpr (B == 8)
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(r.w[0]), "r"(r.w[1]) : "memory");
+  else
+    *static_cast<uint32_t*>(p) = r.w[0];
 #else
   memcpy(p, r.w, B);
 #endif
 }
 
 // out[0..4) = p[0..4) as float.
-template <class T>
-MFM_HD void load4(const T* p, bool vec, float (&out)[4]) {
+template <class T, bool kVec>
+MFM_HD void load4(const T* p, float (&out)[4]) {
   T v[4];
-  if (vec) {
+  if constexpr (kVec) {
     const RawWords<4 * sizeof(T)> r = load_raw<4 * sizeof(T)>(p);
     memcpy(v, r.w, sizeof(v));
   } else {
@@ -99,15 +119,23 @@ MFM_HD void load4(const T* p, bool vec, float (&out)[4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) out[i] = to_float(v[i]);
 }
-// p[0..4) = in[0..4) rounded to T.
-template <class T>
-MFM_HD void store4(T* p, bool vec, const float (&in)[4]) {
+// p[0..4) = in[0..4) rounded to T (float, c10::Half or c10::BFloat16). The vector store is built from
+// the values' bits directly (through memcpy the compiler loses the 16-byte alignment and stores scalars);
+// kVec is a template parameter for the same reason (a runtime branch between the two paths gets merged
+// into scalar stores).
+template <class T, bool kVec>
+MFM_HD void store4(T* p, const float (&in)[4]) {
   T v[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) v[i] = static_cast<T>(in[i]);
-  if (vec) {
+  if constexpr (kVec) {
     RawWords<4 * sizeof(T)> r;
-    memcpy(r.w, v, sizeof(v));
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) r.w[i] = float_bits(in[i]);
+    } else {
+      r.w[0] = uint32_t{v[0].x} | (uint32_t{v[1].x} << 16), r.w[1] = uint32_t{v[2].x} | (uint32_t{v[3].x} << 16);
+    }
     store_raw<4 * sizeof(T)>(p, r);
   } else {
 #pragma unroll
@@ -220,6 +248,11 @@ struct CorruptSpectral {
   const float* m;
   MFM_HD float weight(int ky, int kx) const { return sym_mask<S>(m, ky, kx) * (1.f / (S * S)); }  // irfft2's 1/S^2 too
   MFM_HD void operator()(int, int, float w, cf& v) const { v = cscale(v, w); }
+  MFM_HD void end_item() const {}
+  template <class F>
+  MFM_HD void visit(const F& f) {
+    f(*this);
+  }
 };
 
 // Corrupt plane `plane` (= n * C + c); `next`: the plane this CTA runs next (its inputs are prefetched),
@@ -238,24 +271,30 @@ MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, int next, cf* smem, c
   const float mean = pick(a.stats.mean, c), sdev = pick(a.stats.std, c), inv_std = 1.f / sdev;
   const auto load = [=](int tid, int nth, cf* spec) {
     with_dtype<true>(x_dt, [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      const T* src = static_cast<const T*>(x) + off;
-      load_pairs<S>(tid, nth, spec, [&](int y, int x0, float (&v)[4]) { load4(src + y * S + x0, vec, v); });
+      with_bool(vec, [&](auto kvec) {
+        using T = typename decltype(tag)::type;
+        const T* src = static_cast<const T*>(x) + off;
+        load_pairs<S>(tid, nth, spec,
+                      [&](int y, int x0, float (&v)[4]) { load4<T, decltype(kvec)::value>(src + y * S + x0, v); });
+      });
     });
   };
   const auto store = [=](int tid, int nth, const cf* spec) {
     with_dtype<false>(out_dt, [&](auto tag) {
+     with_bool(vec, [&](auto kvec) {
       using T = typename decltype(tag)::type;
       T* dst = static_cast<T*>(out) + off;
       store_pairs<S>(tid, nth, spec, [&](int y, int x0, const float (&v)[4]) {
         float o[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const float u = v[i] < 0.f ? 0.f : (v[i] > 1.f ? 1.f : v[i]);
+          float u = v[i] > 1.f ? 1.f : v[i];  // clamp to [0, 1], NaN stays NaN (two selects)
+          u = u < 0.f ? 0.f : u;
           o[i] = div_by(u - mean, sdev, inv_std);
         }
-        store4(dst + y * S + x0, vec, o);
+        store4<T, decltype(kvec)::value>(dst + y * S + x0, o);
       });
+     });
     });
   };
   CorruptSpectral<S> spectral{a.mask + n * SS};
@@ -298,7 +337,8 @@ MFM_HD float rsqrt(float x) {
 // entry D, without overflow for every finite D whose d fits in float: when max(|D.x|, |D.y|) >= 2^60
 // (|D|^2 could pass 2^120), D is scaled by 2^-64 (exact) before squaring and the powers of two go back
 // into the results (the 1e-12 is below the rounding of |D|^2 there). One rsqrt (gamma = 1) or powf per entry:
-// p = s^(gamma - 2), d = p s^2.
+// p = s^(gamma - 2), d = p s^2. visit(f) hands the column pass a Mode with gamma == 1 decided at compile
+// time (one branch per plane, not per entry); a Mode sums an item's colw w d in float, then adds it to acc.
 template <int S>
 struct LossSpectral {
   const float* m;     // this image's mask or nullptr
@@ -306,17 +346,17 @@ struct LossSpectral {
   float grad_scale;   // scale * gamma / S (the 1/S is the ortho inverse), 0 when no gradient is wanted
   bool need_grad;
   double acc = 0.0;   // this thread's sum of colw * w * d
-  bool one = gamma == 1.f;
-  float e = exp2f(32.f * gamma), e1 = exp2f(32.f * (gamma - 1.f));  // 2^(64 g) = e^2, 2^(64 (g - 1)) = e1^2
   MFM_HD float weight(int ky, int kx) const { return m ? 1.f - sym_mask<S>(m, ky, kx) : 1.f; }
-  MFM_HD void operator()(int, int kx, float w, cf& v) {
+  // colw w d; v = the gradient's spectrum entry. e = 2^(32 gamma), e1 = 2^(32 (gamma - 1)): 2^(64 g) = e^2.
+  template <bool kOne>
+  MFM_HD float entry(int kx, float w, cf& v, float e, float e1) const {
     const cf D = cscale(v, 1.f / S);  // ortho forward
     const bool big = fmaxf(fabsf(D.x), fabsf(D.y)) >= 0x1p60f;
     const cf Ds = big ? cscale(D, 0x1p-64f) : D;
     const float s2 = Ds.x * Ds.x + Ds.y * Ds.y + (big ? 0.f : 1e-12f);
     const float E = big ? e : 1.f, E1 = big ? e1 : 1.f;
     float d, slope;  // slope: for Ds
-    if (one) {
+    if constexpr (kOne) {
       const float r = rsqrt(s2);
       d = ((s2 * r) * E) * E;
       slope = r;
@@ -325,9 +365,27 @@ struct LossSpectral {
       d = ((p * s2) * E) * E;
       slope = (p * E1) * E1;
     }
-    const float colw = (kx == 0 || kx == S / 2) ? 1.f : 2.f;
-    acc += static_cast<double>(colw * w * d);
     if (need_grad) v = cscale(Ds, w * slope * grad_scale);
+    return ((kx == 0 || kx == S / 2) ? 1.f : 2.f) * w * d;
+  }
+  template <bool kOne>
+  struct Mode {
+    LossSpectral* s;
+    float e = exp2f(32.f * s->gamma), e1 = exp2f(32.f * (s->gamma - 1.f));
+    float item = 0.f;
+    MFM_HD float weight(int ky, int kx) const { return s->weight(ky, kx); }
+    MFM_HD void operator()(int, int kx, float w, cf& v) { item += s->template entry<kOne>(kx, w, v, e, e1); }
+    MFM_HD void end_item() { s->acc += static_cast<double>(item), item = 0.f; }
+  };
+  template <class F>
+  MFM_HD void visit(const F& f) {
+    if (gamma == 1.f) {
+      Mode<true> mode{this};
+      f(mode);
+    } else {
+      Mode<false> mode{this};
+      f(mode);
+    }
   }
 };
 
@@ -353,12 +411,14 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf
         using TT = typename decltype(ttag)::type;
         const TP* p = static_cast<const TP*>(pred) + off;
         const TT* t = static_cast<const TT*>(target) + off;
-        load_pairs<S>(tid, nth, spec, [&](int y, int x0, float (&v)[4]) {
-          float tv[4];
-          load4(p + y * S + x0, vec, v);
-          load4(t + y * S + x0, vec, tv);
+        with_bool(vec, [&](auto kvec) {
+          load_pairs<S>(tid, nth, spec, [&](int y, int x0, float (&v)[4]) {
+            float tv[4];
+            load4<TP, decltype(kvec)::value>(p + y * S + x0, v);
+            load4<TT, decltype(kvec)::value>(t + y * S + x0, tv);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) v[i] -= norm ? div_by(tv[i] - mean, sdev, inv_std) : tv[i];
+            for (int i = 0; i < 4; ++i) v[i] -= norm ? div_by(tv[i] - mean, sdev, inv_std) : tv[i];
+          });
         });
       });
     });
@@ -367,8 +427,10 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf
     with_dtype<false>(grad_dt, [&](auto tag) {
       using T = typename decltype(tag)::type;
       T* dst = static_cast<T*>(grad) + off;
-      store_pairs<S>(tid, nth, spec,
-                     [&](int y, int x0, const float (&v)[4]) { store4(dst + y * S + x0, vec, v); });
+      with_bool(vec, [&](auto kvec) {
+        store_pairs<S>(tid, nth, spec,
+                       [&](int y, int x0, const float (&v)[4]) { store4<T, decltype(kvec)::value>(dst + y * S + x0, v); });
+      });
     });
   };
   LossSpectral<S> spectral{a.mask ? a.mask + n * SS : nullptr, a.gamma, kGrad ? scale * a.gamma / S : 0.f, kGrad};
