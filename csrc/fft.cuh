@@ -70,7 +70,7 @@ struct FftShape {
 constexpr size_t kHopperSmemPerBlock = 232448;  // 227 KiB: the most dynamic shared memory a block may opt in to on sm_90
 
 // Shared-memory layout of one S x S plane: its half spectrum spec[S][S/2 + 1] (row pitch WH), then the
-// radix-7 twiddles tw[6][M] (tw[(q - 1) M + j] = W_S^(j q)): 203,776 bytes at 224, plus `extra` bytes
+// radix-7 twiddles tw[6][M] (tw[(q - 1) M + j] = W_S^(j q)): 204,032 bytes at 224, plus `extra` bytes
 // (the loss kernel's reduction buffer). spec and tw start 16-byte aligned (float4 accesses).
 template <int S>
 struct PlaneSmem {
