@@ -1,12 +1,12 @@
 // Fused frequency corruption (MFM_SPEC.md §2): one CTA per (image, channel) plane; the plane's half
-// spectrum lives in shared memory (224: 224 x 113 complex fp32 = 198 KiB, 204,288 B with the twiddles).
+// spectrum lives in shared memory (224: 224 x 113 complex fp32 = 198 KiB, 204,032 B with the twiddles).
 // Maths in planes.cuh, FFT phases in fft.cuh.
 #include "launch.h"
 
 namespace mfm {
 
 template <int S>
-constexpr int corrupt_threads() { return S >= 224 ? 512 : 256; }
+MFM_HDC int corrupt_threads() { return S >= 224 ? 512 : 256; }
 
 // One CTA per plane. It also asks L2 for the inputs of plane blockIdx.x + lookahead, the one that takes its
 // place on the SM when it ends (lookahead = CTAs resident at once, launch.h; 0: no prefetch).
@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(corrupt_threads<S>()) corrupt_kernel(CorruptAr
   __syncthreads();
   const int plane = blockIdx.x, next = plane + lookahead;
   corrupt_plane<S>(args, plane, lookahead > 0 && next < planes ? next : -1, smem,
-                   CtaSched{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)});
+                   CtaSched<corrupt_threads<S>()>{static_cast<int>(threadIdx.x)});
 }
 
 template <int S>

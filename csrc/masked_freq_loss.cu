@@ -7,13 +7,18 @@
 
 namespace mfm {
 
-constexpr int kRedThreads = 256;  // removed_kernel's block (loss_kernel's block_sum takes any power of two)
+constexpr int kRedThreads = 256;  // removed_kernel's and finish_kernel's block
 
-// Fixed-order tree sum of one double per thread (blockDim.x a power of two <= kRedThreads).
+// Fixed-order tree sum of one double per thread (any blockDim.x: the threads past the largest power of
+// two p <= blockDim.x fold into the first ones, then a tree over p).
 __device__ double block_sum(double v, double* red) {
   red[threadIdx.x] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+  int p = 1;
+  while (2 * p <= static_cast<int>(blockDim.x)) p *= 2;
+  if (static_cast<int>(threadIdx.x) + p < static_cast<int>(blockDim.x)) red[threadIdx.x] += red[threadIdx.x + p];
+  __syncthreads();
+  for (int s = p / 2; s > 0; s >>= 1) {
     if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }
@@ -37,12 +42,15 @@ __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask,
   if (threadIdx.x == 0) removed[blockIdx.x] = v;
 }
 
+// 352 at 224: the column pass with the loss's spectral step between its two M-point FFTs needs about
+// 168 registers per thread (512 threads would get 128 and spill; at 384 ptxas spills 20 bytes).
 template <int S>
-constexpr int loss_threads() { return S >= 224 ? 512 : 256; }
+MFM_HDC int loss_threads() { return S >= 224 ? 352 : 256; }
 
-// partials[plane] = scale * sum(colw w d) of the plane; scale from the reduction (masked: from removed[]).
-// One CTA per plane; it prefetches plane blockIdx.x + lookahead's inputs into L2 (as corrupt_kernel).
-template <int S>
+// partials[plane] = scale * sum(colw w d) of the plane; scale from the reduction (masked: from removed[]);
+// kGrad: also the plane's gradient (args.grad). One CTA per plane; it prefetches plane blockIdx.x +
+// lookahead's inputs into L2 (as corrupt_kernel).
+template <int S, bool kGrad>
 __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, int images, int reduction,
                                                                  float loss_weight, const double* removed,
                                                                  double* partials, int lookahead) {
@@ -58,10 +66,10 @@ __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, 
     scale = static_cast<float>(loss_weight / (static_cast<double>(images) * args.channels * S * S));
   }
   __syncthreads();
-  const CtaSched sched{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
+  const CtaSched<loss_threads<S>()> sched{static_cast<int>(threadIdx.x)};
   const int plane = blockIdx.x, next = plane + lookahead;
   const double acc =
-      loss_plane<S>(args, plane, lookahead > 0 && next < images * args.channels ? next : -1, scale, smem, sched);
+      loss_plane<S, kGrad>(args, plane, lookahead > 0 && next < images * args.channels ? next : -1, scale, smem, sched);
   const double total = block_sum(acc, red);
   if (threadIdx.x == 0) partials[plane] = total * scale;
 }
@@ -73,7 +81,7 @@ __global__ void __launch_bounds__(kRedThreads) finish_kernel(const double* parti
   if (threadIdx.x == 0) *loss = static_cast<float>(total);
 }
 
-template <int S>
+template <int S, bool kGrad>
 static cudaError_t launch(const LossArgs& args, int images, int reduction, float loss_weight, double* ws,
                           float* loss_out, bool prefetch, cudaStream_t stream) {
   const int planes = images * args.channels;
@@ -87,13 +95,13 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
   constexpr int threads = loss_threads<S>();
   constexpr size_t smem = PlaneSmem<S>::bytes(sizeof(double) * threads);
   static_assert(smem <= kHopperSmemPerBlock, "the loss plane does not fit sm_90 shared memory");
-  cudaError_t err = cudaFuncSetAttribute(loss_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t err = cudaFuncSetAttribute(loss_kernel<S, kGrad>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   int lookahead = 0;
-  if (prefetch) err = resident_ctas(loss_kernel<S>, threads, smem, &lookahead);
+  if (prefetch) err = resident_ctas(loss_kernel<S, kGrad>, threads, smem, &lookahead);
   if (err != cudaSuccess) return err;
-  loss_kernel<S><<<planes, threads, smem, stream>>>(args, images, reduction, loss_weight, removed, partials,
+  loss_kernel<S, kGrad><<<planes, threads, smem, stream>>>(args, images, reduction, loss_weight, removed, partials,
                                                     lookahead);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -104,8 +112,12 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
 cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, int reduction, float loss_weight,
                                     double* workspace, float* loss_out, bool prefetch, cudaStream_t stream) {
   switch (side) {
-    case 224: return launch<224>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream);
-    case 112: return launch<112>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream);
+    case 224:
+      return args.grad ? launch<224, true>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream)
+                       : launch<224, false>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream);
+    case 112:
+      return args.grad ? launch<112, true>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream)
+                       : launch<112, false>(args, images, reduction, loss_weight, workspace, loss_out, prefetch, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -97,6 +99,14 @@ void check_launch(cudaError_t err, const char* what) {
               " is the extension built for this GPU's arch? see TORCH_CUDA_ARCH_LIST in setup.py)");
 }
 
+// The kernels read and write plane rows 4 elements at a time, as one vector access when every buffer is
+// 16-byte aligned (a tensor's storage is; a view at an odd offset may not be), else element by element.
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
 // MFM_FAST_CUDA_PREFETCH=0 turns off the L2 prefetch of each CTA's next plane (for benchmarks); default on.
 bool prefetch_enabled() {
   const char* env = std::getenv("MFM_FAST_CUDA_PREFETCH");
@@ -118,7 +128,8 @@ CorruptPrep prep_corrupt(const at::Tensor& x, const at::Tensor& mask, at::ArrayR
   const int out_dt = dtype_code(out_dtype, false, "out_dtype");
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
   mfm::CorruptArgs a{x.data_ptr(), x_dt, mask.data_ptr<float>(), out.data_ptr(), out_dt,
-                     static_cast<int>(x.size(1)), make_stats(mean, std, x.size(1), "corrupt")};
+                     static_cast<int>(x.size(1)), aligned16({x.data_ptr(), out.data_ptr()}),
+                     make_stats(mean, std, x.size(1), "corrupt")};
   return {out, a, side, x.size(0) * x.size(1)};
 }
 
@@ -202,7 +213,8 @@ LossPrep prep_loss(const at::Tensor& pred, const at::Tensor& target, const c10::
   mfm::LossArgs a{pred.data_ptr(), dtype_code(pred.scalar_type(), false, "pred"), target.data_ptr(),
                   dtype_code(target.scalar_type(), norm, "target"), mask_ptr, need_grad ? grad.data_ptr() : nullptr,
                   dtype_code(pred.scalar_type(), false, "pred"), static_cast<int>(channels),
-                  static_cast<float>(gamma), norm, stats};
+                  static_cast<float>(gamma), norm,
+                  aligned16({pred.data_ptr(), target.data_ptr(), need_grad ? grad.data_ptr() : nullptr}), stats};
   return {loss, grad, a, side, pred.size(0), red};
 }
 
@@ -223,7 +235,9 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<cf> smem = host_smem<S>();
     for (int64_t p = begin; p < end; ++p)
-      partials[p] = mfm::loss_plane<S>(a, static_cast<int>(p), -1, scale, smem.data(), sched) * scale;
+      partials[p] = (a.grad ? mfm::loss_plane<S, true>(a, static_cast<int>(p), -1, scale, smem.data(), sched)
+                            : mfm::loss_plane<S, false>(a, static_cast<int>(p), -1, scale, smem.data(), sched)) *
+                    scale;
   });
   double s = 0.0;
   for (double v : partials) s += v;

@@ -6,6 +6,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstring>
+#include <type_traits>
+
 #include "fft.cuh"
 
 namespace mfm {
@@ -18,25 +21,173 @@ struct Stats {  // per-channel mean / std, passed by value to the kernels
   float std[kMaxChannels];
 };
 
-// Element i of a plane buffer as float ([0, 1] for uint8: v / 255).
-MFM_HD float load_elem(const void* p, int dt, int64_t i) {
+// ---------------------------------------------------------------- element I/O
+// Plane buffers are read and written 4 elements of one row at a time: one 16-byte (float32), 8-byte
+// (float16 / bfloat16) or 4-byte (uint8) access when the buffer is 16-byte aligned (`vec`, checked by
+// the host at launch: rows are then aligned too, S * elem_bytes being a multiple of 16 for S = 224 and
+// 112), else 4 scalar accesses. The element type and the vector choice are template parameters;
+// with_dtype and with_bool pick them once per plane.
+template <class T>
+struct Tag {
+  using type = T;
+};
+template <bool kAllowU8, class F>
+MFM_HD void with_dtype(int dt, const F& f) {
   switch (dt) {
-    case kF16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    case kBF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case kU8: return static_cast<float>(static_cast<const uint8_t*>(p)[i]) / 255.f;
-    default: return static_cast<const float*>(p)[i];
+    case kF16: f(Tag<c10::Half>{}); break;
+    case kBF16: f(Tag<c10::BFloat16>{}); break;
+    case kU8:
+      if constexpr (kAllowU8) {
+        f(Tag<uint8_t>{});
+        break;
+      }
+      [[fallthrough]];
+    default: f(Tag<float>{});
   }
 }
 
-MFM_HD void store_elem(void* p, int dt, int64_t i, float v) {
-  switch (dt) {
-    case kF16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    case kBF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-    default: static_cast<float*>(p)[i] = v;
+template <class F>
+MFM_HD void with_bool(bool b, const F& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+template <class T>
+MFM_HD float to_float(T v) {
+  if constexpr (std::is_same_v<T, uint8_t>) return static_cast<float>(v) * (1.f / 255.f);  // [0, 1]
+  else return static_cast<float>(v);
+}
+
+template <int B>
+struct RawWords {
+  uint32_t w[B / 4];
+};
+template <int B>
+MFM_HD RawWords<B> load_raw(const void* p) {  // p B-byte aligned
+  RawWords<B> r;
+#ifdef __CUDA_ARCH__
+  if constexpr (B == 16) {
+    const uint4 v = *static_cast<const uint4*>(p);
+    r.w[0] = v.x, r.w[1] = v.y, r.w[2] = v.z, r.w[3] = v.w;
+  } else if constexpr (B == 8) {
+    const uint2 v = *static_cast<const uint2*>(p);
+    r.w[0] = v.x, r.w[1] = v.y;
+  } else {
+    r.w[0] = *static_cast<const uint32_t*>(p);
   }
+#else
+  memcpy(r.w, p, B);
+#endif
+  return r;
+}
+MFM_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+template <int B>
+MFM_HD void store_raw(void* p, const RawWords<B>& r) {
+#ifdef __CUDA_ARCH__  // explicit vector stores: built from scalars, a uint4 store is split into 4 by the compiler
+  if constexpr (B == 16)
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(r.w[0]), "r"(r.w[1]), "r"(r.w[2]),
+                 "r"(r.w[3])
+                 : "memory");
+  else if constexpr (B == 8)
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(r.w[0]), "r"(r.w[1]) : "memory");
+  else
+    *static_cast<uint32_t*>(p) = r.w[0];
+#else
+  memcpy(p, r.w, B);
+#endif
+}
+
+// out[0..4) = p[0..4) as float.
+template <class T, bool kVec>
+MFM_HD void load4(const T* p, float (&out)[4]) {
+  T v[4];
+  if constexpr (kVec) {
+    const RawWords<4 * sizeof(T)> r = load_raw<4 * sizeof(T)>(p);
+    memcpy(v, r.w, sizeof(v));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = p[i];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = to_float(v[i]);
+}
+// p[0..4) = in[0..4) rounded to T (float, c10::Half or c10::BFloat16). The vector store is built from
+// the values' bits directly (through memcpy the compiler loses the 16-byte alignment and stores scalars);
+// kVec is a template parameter for the same reason (a runtime branch between the two paths gets merged
+// into scalar stores).
+template <class T, bool kVec>
+MFM_HD void store4(T* p, const float (&in)[4]) {
+  T v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = static_cast<T>(in[i]);
+  if constexpr (kVec) {
+    RawWords<4 * sizeof(T)> r;
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) r.w[i] = float_bits(in[i]);
+    } else {
+      r.w[0] = uint32_t{v[0].x} | (uint32_t{v[1].x} << 16), r.w[1] = uint32_t{v[2].x} | (uint32_t{v[3].x} << 16);
+    }
+    store_raw<4 * sizeof(T)>(p, r);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = v[i];
+  }
+}
+
+// The load / store phases of plane_pipeline: item (chunk c of 4 columns, row pair p), chunks fastest
+// (coalesced rows). row4(y, x0, v) gives v[i] = plane(y, x0 + i); put4(y, x0, v) writes them.
+template <int S, class Row4>
+MFM_HD void load_pairs(int tid, int nth, cf* spec, const Row4& row4) {
+  constexpr int WH = S / 2 + 1;
+  for_items<S / 4, S / 2>(tid, nth, [&](int c, int p) {
+    float a[4], b[4];
+    row4(2 * p, 4 * c, a);
+    row4(2 * p + 1, 4 * c, b);
+    cf* z = spec + 2 * p * WH + 4 * c;
+    st2(z, {a[0], b[0]}, {a[1], b[1]});
+    st2(z + 2, {a[2], b[2]}, {a[3], b[3]});
+  });
+}
+template <int S, class Put4>
+MFM_HD void store_pairs(int tid, int nth, const cf* spec, const Put4& put4) {
+  constexpr int WH = S / 2 + 1;
+  for_items<S / 4, S / 2>(tid, nth, [&](int c, int p) {
+    const cf* z = spec + 2 * p * WH + 4 * c;
+    cf v[4];
+    ld2(z, v[0], v[1]);
+    ld2(z + 2, v[2], v[3]);
+    const float a[4] = {v[0].x, v[1].x, v[2].x, v[3].x}, b[4] = {v[0].y, v[1].y, v[2].y, v[3].y};
+    put4(2 * p, 4 * c, a);
+    put4(2 * p + 1, 4 * c, b);
+  });
 }
 
 MFM_HD int64_t elem_bytes(int dt) { return dt == kF32 ? 4 : (dt == kU8 ? 1 : 2); }
+
+// a / b from rb = 1 / b (rounded): q = a rb, then one exact-residual correction (Markstein), which gives
+// the rounded quotient a / b for finite normal operands: 3 instructions instead of a division.
+MFM_HD float div_by(float a, float b, float rb) {
+  const float q = a * rb;
+  return fmaf(fmaf(-q, b, a), rb, q);
+}
+
+// a[c] for a runtime c < kMaxChannels without indexing (an indexed by-value kernel argument would be
+// copied to local memory).
+MFM_HD float pick(const float (&a)[kMaxChannels], int c) {
+  float v = a[0];
+#pragma unroll
+  for (int i = 1; i < kMaxChannels; ++i) v = c == i ? a[i] : v;
+  return v;
+}
 
 // Ask L2 for plane `plane` (S * S elements of dtype dt) of the buffer at base, nothing when base is null:
 // the next plane's inputs, read while this plane computes so that the next plane's load phase hits L2
@@ -69,11 +220,14 @@ MFM_HD void l2_prefetch_plane(const void* base, int dt, int64_t plane, int tid, 
 #endif
 }
 
-// Symmetrised keep mask (m(k) + m(-k)) / 2 at the unshifted frequency (ky, kx) of an fftshift-ed S x S mask.
+// Symmetrised keep mask (m(k) + m(-k)) / 2 at the unshifted frequency (ky, kx) of an fftshift-ed S x S
+// mask, 0 <= ky < S, 0 <= kx <= S / 2: the shifted index of k is (k + S/2) mod S, of -k (S/2 - k) mod S,
+// each one compare and select.
 template <int S>
 MFM_HD float sym_mask(const float* m, int ky, int kx) {
-  const int y1 = (ky + S / 2) % S, x1 = (kx + S / 2) % S;
-  const int y2 = ((S - ky) % S + S / 2) % S, x2 = ((S - kx) % S + S / 2) % S;
+  constexpr int H = S / 2;
+  const int y1 = ky < H ? ky + H : ky - H, y2 = ky <= H ? H - ky : 3 * H - ky;
+  const int x1 = kx < H ? kx + H : kx - H, x2 = H - kx;
   return 0.5f * (m[y1 * S + x1] + m[y2 * S + x2]);
 }
 
@@ -85,54 +239,71 @@ struct CorruptArgs {
   void* out;
   int out_dt;
   int channels;
+  bool vec;  // x and out 16-byte aligned: 4-element vector accesses
   Stats stats;
-};
-
-struct PlaneLoad {
-  const void* p;
-  int dt;
-  int64_t off;
-  int S;
-  MFM_HD float operator()(int y, int x) const { return load_elem(p, dt, off + y * S + x); }
 };
 
 template <int S>
 struct CorruptSpectral {
   const float* m;
-  MFM_HD void operator()(int ky, int kx, cf& v) const {
-    v = cscale(v, sym_mask<S>(m, ky, kx) * (1.f / (S * S)));  // irfft2 normalisation folded in
-  }
-};
-
-struct CorruptStore {
-  void* out;
-  int dt;
-  int64_t off;
-  int S;
-  float mean, std;
-  MFM_HD void operator()(int y, int x, float v) const {
-    v = v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
-    store_elem(out, dt, off + y * S + x, (v - mean) / std);
+  MFM_HD float weight(int ky, int kx) const { return sym_mask<S>(m, ky, kx) * (1.f / (S * S)); }  // irfft2's 1/S^2 too
+  MFM_HD void operator()(int, int, float w, cf& v) const { v = cscale(v, w); }
+  MFM_HD void end_item() const {}
+  template <class F>
+  MFM_HD void visit(const F& f) {
+    f(*this);
   }
 };
 
 // Corrupt plane `plane` (= n * C + c); `next`: the plane this CTA runs next (its inputs are prefetched),
-// or -1. smem: PlaneSmem<S> with its twiddles filled.
+// or -1. smem: PlaneSmem<S> with its twiddles filled. out = (clamp(irfft2(mask * rfft2(x)), 0, 1) - mean) / std
+// (div_by).
 template <int S, class Sched>
 MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, int next, cf* smem, const Sched& sched) {
   using P = PlaneSmem<S>;
   constexpr int64_t SS = S * S;
   const int n = plane / a.channels, c = plane % a.channels;
   const int64_t off = plane * SS;
-  PlaneLoad load{a.x, a.x_dt, off, S};
+  const bool vec = a.vec;
+  const int x_dt = a.x_dt, out_dt = a.out_dt;
+  const void* x = a.x;
+  void* out = a.out;
+  const float mean = pick(a.stats.mean, c), sdev = pick(a.stats.std, c), inv_std = 1.f / sdev;
+  const auto load = [=](int tid, int nth, cf* spec) {
+    with_dtype<true>(x_dt, [&](auto tag) {
+      with_bool(vec, [&](auto kvec) {
+        using T = typename decltype(tag)::type;
+        const T* src = static_cast<const T*>(x) + off;
+        load_pairs<S>(tid, nth, spec,
+                      [&](int y, int x0, float (&v)[4]) { load4<T, decltype(kvec)::value>(src + y * S + x0, v); });
+      });
+    });
+  };
+  const auto store = [=](int tid, int nth, const cf* spec) {
+    with_dtype<false>(out_dt, [&](auto tag) {
+     with_bool(vec, [&](auto kvec) {
+      using T = typename decltype(tag)::type;
+      T* dst = static_cast<T*>(out) + off;
+      store_pairs<S>(tid, nth, spec, [&](int y, int x0, const float (&v)[4]) {
+        float o[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float u = v[i] > 1.f ? 1.f : v[i];  // clamp to [0, 1], NaN stays NaN (two selects)
+          u = u < 0.f ? 0.f : u;
+          o[i] = div_by(u - mean, sdev, inv_std);
+        }
+        store4<T, decltype(kvec)::value>(dst + y * S + x0, o);
+      });
+     });
+    });
+  };
   CorruptSpectral<S> spectral{a.mask + n * SS};
-  CorruptStore store{a.out, a.out_dt, off, S, a.stats.mean[c], a.stats.std[c]};
   const auto prefetch = [&a, next](int tid, int nth) {
     if (next < 0) return;
     l2_prefetch_plane<S>(a.x, a.x_dt, next, tid, nth);
     l2_prefetch_plane<S>(a.mask, kF32, next / a.channels, tid, nth);
   };
-  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch, true);
+  plane_pipeline<S, true>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
 }
 
 // ---------------------------------------------------------------- masked spectral loss
@@ -149,79 +320,127 @@ struct LossArgs {
   int channels;
   float gamma;
   bool normalize_target;
+  bool vec;  // pred, target and grad 16-byte aligned: 4-element vector accesses
   Stats stats;
 };
 
-struct DiffLoad {  // pred - normalise(target), in float
-  const void* p;
-  int pdt;
-  const void* t;
-  int tdt;
-  int64_t off;
-  int S;
-  bool norm;
-  float mean, std;
-  MFM_HD float operator()(int y, int x) const {
-    const int64_t i = off + y * S + x;
-    float t_v = load_elem(t, tdt, i);
-    if (norm) t_v = (t_v - mean) / std;
-    return load_elem(p, pdt, i) - t_v;
-  }
-};
+// 1 / sqrt(x) for a normal x > 0: the GPU's rsqrtf (2 ulp, no slow-path call), 1 / sqrtf on the host.
+MFM_HD float rsqrt(float x) {
+#ifdef __CUDA_ARCH__
+  return rsqrtf(x);
+#else
+  return 1.f / std::sqrt(x);
+#endif
+}
 
+// d = s^gamma, s^2 = |D|^2 + 1e-12, and the gradient factor w gamma s^(gamma - 2) (times grad_scale) of one
+// entry D, without overflow for every finite D whose d fits in float: when max(|D.x|, |D.y|) >= 2^60
+// (|D|^2 could pass 2^120), D is scaled by 2^-64 (exact) before squaring and the powers of two go back
+// into the results (the 1e-12 is below the rounding of |D|^2 there). One rsqrt (gamma = 1) or powf per entry:
+// p = s^(gamma - 2), d = p s^2. visit(f) hands the column pass a Mode with gamma == 1 decided at compile
+// time (one branch per plane, not per entry); a Mode sums an item's colw w d in float, then adds it to acc.
 template <int S>
 struct LossSpectral {
   const float* m;     // this image's mask or nullptr
   float gamma;
   float grad_scale;   // scale * gamma / S (the 1/S is the ortho inverse), 0 when no gradient is wanted
   bool need_grad;
-  double acc;         // this thread's sum of colw * w * d
-  MFM_HD void operator()(int ky, int kx, cf& v) {
+  double acc = 0.0;   // this thread's sum of colw * w * d
+  MFM_HD float weight(int ky, int kx) const { return m ? 1.f - sym_mask<S>(m, ky, kx) : 1.f; }
+  // colw w d; v = the gradient's spectrum entry. e = 2^(32 gamma), e1 = 2^(32 (gamma - 1)): 2^(64 g) = e^2.
+  template <bool kOne>
+  MFM_HD float entry(int kx, float w, cf& v, float e, float e1) const {
     const cf D = cscale(v, 1.f / S);  // ortho forward
-    const float s2 = D.x * D.x + D.y * D.y + 1e-12f;
-    const float w = m ? 1.f - sym_mask<S>(m, ky, kx) : 1.f;
-    const bool one = gamma == 1.f;
-    const float d = one ? sqrtf(s2) : powf(s2, 0.5f * gamma);
-    const float colw = (kx == 0 || kx == S / 2) ? 1.f : 2.f;
-    acc += static_cast<double>(colw * w * d);
-    if (need_grad) {
-      const float slope = one ? 1.f / sqrtf(s2) : powf(s2, 0.5f * gamma - 1.f);
-      v = cscale(D, w * slope * grad_scale);
+    const bool big = fmaxf(fabsf(D.x), fabsf(D.y)) >= 0x1p60f;
+    const cf Ds = big ? cscale(D, 0x1p-64f) : D;
+    const float s2 = Ds.x * Ds.x + Ds.y * Ds.y + (big ? 0.f : 1e-12f);
+    const float E = big ? e : 1.f, E1 = big ? e1 : 1.f;
+    float d, slope;  // slope: for Ds
+    if constexpr (kOne) {
+      const float r = rsqrt(s2);
+      d = ((s2 * r) * E) * E;
+      slope = r;
+    } else {
+      const float p = powf(s2, 0.5f * gamma - 1.f);
+      d = ((p * s2) * E) * E;
+      slope = (p * E1) * E1;
+    }
+    if (need_grad) v = cscale(Ds, w * slope * grad_scale);
+    return ((kx == 0 || kx == S / 2) ? 1.f : 2.f) * w * d;
+  }
+  template <bool kOne>
+  struct Mode {
+    LossSpectral* s;
+    float e = exp2f(32.f * s->gamma), e1 = exp2f(32.f * (s->gamma - 1.f));
+    float item = 0.f;
+    MFM_HD float weight(int ky, int kx) const { return s->weight(ky, kx); }
+    MFM_HD void operator()(int, int kx, float w, cf& v) { item += s->template entry<kOne>(kx, w, v, e, e1); }
+    MFM_HD void end_item() { s->acc += static_cast<double>(item), item = 0.f; }
+  };
+  template <class F>
+  MFM_HD void visit(const F& f) {
+    if (gamma == 1.f) {
+      Mode<true> mode{this};
+      f(mode);
+    } else {
+      Mode<false> mode{this};
+      f(mode);
     }
   }
 };
 
-struct GradStore {
-  void* g;
-  int dt;
-  int64_t off;
-  int S;
-  MFM_HD void operator()(int y, int x, float v) const { store_elem(g, dt, off + y * S + x, v); }
-};
-
 // One plane of the loss: returns this thread's share of sum(colw * w * d) (unscaled; every virtual thread's
-// on the host) and, when a.grad,
-// writes scale * dL/dpred for the plane. scale: the reduction's factor (loss_weight / Z etc.).
-// `next`: as in corrupt_plane.
-template <int S, class Sched>
+// on the host) and, when kGrad (a.grad non-null), writes scale * dL/dpred for the plane. scale: the
+// reduction's factor (loss_weight / Z etc.). `next`: as in corrupt_plane.
+template <int S, bool kGrad, class Sched>
 MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf* smem, const Sched& sched) {
   using P = PlaneSmem<S>;
   constexpr int64_t SS = S * S;
   const int n = plane / a.channels, c = plane % a.channels;
   const int64_t off = plane * SS;
-  DiffLoad load{a.pred, a.pred_dt, a.target, a.target_dt, off, S, a.normalize_target, a.stats.mean[c],
-                a.stats.std[c]};
-  const bool need_grad = a.grad != nullptr;
-  LossSpectral<S> spectral{a.mask ? a.mask + n * SS : nullptr, a.gamma,
-                           need_grad ? scale * a.gamma / S : 0.f, need_grad, 0.0};
-  GradStore store{a.grad, a.grad_dt, off, S};
+  const bool vec = a.vec, norm = a.normalize_target;
+  const int pred_dt = a.pred_dt, target_dt = a.target_dt, grad_dt = a.grad_dt;
+  const void* pred = a.pred;
+  const void* target = a.target;
+  void* grad = a.grad;
+  const float mean = pick(a.stats.mean, c), sdev = pick(a.stats.std, c), inv_std = 1.f / sdev;
+  const auto load = [=](int tid, int nth, cf* spec) {  // pred - normalise(target)
+    with_dtype<false>(pred_dt, [&](auto ptag) {
+      with_dtype<true>(target_dt, [&](auto ttag) {
+        using TP = typename decltype(ptag)::type;
+        using TT = typename decltype(ttag)::type;
+        const TP* p = static_cast<const TP*>(pred) + off;
+        const TT* t = static_cast<const TT*>(target) + off;
+        with_bool(vec, [&](auto kvec) {
+          load_pairs<S>(tid, nth, spec, [&](int y, int x0, float (&v)[4]) {
+            float tv[4];
+            load4<TP, decltype(kvec)::value>(p + y * S + x0, v);
+            load4<TT, decltype(kvec)::value>(t + y * S + x0, tv);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) v[i] -= norm ? div_by(tv[i] - mean, sdev, inv_std) : tv[i];
+          });
+        });
+      });
+    });
+  };
+  const auto store = [=](int tid, int nth, const cf* spec) {
+    with_dtype<false>(grad_dt, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      T* dst = static_cast<T*>(grad) + off;
+      with_bool(vec, [&](auto kvec) {
+        store_pairs<S>(tid, nth, spec,
+                       [&](int y, int x0, const float (&v)[4]) { store4<T, decltype(kvec)::value>(dst + y * S + x0, v); });
+      });
+    });
+  };
+  LossSpectral<S> spectral{a.mask ? a.mask + n * SS : nullptr, a.gamma, kGrad ? scale * a.gamma / S : 0.f, kGrad};
   const auto prefetch = [&a, next](int tid, int nth) {
     if (next < 0) return;
     l2_prefetch_plane<S>(a.pred, a.pred_dt, next, tid, nth);
     l2_prefetch_plane<S>(a.target, a.target_dt, next, tid, nth);
     l2_prefetch_plane<S>(a.mask, kF32, next / a.channels, tid, nth);
   };
-  plane_pipeline<S>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch, need_grad);
+  plane_pipeline<S, kGrad>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
   return spectral.acc;
 }
 

@@ -190,21 +190,21 @@ def test_sm90_plane_kernels_keep_the_fft_in_registers_and_prefetch(source, tmp_p
     """nvcc -Xptxas -v for sm_90: the plane kernels hold no per-thread line arrays (the first version had a
     3,840-byte stack frame per thread at 224) and spill nothing (one extra field in the args struct once
     cost 84 bytes of spills), and their PTX asks L2 for the next plane's inputs (one bulk prefetch per
-    input: 2 per corruption kernel and 3 per loss kernel, at 224 and 112; the loss has two issue points, with
-    and without the gradient's inverse)."""
+    input: 2 per corruption kernel and 3 per loss kernel, at 224 and 112; the loss has a kernel with and one
+    without the gradient's inverse)."""
     out = subprocess.run(_nvcc_cmd(source, "-arch=sm_90", "-Xptxas", "-v", "-keep", "-keep-dir", str(tmp_path),
                                    "-c", "-o", str(tmp_path / "k.o")),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     kernels = re.findall(r"Function properties for (\w*(?:corrupt|loss)_kernel\w*)\n\s*(\d+) bytes stack frame, "
                          r"(\d+) bytes spill stores", out.stderr)
-    assert len(kernels) == 2, out.stderr[-2000:]  # 224 and 112
+    n_kernels = 2 if source == "corrupt.cu" else 4  # 224 and 112 (the loss: with and without the gradient)
+    assert len(kernels) == n_kernels, out.stderr[-2000:]
     for name, stack, spills in kernels:
         assert int(stack) <= 256 and int(spills) == 0, (name, stack, spills)
     ptx = (tmp_path / source.replace(".cu", ".ptx")).read_text()
     inputs = 2 if source == "corrupt.cu" else 3
-    issue_points = 1 if source == "corrupt.cu" else 2
-    assert ptx.count("cp.async.bulk.prefetch.L2.global") == 2 * inputs * issue_points, "sm_90 PTX: L2 bulk prefetch"
+    assert ptx.count("cp.async.bulk.prefetch.L2.global") == n_kernels * inputs, "sm_90 PTX: L2 bulk prefetch"
 
 
 @needs_ext
@@ -322,6 +322,52 @@ def test_host_loss_edge_facts_and_low_precision():
     assert err <= 2 * err_torch + 1e-12
 
 
+def _offset_view(t):
+    """t's values in a contiguous tensor whose data starts one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_host_unaligned_buffers_take_the_scalar_path(dtype):
+    """Buffers off 16-byte alignment (the kernels then read and write element by element, not 4 at a
+    time) give the same bits as aligned ones."""
+    side = 112
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 3, side, side, generator=g)
+    x = (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
+    m = masks("band", 2, side, g)
+    out_dtype = torch.float32 if dtype == torch.uint8 else dtype
+    aligned = OPS.corrupt_cuda(x, m, MEAN, STD, out_dtype)
+    assert torch.equal(OPS.corrupt_cuda(_offset_view(x), m, MEAN, STD, out_dtype), aligned)
+    if dtype != torch.uint8:
+        pred = torch.randn(2, 3, side, side, generator=g).to(dtype)
+        loss, grad = cpu_kernel_loss(pred, x, m, norm=True)
+        loss_u, grad_u = cpu_kernel_loss(_offset_view(pred), _offset_view(x), m, norm=True)
+        assert torch.equal(grad_u, grad) and torch.equal(loss_u, loss)
+
+
+@needs_ext
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 1.5])
+def test_host_loss_large_magnitude_does_not_overflow(gamma):
+    """pred x 1e19 (|D|^2 past float32's range, the loss itself about 1e19): the fp32 distance is scaled
+    before squaring, so loss and gradient match the fp64 reference."""
+    side = 112
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(2, 3, side, side, generator=g)
+    pred = torch.randn(2, 3, side, side, generator=g) * 1e19
+    m = masks("high", 2, side, g)
+    assert torch.fft.rfft2(pred.double(), norm="ortho").abs().max() ** 2 > torch.finfo(torch.float32).max
+    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True, loss_gamma=gamma)
+    loss, grad = cpu_kernel_loss(pred, x, m, gamma=gamma, norm=True)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
+
+
 @needs_ext
 def test_host_loss_autograd_scales_by_grad_output():
     side = 112
@@ -432,6 +478,28 @@ def test_gpu_loss_options_channels_last_and_strided_grad_output(gamma, reduction
     go = torch.tensor([3.0, -1.0], device="cuda")[::2].view(())  # a grad_output that is a view
     loss.backward(go)
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(p.grad, 3.0 * ref_grad) <= 1e-5
+
+
+@gpu
+def test_gpu_unaligned_buffers_and_large_magnitude():
+    """On the GPU: buffers off 16-byte alignment (scalar path) give the vector path's bits, and pred x 1e19
+    matches the fp64 reference (the distance is scaled before squaring)."""
+    x, pred, m = _gpu_batch(8, 224, "band", seed=6)
+
+    def offset(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+    assert torch.equal(OPS.corrupt_cuda(offset(x), m, MEAN, STD, torch.float32),
+                       OPS.corrupt_cuda(x, m, MEAN, STD, torch.float32))
+    loss, grad = cpu_kernel_loss(pred, x, m, norm=True)
+    loss_u, grad_u = cpu_kernel_loss(offset(pred), offset(x), m, norm=True)
+    assert torch.equal(grad_u, grad) and torch.equal(loss_u, loss)
+    big = pred * 1e19
+    ref, ref_grad = ref_loss(big, x, m, normalize_target=True)
+    loss, grad = cpu_kernel_loss(big, x, m, norm=True)
+    assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
 
 
 @gpu
