@@ -7,13 +7,15 @@ For each kernel path (CUDA corruption, CUDA loss, Triton corruption band and gen
 reads registers and spills from ptxas, walks one CTA (program) of each kernel through its SASS with
 bench/sass_model.py (dynamic warp instructions: loop bodies x the trip counts the code itself computes)
 and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per SM, measured copy 0.077 ms for the
-154 MB batch read + written) as the largest of three bounds:
+154 MB batch read + written) as the largest of four bounds:
 
 - issue:  waves x CTAs per SM x warp instructions per CTA / (4 schedulers x clock x efficiency), the
           efficiency min(1, resident warps per scheduler / LATENCY_WARPS) (latency hiding; one constant,
           calibrated below);
 - shared memory: waves x CTAs per SM x wavefronts per CTA / clock (one 128-byte wavefront per clock; the
           CUDA kernels' bank conflicts from bench/smem_banks.py);
+- tensor cores: waves x CTAs per SM x MMA FLOPs per CTA (counted from the walked HGMMA / HMMA
+          instructions) / (dense tf32 FLOPs per SM per clock: 2048 for wgmma, 1024 assumed for mma.sync);
 - HBM:    bytes read + written / the measured copy bandwidth.
 
 Calibration rows: the two kernels measured on the H200 (bench/results/fft_mask-NVIDIA-H200-*.log, B = 256,
@@ -51,8 +53,9 @@ SMS, CLOCK_HZ, SCHEDULERS = 132, 1.98e9, 4
 REGS_PER_SM, SMEM_PER_SM, SMEM_PER_CTA_RESERVED = 65536, 233472, 1024
 MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 64, 32
 WAVEFRONT_BYTES = 128
+TF32_FLOP_PER_CLK = {"wgmma": 2048, "mma.sync": 1024}  # per SM, dense tf32 (mma.sync: half the wgmma rate)
 COPY_MS_B256 = 0.077  # measured on the H200: read + write of the B = 256 fp32 batch
-LATENCY_WARPS = 4.0   # resident warps per scheduler that hide latency fully (calibrated: docs/kernel_model.md)
+LATENCY_WARPS = 7.0   # resident warps per scheduler that hide latency fully (calibrated: docs/kernel_model.md)
 CHANNELS, SIDE = 3, 224
 MEASURED = {"triton corrupt band": 0.345, "triton loss (measured version)": 3.43}
 MEASURED_LOSS_COMMIT = "53230c4"  # the H200 results commit: kernels/ as the measured Triton loss had it
@@ -61,6 +64,12 @@ CACHE = os.environ.get("MFM_FAST_MODEL_CACHE", os.path.join(tempfile.gettempdir(
 
 class ModelError(RuntimeError):
     """A kernel the model cannot analyse; the message says which and why."""
+
+
+def loss_glue_ms(batch: int) -> float:
+    """Torch work of a loss fwd+bwd outside the kernels, HBM-bound: the backward's grad * grad_output (one
+    read + write of the batch, one copy) and the masked denominator's mask.sum (a read of the B masks)."""
+    return copy_ms(batch) + hbm_ms(batch * SIDE * SIDE * 4, batch)
 
 
 def batch_bytes(batch: int) -> int:
@@ -100,9 +109,11 @@ def occupancy(threads: int, regs: int, smem: int) -> int:
     return max(0, min(MAX_CTAS_PER_SM, MAX_WARPS_PER_SM // warps, by_regs, by_smem))
 
 
-def bounds(grid: int, threads: int, occ: int, insns: float, wavefronts: float, nbytes: float, batch: int) -> dict:
-    """The three bounds (ms) of one launch of `grid` CTAs, each with `insns` warp instructions and `wavefronts`
-    shared-memory wavefronts; nbytes of HBM traffic."""
+def bounds(grid: int, threads: int, occ: int, insns: float, wavefronts: float, nbytes: float, batch: int,
+           mma: dict | None = None) -> dict:
+    """The bounds (ms) of one launch of `grid` CTAs, each with `insns` warp instructions, `wavefronts`
+    shared-memory wavefronts and `mma` tensor-core FLOPs ({"wgmma" | "mma.sync": FLOPs}); nbytes of HBM
+    traffic."""
     if occ < 1:
         raise ModelError(f"a CTA of {threads} threads does not fit an SM")
     waves = math.ceil(grid / (SMS * occ))
@@ -111,7 +122,8 @@ def bounds(grid: int, threads: int, occ: int, insns: float, wavefronts: float, n
     eff = min(1.0, warps_per_sched / LATENCY_WARPS)
     issue = waves * per_sm * insns / (SCHEDULERS * CLOCK_HZ * eff) * 1e3
     smem = waves * per_sm * wavefronts / CLOCK_HZ * 1e3
-    return dict(issue_ms=issue, smem_ms=smem, hbm_ms=hbm_ms(nbytes, batch), waves=waves,
+    tensor = waves * per_sm * sum(f / TF32_FLOP_PER_CLK[k] for k, f in (mma or {}).items()) / CLOCK_HZ * 1e3
+    return dict(issue_ms=issue, smem_ms=smem, tensor_ms=tensor, hbm_ms=hbm_ms(nbytes, batch), waves=waves,
                 issue_efficiency=round(eff, 3))
 
 
@@ -283,9 +295,12 @@ def walk_kernel(cubin: str, kernel: str, threads: int, params: dict, ctaid: int 
         except sass_model.WalkError as exc:
             raise ModelError(f"cannot analyse {kernel}: {exc}") from exc
         return dict(insns=s.steps, smem_wavefronts=s.smem_wavefronts, unknown_branches=s.unknown_branches,
+                    mma_flops=dict(s.mma_flops),
                     by_class=dict(s.by_class), barriers=s.bar)
     with open(cubin, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
+    with open(sass_model.__file__, "rb") as f:  # a change of the walker rewalks
+        digest += hashlib.sha256(f.read()).hexdigest()
     return _cached(f"walk {digest} {kernel} {threads} {ctaid} {sorted(params.items())} {key}", build)
 
 
@@ -314,10 +329,16 @@ def cuda_rows(batch: int) -> list:
         occ = occupancy(threads, info["registers"], smem)
         walk = walk_kernel(cubin, kernel, threads, cuda_params(kind, planes, SMS * max(occ, 1)))
         wavefronts = walk["smem_wavefronts"] * factor
-        b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch)
+        b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
         rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, planes,
                          walk, wavefronts, nbytes, b, batch, floor=("copy" if kind == "corrupt" else "loss"),
                          note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py)"))
+    kern = rows[-1]
+    glue = loss_glue_ms(batch)
+    rows.append(dict(name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4),
+                     hbm_bytes=kern["hbm_bytes"], hbm_ms=kern["hbm_ms"], glue_ms=round(glue, 4), floor="loss",
+                     floor_ms=kern["floor_ms"], x_floor=round((kern["modelled_ms"] + glue) / kern["floor_ms"], 2),
+                     launches=[kern["name"]]))
     band = [n for src in ("corrupt.cu", "masked_freq_loss.cu") for n in build_cuda(src)[1] if "band" in n.lower()]
     if band:
         rows.append(dict(name="cuda loss (band planes)", modelled_ms=None,
@@ -345,13 +366,16 @@ def _cuda_smem(source: str) -> int:
 
 
 def _row(name, kernel, threads, regs, spills, smem, occ, grid, walk, wavefronts, nbytes, b, batch, floor, note=""):
-    modelled = max(b["issue_ms"], b["smem_ms"], b["hbm_ms"])
+    modelled = max(b["issue_ms"], b["smem_ms"], b["tensor_ms"], b["hbm_ms"])
     floor_ms = copy_ms(batch) if floor == "copy" else 1.5 * copy_ms(batch)
-    bound = max(("issue", b["issue_ms"]), ("shared memory", b["smem_ms"]), ("HBM", b["hbm_ms"]), key=lambda t: t[1])
+    bound = max(("issue", b["issue_ms"]), ("shared memory", b["smem_ms"]), ("tensor cores", b["tensor_ms"]),
+                ("HBM", b["hbm_ms"]), key=lambda t: t[1])
     return dict(name=name, kernel=kernel, threads=threads, registers=regs, spill_bytes=spills, shared_bytes=smem,
                 ctas_per_sm=occ, grid=grid, waves=b["waves"], warp_insns_per_cta=walk["insns"],
                 smem_wavefronts_per_cta=round(wavefronts), hbm_bytes=int(nbytes), issue_ms=round(b["issue_ms"], 4),
-                smem_ms=round(b["smem_ms"], 4), hbm_ms=round(b["hbm_ms"], 4), issue_efficiency=b["issue_efficiency"],
+                smem_ms=round(b["smem_ms"], 4), tensor_ms=round(b["tensor_ms"], 4), hbm_ms=round(b["hbm_ms"], 4),
+                mma_flops_per_cta={k: int(v) for k, v in walk["mma_flops"].items()},
+                issue_efficiency=b["issue_efficiency"],
                 modelled_ms=round(modelled, 4), bound=bound[0], floor=floor, floor_ms=round(floor_ms, 4),
                 x_floor=round(modelled / floor_ms, 2), unknown_branches=walk["unknown_branches"], note=note)
 
@@ -425,7 +449,7 @@ def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int,
     """One row per launch (grid scaled from batch_small to batch) and a summed row for the op."""
     from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401 (Triton's CUDA backend present)
     rows = []
-    total = dict(issue_ms=0.0, smem_ms=0.0, hbm_ms=0.0)
+    total = dict(issue_ms=0.0, smem_ms=0.0, tensor_ms=0.0, hbm_ms=0.0)
     for i, (fn, grid, args, kwargs) in enumerate(launches):
         key = f"triton {source_key} {fn.__name__} {i}"
 
@@ -452,19 +476,21 @@ def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int,
         occ = occupancy(threads, c["regs"], c["shared"])
         walk = walk_kernel(c["cubin"], c["name"], threads, c["params"])
         share = 1.0 if plane_share is None else plane_share(fn.__name__)
-        b = bounds(programs, threads, occ, walk["insns"] * share, walk["smem_wavefronts"] * share, 0, batch)
+        b = bounds(programs, threads, occ, walk["insns"] * share, walk["smem_wavefronts"] * share, 0, batch,
+                   {k: f * share for k, f in walk["mma_flops"].items()})
         rows.append(_row(f"{label}: {fn.__name__}", c["name"], threads, c["regs"], c["spills"], c["shared"], occ,
                          programs, walk, walk["smem_wavefronts"], 0, b, batch, floor,
                          note="" if share == 1.0 else f"programs doing work: {share:.2f} of the grid"))
         for k in total:
             total[k] += b[k]
     total["hbm_ms"] = hbm_ms(nbytes, batch)
-    modelled = max(sum(r["issue_ms"] for r in rows), sum(r["smem_ms"] for r in rows), total["hbm_ms"])
-    # kernels run one after another: the op's time is the sum of each launch's largest bound, at least HBM
-    modelled = max(sum(r["modelled_ms"] for r in rows), total["hbm_ms"])
+    # launches run one after another: the op is the sum of each launch's largest bound, at least its HBM
+    # traffic, plus the torch work around the loss kernels (loss_glue_ms)
+    glue = loss_glue_ms(batch) if floor == "loss" else 0.0
+    modelled = max(sum(r["modelled_ms"] for r in rows), total["hbm_ms"]) + glue
     floor_ms = copy_ms(batch) if floor == "copy" else 1.5 * copy_ms(batch)
     op = dict(name=label, modelled_ms=round(modelled, 4), hbm_bytes=int(nbytes), hbm_ms=round(total["hbm_ms"], 4),
-              floor=floor, floor_ms=round(floor_ms, 4), x_floor=round(modelled / floor_ms, 2),
+              glue_ms=round(glue, 4), floor=floor, floor_ms=round(floor_ms, 4), x_floor=round(modelled / floor_ms, 2),
               launches=[r["name"] for r in rows])
     return rows + [op]
 
@@ -576,7 +602,7 @@ def print_table(res: dict) -> None:
     print(f"kernel model, H200 (modelled), B = {res['batch']}, fp32, {res['channels']} x {res['side']} x "
           f"{res['side']} (a model: ncu on a GPU is the check)")
     hdr = (f"{'kernel':52s} {'regs':>4s} {'spill':>5s} {'CTA/SM':>6s} {'insn/CTA':>9s} {'wavefr':>7s} "
-           f"{'HBM MB':>7s} {'issue':>7s} {'smem':>7s} {'hbm':>6s} {'model ms':>8s} {'x floor':>7s}")
+           f"{'HBM MB':>7s} {'issue':>7s} {'smem':>7s} {'tensor':>7s} {'hbm':>6s} {'model ms':>8s} {'x floor':>7s}")
     print(hdr)
     for r in res["kernels"]:
         if r.get("modelled_ms") is None:
@@ -584,18 +610,22 @@ def print_table(res: dict) -> None:
             continue
         if "registers" not in r:
             print(f"{r['name'] + ' (op total)':52s} {'':4s} {'':5s} {'':6s} {'':9s} {'':7s} "
-                  f"{r['hbm_bytes'] / 1e6:7.0f} {'':7s} {'':7s} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
+                  f"{r['hbm_bytes'] / 1e6:7.0f} {'':7s} {'':7s} {'':7s} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
                   f"{r['x_floor']:7.2f}")
             continue
         print(f"{r['name'][:52]:52s} {r['registers']:4d} {r['spill_bytes']:5d} {r['ctas_per_sm']:6d} "
               f"{r['warp_insns_per_cta']:9d} {r['smem_wavefronts_per_cta']:7d} {r['hbm_bytes'] / 1e6:7.0f} "
-              f"{r['issue_ms']:7.3f} {r['smem_ms']:7.3f} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
+              f"{r['issue_ms']:7.3f} {r['smem_ms']:7.3f} {r['tensor_ms']:7.3f} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
               f"{r['x_floor']:7.2f}")
     print("\ncalibration (H200 measured, B = 256):")
     for c in res["calibration"]:
         print(f"  {c['name']:40s} modelled {c['modelled_ms']:.3f} ms  measured {c['measured_ms']:.3f} ms  "
               f"ratio {c['ratio']:.2f}")
     print("floors: " + ", ".join(f"{f['name']} {f['modelled_ms']:.3f} ms" for f in res["floors"]))
+    print("op totals: sum of their launches' largest bounds, at least their HBM traffic; the loss totals add the "
+          "torch work around the kernels (grad * grad_output and mask.sum: "
+          f"{loss_glue_ms(res['batch']):.3f} ms). Rows with 'programs doing work' count the half of the grid that "
+          "does not return early (p_low = 0.5).")
 
 
 def main(argv=None) -> int:

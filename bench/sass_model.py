@@ -371,6 +371,7 @@ class Stats:
         self.unknown_at = collections.Counter()
         self.smem_insns = 0
         self.smem_wavefronts = 0
+        self.mma_flops = collections.Counter()  # "wgmma" / "mma.sync" -> FLOPs
         self.bar = 0
 
 
@@ -379,6 +380,20 @@ def smem_wavefronts(ins: Insn) -> int:
     if ins.op in ("LDSM", "STSM"):
         return 4 if "4" in ins.mods else (2 if "2" in ins.mods else 1)
     return 4 if "128" in ins.mods else (2 if "64" in ins.mods else 1)
+
+
+def mma_flops(ins: Insn) -> tuple:
+    """("wgmma" or "mma.sync", FLOPs this warp's issue contributes): HGMMA.MxNxK is one warpgroup (4 warps)
+    operation of 2 M N K FLOPs; HMMA.MNK (e.g. 1688: 16 x 8 x 8) is one warp's."""
+    for m in ins.mods:
+        g = re.fullmatch(r"(\d+)x(\d+)x(\d+)", m)
+        if g:
+            a, b, c = map(int, g.groups())
+            return "wgmma", 2 * a * b * c // 4
+        g = re.fullmatch(r"(16)(8)(\d+)", m)
+        if g:
+            return "mma.sync", 2 * 16 * 8 * int(g.group(3))
+    return "mma.sync", 0
 
 
 def classify(op: str) -> str:
@@ -473,6 +488,9 @@ def walk_warp(prog: Program, kernel: str, warp_id: int, ntid: int, ctaid: int, p
             continue
         if op == "BRX" or op == "JMX":
             raise WalkError(f"{kernel}: indirect branch (jump table) at {ins.src}: {ins.text}")
+        if op in ("HGMMA", "HMMA") and exec_mask.any():
+            kind, flops = mma_flops(ins)
+            stats.mma_flops[kind] += flops
         if op in ("LDS", "STS", "LDSM", "STSM", "ATOMS") and exec_mask.any():
             stats.smem_insns += 1
             stats.smem_wavefronts += smem_wavefronts(ins)
