@@ -204,6 +204,7 @@ LAYOUT_PROBE = r"""
 int main() {
   std::printf("CorruptArgs size %zu %zu\n", sizeof(mfm::CorruptArgs), alignof(mfm::CorruptArgs));
   std::printf("LossArgs size %zu %zu\n", sizeof(mfm::LossArgs), alignof(mfm::LossArgs));
+  std::printf("PlaneSmem224 bytes0 %zu 0\n", mfm::PlaneSmem<224>::bytes(0));
   F(CorruptArgs, x) F(CorruptArgs, x_dt) F(CorruptArgs, mask) F(CorruptArgs, out) F(CorruptArgs, out_dt)
   F(CorruptArgs, channels) F(CorruptArgs, stats)
   F(LossArgs, pred) F(LossArgs, pred_dt) F(LossArgs, target) F(LossArgs, target_dt) F(LossArgs, mask)
@@ -230,11 +231,11 @@ def arg_layouts() -> dict:
         out = {}
         for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.splitlines():
             struct, field, a, b = line.split()
-            out.setdefault(struct, {})[field] = (int(a), int(b)) if field != "size" else None
+            out.setdefault(struct, {})[field] = (int(a), int(b))
             if field == "size":
                 out[struct]["size"], out[struct]["align"] = int(a), int(b)
         return out
-    return _cached(f"layout {_csrc_hash()}", build)
+    return _cached(f"layout {_csrc_hash()} {hashlib.sha256(LAYOUT_PROBE.encode()).hexdigest()}", build)
 
 
 PARAM_BASE = 0x210  # sm_90: kernel parameters start at c[0x0][0x210]
@@ -325,14 +326,16 @@ def cuda_rows(batch: int) -> list:
         threads = 512 if "224" in kernel else 256
         threads = _launch_threads(source, threads)
         info = table[kernel]
-        smem = _cuda_smem(source)
+        smem = _cuda_smem(source, threads)
         occ = occupancy(threads, info["registers"], smem)
         walk = walk_kernel(cubin, kernel, threads, cuda_params(kind, planes, SMS * max(occ, 1)))
         wavefronts = walk["smem_wavefronts"] * factor
         b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
         rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, planes,
                          walk, wavefronts, nbytes, b, batch, floor=("copy" if kind == "corrupt" else "loss"),
-                         note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py)"))
+                         note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py); ptxas stack frame "
+                              f"{info['stack']} B"))
+        rows[-1]["stack_bytes"] = info["stack"]
     kern = rows[-1]
     glue = loss_glue_ms(batch)
     rows.append(dict(name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4),
@@ -358,11 +361,23 @@ def _launch_threads(source: str, default: int) -> int:
     return int(m.group(1))
 
 
-def _cuda_smem(source: str) -> int:
-    """Dynamic shared memory of the 224 plane kernel: the PlaneSmem<224> layout (+ the loss's reduction)."""
-    S, WH = SIDE, SIDE // 2 + 1
-    base = 8 * (S * WH + S)
-    return base + (8 * 512 if "loss" in source else 0)
+def _cuda_smem(source: str, threads: int) -> int:
+    """Dynamic shared memory of the 224 plane kernel: PlaneSmem<224>::bytes(extra) from the host probe, extra
+    = sizeof(double) * threads where the launcher asks for it (the loss's reduction buffer)."""
+    base = arg_layouts().get("PlaneSmem224", {}).get("bytes0")
+    if base is None:
+        raise ModelError("cannot read PlaneSmem<224>::bytes(0) from csrc/ (the plane layout changed?)")
+    with open(os.path.join(ROOT, "csrc", source)) as f:
+        text = f.read()
+    m = re.search(r"PlaneSmem<S>::bytes\(([^;]*)\);", text)
+    if m is None:
+        raise ModelError(f"csrc/{source}: cannot find the kernel's PlaneSmem<S>::bytes(...) shared-memory size")
+    extra = m.group(1).strip()
+    if extra in ("0", ""):
+        return base[0]
+    if re.fullmatch(r"sizeof\(double\) \* threads", extra):
+        return base[0] + 8 * threads
+    raise ModelError(f"csrc/{source}: unknown extra shared memory {extra!r} (teach _cuda_smem)")
 
 
 def _row(name, kernel, threads, regs, spills, smem, occ, grid, walk, wavefronts, nbytes, b, batch, floor, note=""):
@@ -585,10 +600,11 @@ def model(batch: int = 256) -> dict:
     kernels = []
     kernels += cuda_rows(batch)
     kernels += triton_rows(batch)
-    calib_rows = [r for r in kernels if r["name"] == "triton corrupt band"] + \
-        [r for r in measured_loss_rows(batch) if r["name"] == "triton loss (measured version)"]
-    calibration = [dict(name=r["name"], modelled_ms=r["modelled_ms"],
-                        measured_ms=MEASURED[r["name"]] * batch / 256 if batch != 256 else MEASURED[r["name"]],
+    # calibration: always at B = 256, where the H200 figures were measured
+    at256 = kernels if batch == 256 else triton_rows(256)
+    calib_rows = [r for r in at256 if r["name"] == "triton corrupt band"] + \
+        [r for r in measured_loss_rows(256) if r["name"] == "triton loss (measured version)"]
+    calibration = [dict(name=r["name"], batch=256, modelled_ms=r["modelled_ms"], measured_ms=MEASURED[r["name"]],
                         ratio=round(r["modelled_ms"] / MEASURED[r["name"]], 3)) for r in calib_rows]
     floors = [dict(name="copy (corruption floor)", modelled_ms=round(copy_ms(batch), 4)),
               dict(name="loss floor (1.5 copies)", modelled_ms=round(1.5 * copy_ms(batch), 4))]
