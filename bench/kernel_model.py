@@ -462,7 +462,6 @@ def capture_launches(run) -> list:
 def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int, nbytes: float,
                        floor: str, source_key: str, plane_share=None) -> list:
     """One row per launch (grid scaled from batch_small to batch) and a summed row for the op."""
-    from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401 (Triton's CUDA backend present)
     rows = []
     total = dict(issue_ms=0.0, smem_ms=0.0, tensor_ms=0.0, hbm_ms=0.0)
     for i, (fn, grid, args, kwargs) in enumerate(launches):
@@ -580,8 +579,8 @@ def measured_loss_rows(batch: int) -> list:
         if proc.returncode != 0:
             raise ModelError(f"git show {MEASURED_LOSS_COMMIT}:kernels/{name} failed: {proc.stderr.strip()}")
         text = proc.stdout if name != "__init__.py" else ""
-        text = text.replace("@torch.library.custom_op(\"mfm_fast::", "@torch.library.custom_op(\"mfm_measured::")
-        text = text.replace("@torch.library.register_fake(\"mfm_fast::", "@torch.library.register_fake(\"mfm_measured::")
+        text = text.replace('custom_op("mfm_fast::', 'custom_op("mfm_measured::')  # no clash with today's ops
+        text = text.replace('register_fake("mfm_fast::', 'register_fake("mfm_measured::')
         with open(os.path.join(pkg, name), "w") as f:
             f.write(text)
     sys.path.insert(0, d)
@@ -631,7 +630,8 @@ def print_table(res: dict) -> None:
             continue
         print(f"{r['name'][:52]:52s} {r['registers']:4d} {r['spill_bytes']:5d} {r['ctas_per_sm']:6d} "
               f"{r['warp_insns_per_cta']:9d} {r['smem_wavefronts_per_cta']:7d} {r['hbm_bytes'] / 1e6:7.0f} "
-              f"{r['issue_ms']:7.3f} {r['smem_ms']:7.3f} {r['tensor_ms']:7.3f} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
+              f"{r['issue_ms']:7.3f} {r['smem_ms']:7.3f} {r['tensor_ms']:7.3f} {r['hbm_ms']:6.3f} "
+              f"{r['modelled_ms']:8.3f} "
               f"{r['x_floor']:7.2f}")
     print("\ncalibration (H200 measured, B = 256):")
     for c in res["calibration"]:

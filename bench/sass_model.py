@@ -7,15 +7,16 @@ through the SASS, 32 lanes at a time, with the integer, predicate, uniform and f
 control flow needs (thread / CTA ids, kernel parameters from constant bank 0, local-memory stack copies):
 
 - SIMT: the lanes at the lowest program counter issue next (min-PC reconvergence; exact for structured
-  code), lanes inside a call first (callees sit out of line, after the caller). Every issued step is one warp instruction, whatever its guard predicate says, as the hardware
-  counts issue slots.
+  code), lanes inside a call first (callees sit out of line, after the caller). Every issued step is one
+  warp instruction, whatever its guard predicate says, as the hardware counts issue slots.
 - Values the walk does not model (global / shared loads, tensor-core results, special registers other
-  than the ids) are *unknown*. A forward branch on an unknown predicate is counted
-  in ``unknown_branches`` and resolved toward the path that works fast (it jumps when that skips a slow-path
-  CALL or an early EXIT, else falls through); a backward branch (a loop) on one stops the walk with a clear error, because
-  the trip count would be a guess. FCHK (the division slow-path test) is taken as "fast path"; an EXIT on an unknown
-  predicate (a program that returns early for some planes) is taken as not exiting: the walk counts the
-  program that does the work, and the caller says which share of the grid that is.
+  than the ids) are *unknown*. A forward branch on an unknown predicate is counted in
+  ``unknown_branches`` and resolved toward the path that works fast: it jumps when that skips a
+  slow-path CALL or an early EXIT, else falls through. A backward branch (a loop) on one stops the walk
+  with a clear error, because the trip count would be a guess. FCHK (the division slow-path test) is
+  taken as "fast path"; an EXIT on an unknown predicate (a program that returns early for some planes)
+  is taken as not exiting: the walk counts the program that does the work, and the caller says which
+  share of the grid that is.
 
 So loop trip counts come from the code itself (bounds, strides, blockDim), not from a table. It is a
 model: ncu's executed-instruction counts (smsp__inst_executed) on a GPU are the check.
@@ -63,7 +64,7 @@ SECTION = re.compile(r"^//-+ \.text\.(\S+)\s+-+")
 
 
 class Insn:
-    __slots__ = ("pc", "guard", "neg_guard", "op", "mods", "args", "text", "src", "target")
+    __slots__ = ("pc", "guard", "neg_guard", "op", "mods", "head", "args", "text", "src", "target")
 
     def __init__(self, pc, text, src):
         self.pc, self.text, self.src, self.target = pc, text, src, None
@@ -72,6 +73,7 @@ class Insn:
         if m:
             self.neg_guard, self.guard, text = m.group(1) == "!", m.group(2), m.group(3)
         head, _, rest = text.partition(" ")
+        self.head = head
         parts = head.split(".")
         self.op, self.mods = parts[0], set(parts[1:])
         self.args = split_operands(rest)
@@ -567,12 +569,11 @@ def _carry_in(w, a, n):
 
 
 def op_iadd3(w, ins, mods, a, m):
-    outs = [x for x in a[1:] if is_pred(x)]
+    """IADD3 d, [Pc0, [Pc1,]] a, b, c: three-input add, carries into the predicates; .X adds carry-ins."""
     vals = [x for x in a[1:] if not is_pred(x)]
     src = [rd(w, x) for x in vals[:3]]
     total = sum(s.v for s in src)
     k = np.logical_and.reduce([s.k for s in src])
-    n_out = 0
     if "X" in mods:  # IADD3.X d, [Pout,] a, b, c, Pin, Pin2
         pre = [x for x in a[1:4] if is_pred(x)] if is_pred(a[1]) else []
         cin_preds = [x for x in a[1:] if is_pred(x)][len(pre):]
@@ -585,15 +586,17 @@ def op_iadd3(w, ins, mods, a, m):
         outs = [x for x in a[1:3] if is_pred(x)]
     carry = total >> np.uint64(32)
     for i, p in enumerate(outs[:2]):
-        w.set_pred(p, (carry > np.uint64(i)) if i == 0 else (carry > np.uint64(1)), k, m)
-        n_out += 1
+        w.set_pred(p, carry > np.uint64(i), k, m)
     w.set(a[0], Lanes(_u(total), k), m)
 
 
 def op_imad(w, ins, mods, a, m):
     if "WIDE" in mods:
         x, y, z_lo = rd(w, a[1]), rd(w, a[2]), rd(w, a[3])
-        z_hi = rd(w, reg_pair(a[3], 1)) if re.match(r"^U?R", a[3]) else Lanes(np.where(_s(z_lo.v) < 0, M32, 0).astype(np.uint64))
+        if re.match(r"^U?R", a[3]):
+            z_hi = rd(w, reg_pair(a[3], 1))
+        else:  # an immediate addend: sign-extended
+            z_hi = Lanes(np.where(_s(z_lo.v) < 0, M32, 0).astype(np.uint64))
         if "U32" in mods:
             prod = x.v.astype(object) * y.v.astype(object)
         else:
@@ -655,9 +658,10 @@ def op_lea(w, ins, mods, a, m):
 
 
 def op_shf(w, ins, mods, a, m):
+    """SHF.L / .R funnel shift of (hi:lo); .HI takes the high word; .W wraps the shift mod 32, else it clamps."""
     lo, s, hi = rd(w, a[1]), rd(w, a[2]), rd(w, a[3])
-    sh = s.v & np.uint64(63 if "U64" in mods or "S64" in mods else 31) if "W" not in mods else s.v & np.uint64(31)
-    sh = np.minimum(s.v, np.uint64(32 if not ("U64" in mods or "S64" in mods) else 63)) if "W" not in mods else sh
+    wide64 = "U64" in mods or "S64" in mods
+    sh = s.v & np.uint64(31) if "W" in mods else np.minimum(s.v, np.uint64(63 if wide64 else 32))
     k = lo.k & s.k & hi.k
     wide = (hi.v << np.uint64(32)) | lo.v
     if "L" in mods:
@@ -996,7 +1000,7 @@ def op_i2f(w, ins, mods, a, m):
         w.set(a[0], Lanes(lo, x.k), m)
         w.set(reg_pair(a[0], 1), Lanes(hi, x.k), m)
         return
-    src = x.v.astype(np.float64) if ("U32" in mods or ins.op == "I2FP" and "U32" in mods) else _s(x.v).astype(np.float64)
+    src = x.v.astype(np.float64) if "U32" in mods else _s(x.v).astype(np.float64)
     w.set(a[0], Lanes(_from_f(src.astype(np.float32)), x.k), m)
 
 
@@ -1067,10 +1071,11 @@ def op_dsetp(w, ins, mods, a, m):
 
 
 def op_f2f(w, ins, mods, a, m):
-    if "F32" in mods and "F64" in mods and list(mods).index  and ins.text.split()[0].endswith("F32.F64"):
+    """F2F.F32.F64 / F2F.F64.F32 (destination type first); other conversions: unknown."""
+    if ins.head.endswith("F32.F64"):
         lo, hi = rd(w, a[1]), rd(w, reg_pair(a[1], 1))
         w.set(a[0], Lanes(_from_f(_d(lo.v, hi.v).astype(np.float32)), lo.k & hi.k), m)
-    elif ins.text.split()[0].endswith("F64.F32"):
+    elif ins.head.endswith("F64.F32"):
         x = rd(w, a[1], True)
         lo, hi = _from_d(_f(x.v).astype(np.float64))
         w.set(a[0], Lanes(lo, x.k), m)
