@@ -241,13 +241,30 @@ def arg_layouts() -> dict:
 PARAM_BASE = 0x210  # sm_90: kernel parameters start at c[0x0][0x210]
 
 
-def pack_params(items: list) -> dict:
-    """items: (size, align, {byte offset inside: (fmt, value)}) in parameter order -> {(0, word offset): u32}."""
+def kparam_info(cubin: str, kernel: str) -> list:
+    """[(offset, size)] of the kernel's parameters in ordinal order, from the cubin's EIATTR_KPARAM_INFO."""
+    tool = os.path.join(os.path.dirname(sass_model.nvdisasm_path()), "cuobjdump")
+    out = subprocess.run([tool, "-elf", cubin], capture_output=True, text=True, timeout=300).stdout
+    section = re.split(r"\n(?=\.nv\.info\.)", out)
+    body = next((sec for sec in section if sec.startswith(f".nv.info.{kernel}\n") or
+                 sec.startswith(f".nv.info.{kernel} ")), None)
+    if body is None:
+        raise ModelError(f"no .nv.info section for {kernel} in {os.path.basename(cubin)}")
+    found = re.findall(r"Ordinal : 0x([0-9a-f]+)\s+Offset\s*: 0x([0-9a-f]+)\s+Size\s*: 0x([0-9a-f]+)", body)
+    return [(int(o, 16), int(z, 16)) for _, o, z in sorted(found, key=lambda t: int(t[0], 16))]
+
+
+def pack_params(items: list, layout: list | None = None) -> dict:
+    """items: (size, align, {byte offset inside: (fmt, value)}) in parameter order -> {(0, word offset): u32}.
+    layout: the kernel's own [(offset, size)] (kparam_info); the items must match it in number and size."""
     import struct as st
+    if layout is not None and [size for size, _, _ in items] != [size for _, size in layout]:
+        raise ModelError(f"the kernel's parameters are {[z for _, z in layout]} bytes, the model packs "
+                         f"{[z for z, _, _ in items]}: its signature changed (update cuda_params)")
     buf = bytearray(4096)
     off = 0
-    for size, align, fields in items:
-        off = (off + align - 1) // align * align
+    for i, (size, align, fields) in enumerate(items):
+        off = (off + align - 1) // align * align if layout is None else layout[i][0]
         for inner, (fmt, value) in fields.items():
             st.pack_into("<" + fmt, buf, off + inner, value)
         off += size
@@ -258,13 +275,16 @@ def _ptr(i):
     return 0x7F0000000000 + i * 0x1000000000
 
 
-def cuda_params(kind: str, planes: int, lookahead: int) -> dict:
+def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = None) -> dict:
+    """Parameter words of corrupt_kernel / loss_kernel for an fp32 batch of `planes` planes (masked loss,
+    gamma 1, normalised target, gradient wanted); layout: the cubin's parameter offsets and sizes."""
     lay = arg_layouts()
     if kind == "corrupt":
         L = lay["CorruptArgs"]
         f = {L["x"][0]: ("Q", _ptr(1)), L["x_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(2)),
              L["out"][0]: ("Q", _ptr(3)), L["out_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS)}
-        return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", planes)}), (4, 4, {0: ("i", lookahead)})])
+        return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", planes)}), (4, 4, {0: ("i", lookahead)})],
+                           layout)
     L = lay["LossArgs"]
     f = {L["pred"][0]: ("Q", _ptr(1)), L["pred_dt"][0]: ("i", 0), L["target"][0]: ("Q", _ptr(2)),
          L["target_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(3)), L["grad"][0]: ("Q", _ptr(4)),
@@ -273,7 +293,7 @@ def cuda_params(kind: str, planes: int, lookahead: int) -> dict:
     images = planes // CHANNELS
     return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", images)}), (4, 4, {0: ("i", 0)}),
                         (4, 4, {0: ("f", 1.0)}), (8, 8, {0: ("Q", _ptr(5))}), (8, 8, {0: ("Q", _ptr(6))}),
-                        (4, 4, {0: ("i", lookahead)})])
+                        (4, 4, {0: ("i", lookahead)})], layout)
 
 
 def smem_conflict_factor() -> float:
@@ -306,9 +326,14 @@ def walk_kernel(cubin: str, kernel: str, threads: int, params: dict, ctaid: int 
 
 
 def find_kernel(table: dict, pattern: str) -> str:
+    """The one kernel of the sm_90 build matching pattern; of dtype instantiations, the fp32 one (no Half,
+    BFloat16 or uint8 template argument)."""
     names = [n for n in table if re.search(pattern, n)]
+    if len(names) > 1:
+        names = [n for n in names if not re.search(r"Half|BFloat16|Ih|hE", n[re.search(pattern, n).end():])]
     if len(names) != 1:
-        raise ModelError(f"expected one kernel matching {pattern!r} in the sm_90 build, found {names}")
+        raise ModelError(f"expected one fp32 kernel matching {pattern!r} in the sm_90 build, found {names}: "
+                         f"teach cuda_rows the new kernels")
     return names[0]
 
 
@@ -328,7 +353,8 @@ def cuda_rows(batch: int) -> list:
         info = table[kernel]
         smem = _cuda_smem(source, threads)
         occ = occupancy(threads, info["registers"], smem)
-        walk = walk_kernel(cubin, kernel, threads, cuda_params(kind, planes, SMS * max(occ, 1)))
+        params = cuda_params(kind, planes, SMS * max(occ, 1), kparam_info(cubin, kernel))
+        walk = walk_kernel(cubin, kernel, threads, params)
         wavefronts = walk["smem_wavefronts"] * factor
         b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
         rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, planes,
