@@ -362,6 +362,7 @@ def cuda_rows(batch: int) -> list:
                          note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py); ptxas stack frame "
                               f"{info['stack']} B"))
         rows[-1]["stack_bytes"] = info["stack"]
+        rows[-1]["warp_insns_per_plane"] = walk["insns"]  # one CTA per plane
     kern = rows[-1]
     glue = loss_glue_ms(batch)
     rows.append(dict(name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4),
@@ -521,6 +522,7 @@ def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int,
         rows.append(_row(f"{label}: {fn.__name__}", c["name"], threads, c["regs"], c["spills"], c["shared"], occ,
                          programs, walk, walk["smem_wavefronts"], 0, b, batch, floor,
                          note="" if share == 1.0 else f"programs doing work: {share:.2f} of the grid"))
+        rows[-1]["warp_insns_per_plane"] = int(walk["insns"] * share * programs / (batch * CHANNELS))
         for k in total:
             total[k] += b[k]
     total["hbm_ms"] = hbm_ms(nbytes, batch)
@@ -642,7 +644,8 @@ def model(batch: int = 256) -> dict:
 def print_table(res: dict) -> None:
     print(f"kernel model, H200 (modelled), B = {res['batch']}, fp32, {res['channels']} x {res['side']} x "
           f"{res['side']} (a model: ncu on a GPU is the check)")
-    hdr = (f"{'kernel':52s} {'regs':>4s} {'spill':>5s} {'CTA/SM':>6s} {'insn/CTA':>9s} {'wavefr':>7s} "
+    hdr = (f"{'kernel':52s} {'regs':>4s} {'spill':>5s} {'CTA/SM':>6s} {'insn/CTA':>9s} {'insn/plane':>10s} "
+           f"{'wavefr':>7s} "
            f"{'HBM MB':>7s} {'issue':>7s} {'smem':>7s} {'tensor':>7s} {'hbm':>6s} {'model ms':>8s} {'x floor':>7s}")
     print(hdr)
     for r in res["kernels"]:
@@ -650,12 +653,13 @@ def print_table(res: dict) -> None:
             print(f"{r['name']:52s} {r['note']}")
             continue
         if "registers" not in r:
-            print(f"{r['name'] + ' (op total)':52s} {'':4s} {'':5s} {'':6s} {'':9s} {'':7s} "
+            print(f"{r['name'] + ' (op total)':52s} {'':4s} {'':5s} {'':6s} {'':9s} {'':10s} {'':7s} "
                   f"{r['hbm_bytes'] / 1e6:7.0f} {'':7s} {'':7s} {'':7s} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
                   f"{r['x_floor']:7.2f}")
             continue
         print(f"{r['name'][:52]:52s} {r['registers']:4d} {r['spill_bytes']:5d} {r['ctas_per_sm']:6d} "
-              f"{r['warp_insns_per_cta']:9d} {r['smem_wavefronts_per_cta']:7d} {r['hbm_bytes'] / 1e6:7.0f} "
+              f"{r['warp_insns_per_cta']:9d} {r['warp_insns_per_plane']:10d} {r['smem_wavefronts_per_cta']:7d} "
+              f"{r['hbm_bytes'] / 1e6:7.0f} "
               f"{r['issue_ms']:7.3f} {r['smem_ms']:7.3f} {r['tensor_ms']:7.3f} {r['hbm_ms']:6.3f} "
               f"{r['modelled_ms']:8.3f} "
               f"{r['x_floor']:7.2f}")
