@@ -1,0 +1,702 @@
+"""Kernel model of mfm_fast's plane kernels on an H200, computed on a machine without a GPU.
+
+    python bench/kernel_model.py [--json] [--batch 256] [--no-cache]
+
+For each kernel path (CUDA corruption, CUDA loss, Triton corruption band and general paths, Triton loss) at
+224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/, triton.compile for kernels/),
+reads registers and spills from ptxas, walks one CTA (program) of each kernel through its SASS with
+bench/sass_model.py (dynamic warp instructions: loop bodies x the trip counts the code itself computes)
+and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per SM, measured copy 0.077 ms for the
+154 MB batch read + written) as the largest of four bounds:
+
+- issue:  waves x CTAs per SM x warp instructions per CTA / (4 schedulers x clock x efficiency), the
+          efficiency min(1, resident warps per scheduler / LATENCY_WARPS) (latency hiding; one constant,
+          calibrated below);
+- shared memory: waves x CTAs per SM x wavefronts per CTA / clock (one 128-byte wavefront per clock; the
+          CUDA kernels' bank conflicts from bench/smem_banks.py);
+- tensor cores: waves x CTAs per SM x MMA FLOPs per CTA (counted from the walked HGMMA / HMMA
+          instructions) / (dense tf32 FLOPs per SM per clock: 2048 for wgmma, 1024 assumed for mma.sync);
+- HBM:    bytes read + written / the measured copy bandwidth.
+
+Calibration rows: the two kernels measured on the H200 (bench/results/fft_mask-NVIDIA-H200-*.log, B = 256,
+fp32, 224): Triton corruption band path 0.345 ms and the first Triton loss fwd+bwd 3.43 ms, the latter
+compiled from kernels/ as it was when measured (git show of MEASURED_LOSS_COMMIT). It is a model: ncu's
+executed-instruction counts (smsp__inst_executed) and times on a GPU are the check (docs/kernel_model.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import importlib
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import sass_model  # noqa: E402
+
+# H200 (SXM, 141 GB): the figures the model uses
+SMS, CLOCK_HZ, SCHEDULERS = 132, 1.98e9, 4
+REGS_PER_SM, SMEM_PER_SM, SMEM_PER_CTA_RESERVED = 65536, 233472, 1024
+MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 64, 32
+WAVEFRONT_BYTES = 128
+TF32_FLOP_PER_CLK = {"wgmma": 2048, "mma.sync": 1024}  # per SM, dense tf32 (mma.sync: half the wgmma rate)
+COPY_MS_B256 = 0.077  # measured on the H200: read + write of the B = 256 fp32 batch
+LATENCY_WARPS = 7.0   # resident warps per scheduler that hide latency fully (calibrated: docs/kernel_model.md)
+CHANNELS, SIDE = 3, 224
+MEASURED = {"triton corrupt band": 0.345, "triton loss (measured version)": 3.43}
+MEASURED_LOSS_COMMIT = "53230c4"  # the H200 results commit: kernels/ as the measured Triton loss had it
+CACHE = os.environ.get("MFM_FAST_MODEL_CACHE", os.path.join(tempfile.gettempdir(), "mfm_fast_kernel_model"))
+
+
+class ModelError(RuntimeError):
+    """A kernel the model cannot analyse; the message says which and why."""
+
+
+def loss_glue_ms(batch: int) -> float:
+    """Torch work of a loss fwd+bwd outside the kernels, HBM-bound: the backward's grad * grad_output (one
+    read + write of the batch, one copy) and the masked denominator's mask.sum (a read of the B masks)."""
+    return copy_ms(batch) + hbm_ms(batch * SIDE * SIDE * 4, batch)
+
+
+def batch_bytes(batch: int) -> int:
+    return batch * CHANNELS * SIDE * SIDE * 4
+
+
+def copy_ms(batch: int) -> float:
+    return COPY_MS_B256 * batch / 256
+
+
+def hbm_ms(nbytes: float, batch: int) -> float:
+    return nbytes / (2 * batch_bytes(256)) * COPY_MS_B256
+
+
+def _cached(key: str, build):
+    os.makedirs(CACHE, exist_ok=True)
+    path = os.path.join(CACHE, hashlib.sha256(key.encode()).hexdigest()[:24] + ".pkl")
+    if os.path.exists(path) and not NO_CACHE:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    value = build()
+    with open(path, "wb") as f:
+        pickle.dump(value, f)
+    return value
+
+
+NO_CACHE = False
+
+
+# ------------------------------------------------------------------ occupancy and time
+def occupancy(threads: int, regs: int, smem: int) -> int:
+    """CTAs per SM from warps, registers (allocated per warp in 256-register units) and shared memory."""
+    warps = math.ceil(threads / 32)
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_smem = SMEM_PER_SM // (smem + SMEM_PER_CTA_RESERVED) if smem else MAX_CTAS_PER_SM
+    return max(0, min(MAX_CTAS_PER_SM, MAX_WARPS_PER_SM // warps, by_regs, by_smem))
+
+
+def bounds(grid: int, threads: int, occ: int, insns: float, wavefronts: float, nbytes: float, batch: int,
+           mma: dict | None = None) -> dict:
+    """The bounds (ms) of one launch of `grid` CTAs, each with `insns` warp instructions, `wavefronts`
+    shared-memory wavefronts and `mma` tensor-core FLOPs ({"wgmma" | "mma.sync": FLOPs}); nbytes of HBM
+    traffic."""
+    if occ < 1:
+        raise ModelError(f"a CTA of {threads} threads does not fit an SM")
+    waves = math.ceil(grid / (SMS * occ))
+    per_sm = min(occ, math.ceil(grid / SMS))  # CTAs an SM holds at once
+    warps_per_sched = per_sm * math.ceil(threads / 32) / SCHEDULERS
+    eff = min(1.0, warps_per_sched / LATENCY_WARPS)
+    issue = waves * per_sm * insns / (SCHEDULERS * CLOCK_HZ * eff) * 1e3
+    smem = waves * per_sm * wavefronts / CLOCK_HZ * 1e3
+    tensor = waves * per_sm * sum(f / TF32_FLOP_PER_CLK[k] for k, f in (mma or {}).items()) / CLOCK_HZ * 1e3
+    return dict(issue_ms=issue, smem_ms=smem, tensor_ms=tensor, hbm_ms=hbm_ms(nbytes, batch), waves=waves,
+                issue_efficiency=round(eff, 3))
+
+
+# ------------------------------------------------------------------ CUDA (csrc/)
+def _torch_includes() -> list:
+    from torch.utils.cpp_extension import include_paths
+    return [f"-I{p}" for p in include_paths()]
+
+
+def _csrc_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*"))):
+        with open(p, "rb") as f:
+            h.update(os.path.basename(p).encode() + f.read())
+    return h.hexdigest()
+
+
+def _nvcc() -> str:
+    for cand in (os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"):
+        p = os.path.join(cand, "bin", "nvcc")
+        if cand and os.path.exists(p):
+            return p
+    import shutil
+    p = shutil.which("nvcc")
+    if p is None:
+        raise ModelError("nvcc not found: the CUDA rows need the toolkit's nvcc (set CUDA_HOME)")
+    return p
+
+
+def ptxas_table(stderr: str) -> dict:
+    """mangled name -> dict(registers, spill_stores, stack) from nvcc -Xptxas -v output."""
+    out, name = {}, None
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for", line)
+        if m:
+            name = m.group(1)
+            out[name] = dict(registers=None, spill_stores=0, stack=0)
+            continue
+        if name is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
+        if m:
+            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[name]["registers"] = int(m.group(1))
+            name = None
+    return out
+
+
+def build_cuda(source: str) -> tuple:
+    """(cubin path, ptxas table) of csrc/<source> for sm_90, as setup.py builds it (-O3 -lineinfo)."""
+    key = f"cuda {source} {_csrc_hash()}"
+    cubin = os.path.join(CACHE, hashlib.sha256(key.encode()).hexdigest()[:24] + ".cubin")
+
+    def build():
+        cmd = [_nvcc(), "-std=c++17", "-O3", "-lineinfo", *_torch_includes(), "-arch=sm_90", "-cubin",
+               "-Xptxas", "-v", os.path.join(ROOT, "csrc", source), "-o", cubin]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise ModelError(f"nvcc failed on csrc/{source}: {proc.stderr.strip()[-800:]}")
+        return ptxas_table(proc.stderr)
+    os.makedirs(CACHE, exist_ok=True)
+    table = _cached(key, build)
+    if not os.path.exists(cubin):
+        global NO_CACHE
+        saved, NO_CACHE = NO_CACHE, True
+        table = _cached(key, build)
+        NO_CACHE = saved
+    return cubin, table
+
+
+LAYOUT_PROBE = r"""
+#include <cstddef>
+#include <cstdio>
+#include "planes.cuh"
+#define F(T, f) std::printf(#T " " #f " %zu %zu\n", offsetof(mfm::T, f), sizeof(((mfm::T*)0)->f));
+int main() {
+  std::printf("CorruptArgs size %zu %zu\n", sizeof(mfm::CorruptArgs), alignof(mfm::CorruptArgs));
+  std::printf("LossArgs size %zu %zu\n", sizeof(mfm::LossArgs), alignof(mfm::LossArgs));
+  std::printf("PlaneSmem224 bytes0 %zu 0\n", mfm::PlaneSmem<224>::bytes(0));
+  F(CorruptArgs, x) F(CorruptArgs, x_dt) F(CorruptArgs, mask) F(CorruptArgs, out) F(CorruptArgs, out_dt)
+  F(CorruptArgs, channels) F(CorruptArgs, stats)
+  F(LossArgs, pred) F(LossArgs, pred_dt) F(LossArgs, target) F(LossArgs, target_dt) F(LossArgs, mask)
+  F(LossArgs, grad) F(LossArgs, grad_dt) F(LossArgs, channels) F(LossArgs, gamma) F(LossArgs, normalize_target)
+  F(LossArgs, stats)
+  return 0;
+}
+"""
+
+
+def arg_layouts() -> dict:
+    """{struct: {"size": n, "align": a, field: (offset, size)}} of the kernels' argument structs, from a host
+    build of csrc/planes.cuh (so a change of the structs moves the parameters with it)."""
+    def build():
+        d = tempfile.mkdtemp()
+        src, exe = os.path.join(d, "probe.cpp"), os.path.join(d, "probe")
+        with open(src, "w") as f:
+            f.write(LAYOUT_PROBE)
+        proc = subprocess.run(["g++", "-std=c++17", "-O0", f"-I{os.path.join(ROOT, 'csrc')}", *_torch_includes(),
+                               src, "-o", exe], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise ModelError("cannot read the CUDA kernels' argument structs (CorruptArgs / LossArgs fields "
+                             f"changed?): {proc.stderr.strip()[-600:]}")
+        out = {}
+        for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.splitlines():
+            struct, field, a, b = line.split()
+            out.setdefault(struct, {})[field] = (int(a), int(b))
+            if field == "size":
+                out[struct]["size"], out[struct]["align"] = int(a), int(b)
+        return out
+    return _cached(f"layout {_csrc_hash()} {hashlib.sha256(LAYOUT_PROBE.encode()).hexdigest()}", build)
+
+
+PARAM_BASE = 0x210  # sm_90: kernel parameters start at c[0x0][0x210]
+
+
+def kparam_info(cubin: str, kernel: str) -> list:
+    """[(offset, size)] of the kernel's parameters in ordinal order, from the cubin's EIATTR_KPARAM_INFO."""
+    tool = os.path.join(os.path.dirname(sass_model.nvdisasm_path()), "cuobjdump")
+    out = subprocess.run([tool, "-elf", cubin], capture_output=True, text=True, timeout=300).stdout
+    section = re.split(r"\n(?=\.nv\.info\.)", out)
+    body = next((sec for sec in section if sec.startswith(f".nv.info.{kernel}\n") or
+                 sec.startswith(f".nv.info.{kernel} ")), None)
+    if body is None:
+        raise ModelError(f"no .nv.info section for {kernel} in {os.path.basename(cubin)}")
+    found = re.findall(r"Ordinal : 0x([0-9a-f]+)\s+Offset\s*: 0x([0-9a-f]+)\s+Size\s*: 0x([0-9a-f]+)", body)
+    return [(int(o, 16), int(z, 16)) for _, o, z in sorted(found, key=lambda t: int(t[0], 16))]
+
+
+def pack_params(items: list, layout: list | None = None) -> dict:
+    """items: (size, align, {byte offset inside: (fmt, value)}) in parameter order -> {(0, word offset): u32}.
+    layout: the kernel's own [(offset, size)] (kparam_info); the items must match it in number and size."""
+    import struct as st
+    if layout is not None and [size for size, _, _ in items] != [size for _, size in layout]:
+        raise ModelError(f"the kernel's parameters are {[z for _, z in layout]} bytes, the model packs "
+                         f"{[z for z, _, _ in items]}: its signature changed (update cuda_params)")
+    buf = bytearray(4096)
+    off = 0
+    for i, (size, align, fields) in enumerate(items):
+        off = (off + align - 1) // align * align if layout is None else layout[i][0]
+        for inner, (fmt, value) in fields.items():
+            st.pack_into("<" + fmt, buf, off + inner, value)
+        off += size
+    return {(0, PARAM_BASE + i): int.from_bytes(buf[i:i + 4], "little") for i in range(0, off + 4, 4)}
+
+
+def _ptr(i):
+    return 0x7F0000000000 + i * 0x1000000000
+
+
+def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = None) -> dict:
+    """Parameter words of corrupt_kernel / loss_kernel for an fp32 batch of `planes` planes (masked loss,
+    gamma 1, normalised target, gradient wanted); layout: the cubin's parameter offsets and sizes."""
+    lay = arg_layouts()
+    if kind == "corrupt":
+        L = lay["CorruptArgs"]
+        f = {L["x"][0]: ("Q", _ptr(1)), L["x_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(2)),
+             L["out"][0]: ("Q", _ptr(3)), L["out_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS)}
+        return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", planes)}), (4, 4, {0: ("i", lookahead)})],
+                           layout)
+    L = lay["LossArgs"]
+    f = {L["pred"][0]: ("Q", _ptr(1)), L["pred_dt"][0]: ("i", 0), L["target"][0]: ("Q", _ptr(2)),
+         L["target_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(3)), L["grad"][0]: ("Q", _ptr(4)),
+         L["grad_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS), L["gamma"][0]: ("f", 1.0),
+         L["normalize_target"][0]: ("B", 1)}
+    images = planes // CHANNELS
+    return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", images)}), (4, 4, {0: ("i", 0)}),
+                        (4, 4, {0: ("f", 1.0)}), (8, 8, {0: ("Q", _ptr(5))}), (8, 8, {0: ("Q", _ptr(6))}),
+                        (4, 4, {0: ("i", lookahead)})], layout)
+
+
+def smem_conflict_factor() -> float:
+    """Mean wavefronts per conflict-free wavefront of the CUDA plane pipeline (bench/smem_banks.py)."""
+    import smem_banks
+    rows = smem_banks.phases(SIDE, 512, old=False)
+    cost = sum(w * p + (tw or 0.0) * tp for _, w, p, tw, tp in rows)
+    ideal = sum(p + tp for _, _, p, _, tp in rows)
+    return cost / ideal
+
+
+def walk_kernel(cubin: str, kernel: str, threads: int, params: dict, ctaid: int = 0, key: str = "") -> dict:
+    """Walk one CTA: dict(insns, smem_wavefronts, unknown_branches, by_class)."""
+    def build():
+        prog = sass_model.Program(cubin)
+        if kernel not in prog.funcs:
+            raise ModelError(f"kernel {kernel} not in {os.path.basename(cubin)} (kernels: {prog.kernels()})")
+        try:
+            s = sass_model.walk_cta(prog, kernel, threads, ctaid, params)
+        except sass_model.WalkError as exc:
+            raise ModelError(f"cannot analyse {kernel}: {exc}") from exc
+        return dict(insns=s.steps, smem_wavefronts=s.smem_wavefronts, unknown_branches=s.unknown_branches,
+                    mma_flops=dict(s.mma_flops),
+                    by_class=dict(s.by_class), barriers=s.bar)
+    with open(cubin, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(sass_model.__file__, "rb") as f:  # a change of the walker rewalks
+        digest += hashlib.sha256(f.read()).hexdigest()
+    return _cached(f"walk {digest} {kernel} {threads} {ctaid} {sorted(params.items())} {key}", build)
+
+
+def find_kernel(table: dict, pattern: str) -> str:
+    """The one kernel of the sm_90 build matching pattern; of dtype instantiations, the fp32 one (no Half,
+    BFloat16 or uint8 template argument)."""
+    names = [n for n in table if re.search(pattern, n)]
+    if len(names) > 1:
+        names = [n for n in names if not re.search(r"Half|BFloat16|Ih|hE", n[re.search(pattern, n).end():])]
+    if len(names) != 1:
+        raise ModelError(f"expected one fp32 kernel matching {pattern!r} in the sm_90 build, found {names}: "
+                         f"teach cuda_rows the new kernels")
+    return names[0]
+
+
+def cuda_rows(batch: int) -> list:
+    planes = batch * CHANNELS
+    rows = []
+    factor = smem_conflict_factor()
+    for name, source, pattern, kind, nbytes in (
+            ("cuda corrupt", "corrupt.cu", r"corrupt_kernelILi224E", "corrupt",
+             2 * batch_bytes(batch) + batch * SIDE * SIDE * 4),
+            ("cuda loss fwd+bwd (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224E", "loss",
+             3 * batch_bytes(batch) + batch * SIDE * SIDE * 4)):
+        cubin, table = build_cuda(source)
+        kernel = find_kernel(table, pattern)
+        threads = 512 if "224" in kernel else 256
+        threads = _launch_threads(source, threads)
+        info = table[kernel]
+        smem = _cuda_smem(source, threads)
+        occ = occupancy(threads, info["registers"], smem)
+        params = cuda_params(kind, planes, SMS * max(occ, 1), kparam_info(cubin, kernel))
+        walk = walk_kernel(cubin, kernel, threads, params)
+        wavefronts = walk["smem_wavefronts"] * factor
+        b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
+        rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, planes,
+                         walk, wavefronts, nbytes, b, batch, floor=("copy" if kind == "corrupt" else "loss"),
+                         note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py); ptxas stack frame "
+                              f"{info['stack']} B"))
+        rows[-1]["stack_bytes"] = info["stack"]
+        rows[-1]["warp_insns_per_plane"] = walk["insns"]  # one CTA per plane
+    kern = rows[-1]
+    glue = loss_glue_ms(batch)
+    rows.append(dict(name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4),
+                     hbm_bytes=kern["hbm_bytes"], hbm_ms=kern["hbm_ms"], glue_ms=round(glue, 4), floor="loss",
+                     floor_ms=kern["floor_ms"], x_floor=round((kern["modelled_ms"] + glue) / kern["floor_ms"], 2),
+                     launches=[kern["name"]]))
+    band = [n for src in ("corrupt.cu", "masked_freq_loss.cu") for n in build_cuda(src)[1] if "band" in n.lower()]
+    if band:
+        rows.append(dict(name="cuda loss (band planes)", modelled_ms=None,
+                         note=f"band kernels {band} found; their launch parameters are not modelled yet"))
+    else:
+        rows.append(dict(name="cuda loss (band planes)", modelled_ms=None,
+                         note="csrc/ has no band path: every plane takes the full-plane kernel above"))
+    return rows
+
+
+def _launch_threads(source: str, default: int) -> int:
+    """Threads per CTA of the 224 kernel from the source (corrupt_threads / loss_threads: S >= 224 ? a : b)."""
+    with open(os.path.join(ROOT, "csrc", source)) as f:
+        m = re.search(r"_threads\(\)\s*\{\s*return S >= 224 \? (\d+) : (\d+);", f.read())
+    if m is None:
+        raise ModelError(f"csrc/{source}: cannot read the CTA size of the 224 kernel (no `S >= 224 ? a : b`)")
+    return int(m.group(1))
+
+
+def _cuda_smem(source: str, threads: int) -> int:
+    """Dynamic shared memory of the 224 plane kernel: PlaneSmem<224>::bytes(extra) from the host probe, extra
+    = sizeof(double) * threads where the launcher asks for it (the loss's reduction buffer)."""
+    base = arg_layouts().get("PlaneSmem224", {}).get("bytes0")
+    if base is None:
+        raise ModelError("cannot read PlaneSmem<224>::bytes(0) from csrc/ (the plane layout changed?)")
+    with open(os.path.join(ROOT, "csrc", source)) as f:
+        text = f.read()
+    m = re.search(r"PlaneSmem<S>::bytes\(([^;]*)\);", text)
+    if m is None:
+        raise ModelError(f"csrc/{source}: cannot find the kernel's PlaneSmem<S>::bytes(...) shared-memory size")
+    extra = m.group(1).strip()
+    if extra in ("0", ""):
+        return base[0]
+    if re.fullmatch(r"sizeof\(double\) \* threads", extra):
+        return base[0] + 8 * threads
+    raise ModelError(f"csrc/{source}: unknown extra shared memory {extra!r} (teach _cuda_smem)")
+
+
+def _row(name, kernel, threads, regs, spills, smem, occ, grid, walk, wavefronts, nbytes, b, batch, floor, note=""):
+    modelled = max(b["issue_ms"], b["smem_ms"], b["tensor_ms"], b["hbm_ms"])
+    floor_ms = copy_ms(batch) if floor == "copy" else 1.5 * copy_ms(batch)
+    bound = max(("issue", b["issue_ms"]), ("shared memory", b["smem_ms"]), ("tensor cores", b["tensor_ms"]),
+                ("HBM", b["hbm_ms"]), key=lambda t: t[1])
+    return dict(name=name, kernel=kernel, threads=threads, registers=regs, spill_bytes=spills, shared_bytes=smem,
+                ctas_per_sm=occ, grid=grid, waves=b["waves"], warp_insns_per_cta=walk["insns"],
+                smem_wavefronts_per_cta=round(wavefronts), hbm_bytes=int(nbytes), issue_ms=round(b["issue_ms"], 4),
+                smem_ms=round(b["smem_ms"], 4), tensor_ms=round(b["tensor_ms"], 4), hbm_ms=round(b["hbm_ms"], 4),
+                mma_flops_per_cta={k: int(v) for k, v in walk["mma_flops"].items()},
+                issue_efficiency=b["issue_efficiency"],
+                modelled_ms=round(modelled, 4), bound=bound[0], floor=floor, floor_ms=round(floor_ms, 4),
+                x_floor=round(modelled / floor_ms, 2), unknown_branches=walk["unknown_branches"], note=note)
+
+
+# ------------------------------------------------------------------ Triton (kernels/)
+class _Capture:
+    """Records every JITFunction launch (function, grid, args, kwargs) instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+        self._orig = JITFunction.run
+        cap = self
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            cap.launches.append((fn, grid, args, kwargs))
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.jit import JITFunction
+        JITFunction.run = self._orig
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def triton_compile(fn, args, kwargs) -> tuple:
+    """(compiled kernel, param words) of one captured launch, for sm_90."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = fn.arg_names
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    constexprs = {names[i]: bound[names[i]] for i in range(len(names)) if i in fn.constexprs}
+    signature, items = {}, []
+    dt = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
+          torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
+    for i, n in enumerate(names):
+        if n in constexprs:
+            signature[n] = "constexpr"
+            continue
+        v = bound[n]
+        if isinstance(v, torch.Tensor):
+            signature[n] = dt[v.dtype]
+            items.append((8, 8, {0: ("Q", _ptr(len(items) + 1))}))
+        elif isinstance(v, float):
+            signature[n] = "fp32"
+            items.append((4, 4, {0: ("f", v)}))
+        else:
+            signature[n] = "i32"
+            items.append((4, 4, {0: ("i", int(v))}))
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    return compiled, pack_params(items)
+
+
+def capture_launches(run) -> list:
+    with _Capture() as cap:
+        run()
+    return cap.launches
+
+
+def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int, nbytes: float,
+                       floor: str, source_key: str, plane_share=None) -> list:
+    """One row per launch (grid scaled from batch_small to batch) and a summed row for the op."""
+    rows = []
+    total = dict(issue_ms=0.0, smem_ms=0.0, tensor_ms=0.0, hbm_ms=0.0)
+    for i, (fn, grid, args, kwargs) in enumerate(launches):
+        key = f"triton {source_key} {fn.__name__} {i}"
+
+        def build(fn=fn, args=args, kwargs=kwargs):
+            compiled, params = triton_compile(fn, args, kwargs)
+            path = os.path.join(CACHE, hashlib.sha256((key + _hash_args(args, kwargs)).encode()).hexdigest()[:24]
+                                + ".cubin")
+            with open(path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            import aot_sm90  # registers and spills from Triton's ptxas -v on the PTX, as aot_sm90 reports them
+            regs, spills = aot_sm90.ptxas_usage(compiled.asm["ptx"], 90)
+            if regs is None:
+                raise ModelError(f"Triton's ptxas gave no register count for {fn.__name__}")
+            return dict(cubin=path, name=compiled.metadata.name, params=params, regs=regs,
+                        spills=spills, shared=compiled.metadata.shared,
+                        warps=compiled.metadata.num_warps)
+        c = _cached(key + " " + _hash_args(args, kwargs), build)
+        if not os.path.exists(c["cubin"]):
+            raise ModelError(f"cached cubin {c['cubin']} is gone: rerun with --no-cache")
+        g = tuple(grid(kwargs) if callable(grid) else grid) + (1, 1)
+        programs_small = g[0] * g[1] * g[2]
+        programs = programs_small * batch // batch_small
+        threads = 32 * c["warps"]
+        occ = occupancy(threads, c["regs"], c["shared"])
+        walk = walk_kernel(c["cubin"], c["name"], threads, c["params"])
+        share = 1.0 if plane_share is None else plane_share(fn.__name__)
+        b = bounds(programs, threads, occ, walk["insns"] * share, walk["smem_wavefronts"] * share, 0, batch,
+                   {k: f * share for k, f in walk["mma_flops"].items()})
+        rows.append(_row(f"{label}: {fn.__name__}", c["name"], threads, c["regs"], c["spills"], c["shared"], occ,
+                         programs, walk, walk["smem_wavefronts"], 0, b, batch, floor,
+                         note="" if share == 1.0 else f"programs doing work: {share:.2f} of the grid"))
+        rows[-1]["warp_insns_per_plane"] = int(walk["insns"] * share * programs / (batch * CHANNELS))
+        for k in total:
+            total[k] += b[k]
+    total["hbm_ms"] = hbm_ms(nbytes, batch)
+    # launches run one after another: the op is the sum of each launch's largest bound, at least its HBM
+    # traffic, plus the torch work around the loss kernels (loss_glue_ms)
+    glue = loss_glue_ms(batch) if floor == "loss" else 0.0
+    modelled = max(sum(r["modelled_ms"] for r in rows), total["hbm_ms"]) + glue
+    floor_ms = copy_ms(batch) if floor == "copy" else 1.5 * copy_ms(batch)
+    op = dict(name=label, modelled_ms=round(modelled, 4), hbm_bytes=int(nbytes), hbm_ms=round(total["hbm_ms"], 4),
+              glue_ms=round(glue, 4), floor=floor, floor_ms=round(floor_ms, 4), x_floor=round(modelled / floor_ms, 2),
+              launches=[r["name"] for r in rows])
+    return rows + [op]
+
+
+def _hash_args(args, kwargs) -> str:
+    import torch
+    desc = [(tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else a for a in args]
+    return hashlib.sha256(repr((desc, sorted(kwargs.items()))).encode()).hexdigest()[:16]
+
+
+def _mfm_inputs(batch: int):
+    """A B-image fp32 batch with MFM disc masks, r1 = 16 and half the images low-pass (as bench/fft_mask.py)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, CHANNELS, SIDE, SIDE, generator=g)
+    ky = torch.fft.fftshift(torch.fft.fftfreq(SIDE, 1 / SIDE))
+    d2 = ky[:, None] ** 2 + ky[None, :] ** 2
+    low = (d2 < 16 ** 2).float()
+    mask = torch.stack([low if i % 2 == 0 else 1 - low for i in range(batch)])
+    return x, mask, 16
+
+
+def _source_key(package_dir: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(package_dir, "*.py"))):
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def triton_rows(batch: int) -> list:
+    import torch
+    from mfm_fast.kernels import corrupt as cor
+    from mfm_fast.kernels import masked_freq_loss as mfl
+    from mfm_fast.kernels._dft import channel_stats
+    small = 2
+    x, mask, band = _mfm_inputs(small)
+    stats = channel_stats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), x.device)
+    key = _source_key(os.path.dirname(cor.__file__))
+    out = torch.empty_like(x)
+    rows = []
+    corrupt_bytes = 2 * batch_bytes(batch) + batch * SIDE * SIDE * 4
+    rows += triton_kernel_rows("triton corrupt band", capture_launches(
+        lambda: cor.launch(x, mask, stats, out, band, "tf32x3")), small, batch, corrupt_bytes, "copy", key)
+    rows += triton_kernel_rows("triton corrupt general", capture_launches(
+        lambda: cor.launch(x, mask, stats, out, 0, "tf32x3")), small, batch, corrupt_bytes, "copy", key)
+    rows += loss_rows(mfl, "triton loss fwd+bwd", x, mask, band, small, batch, key)
+    return rows
+
+
+def loss_rows(mfl, label, x, mask, band, small, batch, key) -> list:
+    import torch
+    pred = torch.randn_like(x)
+    launches = capture_launches(lambda: mfl._forward(pred, x, mask, 1.0, "masked", 1, 1.0, [0.485, 0.456, 0.406],
+                                                     [0.229, 0.224, 0.225], band, "tf32x3", True))
+    nbytes = 3 * batch_bytes(batch) + batch * SIDE * SIDE * 4
+
+    def share(fn_name):  # p_low = 0.5: full-plane kernels work on the low-pass half, the band kernel the rest
+        return 0.5
+    return triton_kernel_rows(label, launches, small, batch, nbytes, "loss", key, share)
+
+
+def measured_loss_rows(batch: int) -> list:
+    """The Triton loss as measured on the H200: kernels/ of MEASURED_LOSS_COMMIT in a temporary package."""
+    import torch
+    d = os.path.join(CACHE, f"kernels_{MEASURED_LOSS_COMMIT}")
+    pkg = os.path.join(d, "mfm_measured_kernels")
+    os.makedirs(pkg, exist_ok=True)
+    for name in ("__init__.py", "_dft.py", "masked_freq_loss.py"):
+        proc = subprocess.run(["git", "-C", ROOT, "show", f"{MEASURED_LOSS_COMMIT}:kernels/{name}"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ModelError(f"git show {MEASURED_LOSS_COMMIT}:kernels/{name} failed: {proc.stderr.strip()}")
+        text = proc.stdout if name != "__init__.py" else ""
+        text = text.replace('custom_op("mfm_fast::', 'custom_op("mfm_measured::')  # no clash with today's ops
+        text = text.replace('register_fake("mfm_fast::', 'register_fake("mfm_measured::')
+        with open(os.path.join(pkg, name), "w") as f:
+            f.write(text)
+    sys.path.insert(0, d)
+    try:
+        mfl = importlib.import_module("mfm_measured_kernels.masked_freq_loss")
+    except Exception as exc:
+        raise ModelError(f"cannot import the measured Triton loss ({MEASURED_LOSS_COMMIT}): {exc}") from exc
+    small = 2
+    x, mask, band = _mfm_inputs(small)
+    return loss_rows(mfl, "triton loss (measured version)", x, mask, band, small, batch,
+                     _source_key(pkg) + MEASURED_LOSS_COMMIT)
+
+
+# ------------------------------------------------------------------ report
+def model(batch: int = 256) -> dict:
+    kernels = []
+    kernels += cuda_rows(batch)
+    kernels += triton_rows(batch)
+    # calibration: always at B = 256, where the H200 figures were measured
+    at256 = kernels if batch == 256 else triton_rows(256)
+    calib_rows = [r for r in at256 if r["name"] == "triton corrupt band"] + \
+        [r for r in measured_loss_rows(256) if r["name"] == "triton loss (measured version)"]
+    calibration = [dict(name=r["name"], batch=256, modelled_ms=r["modelled_ms"], measured_ms=MEASURED[r["name"]],
+                        ratio=round(r["modelled_ms"] / MEASURED[r["name"]], 3)) for r in calib_rows]
+    floors = [dict(name="copy (corruption floor)", modelled_ms=round(copy_ms(batch), 4)),
+              dict(name="loss floor (1.5 copies)", modelled_ms=round(1.5 * copy_ms(batch), 4))]
+    return dict(device="H200 (modelled)", batch=batch, side=SIDE, channels=CHANNELS, kernels=kernels,
+                calibration=calibration, floors=floors,
+                constants=dict(sms=SMS, clock_hz=CLOCK_HZ, schedulers=SCHEDULERS, latency_warps=LATENCY_WARPS,
+                               copy_ms_b256=COPY_MS_B256))
+
+
+def print_table(res: dict) -> None:
+    print(f"kernel model, H200 (modelled), B = {res['batch']}, fp32, {res['channels']} x {res['side']} x "
+          f"{res['side']} (a model: ncu on a GPU is the check)")
+    hdr = (f"{'kernel':52s} {'regs':>4s} {'spill':>5s} {'CTA/SM':>6s} {'insn/CTA':>9s} {'insn/plane':>10s} "
+           f"{'wavefr':>7s} "
+           f"{'HBM MB':>7s} {'issue':>7s} {'smem':>7s} {'tensor':>7s} {'hbm':>6s} {'model ms':>8s} {'x floor':>7s}")
+    print(hdr)
+    for r in res["kernels"]:
+        if r.get("modelled_ms") is None:
+            print(f"{r['name']:52s} {r['note']}")
+            continue
+        if "registers" not in r:
+            print(f"{r['name'] + ' (op total)':52s} {'':4s} {'':5s} {'':6s} {'':9s} {'':10s} {'':7s} "
+                  f"{r['hbm_bytes'] / 1e6:7.0f} {'':7s} {'':7s} {'':7s} {r['hbm_ms']:6.3f} {r['modelled_ms']:8.3f} "
+                  f"{r['x_floor']:7.2f}")
+            continue
+        print(f"{r['name'][:52]:52s} {r['registers']:4d} {r['spill_bytes']:5d} {r['ctas_per_sm']:6d} "
+              f"{r['warp_insns_per_cta']:9d} {r['warp_insns_per_plane']:10d} {r['smem_wavefronts_per_cta']:7d} "
+              f"{r['hbm_bytes'] / 1e6:7.0f} "
+              f"{r['issue_ms']:7.3f} {r['smem_ms']:7.3f} {r['tensor_ms']:7.3f} {r['hbm_ms']:6.3f} "
+              f"{r['modelled_ms']:8.3f} "
+              f"{r['x_floor']:7.2f}")
+    print("\ncalibration (H200 measured, B = 256):")
+    for c in res["calibration"]:
+        print(f"  {c['name']:40s} modelled {c['modelled_ms']:.3f} ms  measured {c['measured_ms']:.3f} ms  "
+              f"ratio {c['ratio']:.2f}")
+    print("floors: " + ", ".join(f"{f['name']} {f['modelled_ms']:.3f} ms" for f in res["floors"]))
+    print("op totals: sum of their launches' largest bounds, at least their HBM traffic; the loss totals add the "
+          "torch work around the kernels (grad * grad_output and mask.sum: "
+          f"{loss_glue_ms(res['batch']):.3f} ms). Rows with 'programs doing work' count the half of the grid that "
+          "does not return early (p_low = 0.5).")
+
+
+def main(argv=None) -> int:
+    global NO_CACHE
+    ap = argparse.ArgumentParser(prog="kernel_model.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    ap.add_argument("--no-cache", action="store_true", help="rebuild and rewalk everything")
+    args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch: must be >= 1, got {args.batch}")
+    NO_CACHE = args.no_cache
+    start = time.time()
+    try:
+        res = model(args.batch)
+    except ModelError as exc:
+        print(f"kernel_model.py: error: {exc}", file=sys.stderr)
+        return 1
+    res["seconds"] = round(time.time() - start, 1)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print_table(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

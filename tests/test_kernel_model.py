@@ -1,0 +1,126 @@
+"""bench/kernel_model.py (the H200 kernel model) and bench/sass_model.py (the SASS walk it counts with).
+
+The walk is checked on toy kernels whose loop trip counts are known: a counted loop with a runtime bound and
+a thread-strided loop whose last trip only some warps take. The model itself runs once with --json: the
+schema, the calibration rows within 30% of the H200 measurements, and its CLI's bad-flag message."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+TOY = r"""
+extern "C" __global__ void counted(float* out, int n) {
+  float acc = 0.f;
+#pragma unroll 1
+  for (int k = 0; k < n; ++k) acc = acc * 0.5f + out[k];
+  out[threadIdx.x] = acc;
+}
+extern "C" __global__ void strided(float* out, int n) {
+#pragma unroll 1
+  for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = out[i] * 2.f;
+}
+"""
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    if _nvcc() is None:
+        pytest.skip("nvcc not found: the walk's toy kernels need it")
+    d = tmp_path_factory.mktemp("toy")
+    src, cubin = d / "toy.cu", d / "toy.cubin"
+    src.write_text(TOY)
+    subprocess.run([_nvcc(), "-arch=sm_90", "-cubin", "-O3", str(src), "-o", str(cubin)], check=True, timeout=300)
+    import sass_model
+    return sass_model, sass_model.Program(str(cubin))
+
+
+def _params(n):  # counted / strided (float* out, int n): out at c[0x0][0x210], n at 0x218
+    return {(0, 0x210): 0x1000, (0, 0x214): 0x7F00, (0, 0x218): n}
+
+
+def _loop_body(prog, kernel):
+    """Static instructions of the kernel's one loop, from its back edge."""
+    base = prog.entry[kernel]
+    back = [(i, ins.target) for i, ins in enumerate(prog.insns) if ins.op == "BRA" and ins.target is not None
+            and base <= ins.target < i and i < base + len(prog.funcs[kernel][0])]  # (BRA-to-self: end padding)
+    assert len(back) == 1, back
+    i, target = back[0]
+    return i - target + 1
+
+
+def test_counted_loop_trip_count(toy):
+    """Warp instructions grow by exactly (loop body) x (extra trips) when the runtime bound grows."""
+    sm, prog = toy
+    body = _loop_body(prog, "counted")
+    steps = {n: sm.walk_cta(prog, "counted", 32, params=_params(n)).steps for n in (10, 20, 47)}
+    assert steps[20] - steps[10] == 10 * body
+    assert steps[47] - steps[20] == 27 * body
+
+
+def test_thread_strided_loop_counts_the_tail_warps(toy):
+    """for (i = tid; i < n; i += 128) on 4 warps: n = 900 takes 8 + 7 + 7 + 7 = 29 warp trips (lane 0 of warp w
+    runs ceil((900 - 32 w) / 128) times), n = 1024 takes 4 x 8 = 32: 3 more trips, body each."""
+    sm, prog = toy
+    body = _loop_body(prog, "strided")
+    s900 = sm.walk_cta(prog, "strided", 128, params=_params(900)).steps
+    s1024 = sm.walk_cta(prog, "strided", 128, params=_params(1024)).steps
+    assert s1024 - s900 == 3 * body
+
+
+def test_unknown_loop_bound_is_an_error(toy):
+    """A loop whose bound the walk cannot know (here: n not given) stops with a clear error, not a number."""
+    sm, prog = toy
+    with pytest.raises(sm.WalkError, match="loop branch"):
+        sm.walk_cta(prog, "counted", 32, params={(0, 0x210): 0x1000, (0, 0x214): 0x7F00})
+
+
+@pytest.fixture(scope="module")
+def model_json():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_model.py"), "--json"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=3000)
+    if proc.returncode != 0 and ("nvcc not found" in proc.stderr or "ptxas" in proc.stderr):
+        pytest.skip(f"no CUDA toolchain for the model: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_model_schema(model_json):
+    names = [k["name"] for k in model_json["kernels"]]
+    for want in ("cuda corrupt", "cuda loss fwd+bwd", "triton corrupt band", "triton corrupt general",
+                 "triton loss fwd+bwd"):
+        assert want in names
+    for k in model_json["kernels"]:
+        assert "name" in k and "modelled_ms" in k
+        if "registers" in k:  # a launch row
+            for field in ("spill_bytes", "ctas_per_sm", "warp_insns_per_cta", "smem_wavefronts_per_cta",
+                          "hbm_bytes", "issue_ms", "smem_ms", "hbm_ms", "x_floor"):
+                assert field in k, (k["name"], field)
+            assert k["warp_insns_per_cta"] > 0 and k["modelled_ms"] > 0
+    assert {c["name"] for c in model_json["calibration"]} == {"triton corrupt band", "triton loss (measured version)"}
+
+
+def test_calibration_within_30_percent(model_json):
+    for c in model_json["calibration"]:
+        assert c["measured_ms"] > 0
+        assert 0.7 <= c["modelled_ms"] / c["measured_ms"] <= 1.3, c
+
+
+def test_bad_flag_names_the_flag():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_model.py"), "--batch", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "kernel_model.py: error: --batch:" in proc.stderr
