@@ -152,6 +152,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", nargs="+", default=["loss", "corrupt"], choices=["loss", "corrupt"])
     ap.add_argument("--dump", help="write each kernel's TTGIR into this folder")
     args = ap.parse_args(argv)
+    if args.size < 16 or args.size % 2:
+        ap.error(f"--size: must be even and >= 16 (tl.dot blocks), got {args.size}")
+    if args.arch < 70:
+        ap.error(f"--arch: compute capability x 10 must be >= 70 (Triton's oldest NVIDIA target), got {args.arch}")
+    if args.dump is not None and os.path.exists(args.dump) and not os.path.isdir(args.dump):
+        ap.error(f"--dump: {args.dump!r} is a file (expected a folder)")
     results = compile_all(args.size, args.precision, args.arch, args.ops)
     print(f"sm_{args.arch}, {args.size} x {args.size}, precision={args.precision}")
     print(f"{'kernel':16s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s} "

@@ -116,7 +116,14 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fft_mask.check_bench_args(p, args, ints={"batch": 1, "steps": 1, "warmup": 0, "threads": 1}, out_dirs=("out_dir",))
+    fft_mask.library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
+    import timm
+    for m in args.models or ():
+        if m not in MODELS and not timm.is_model(m):
+            p.error(f"--models: {m!r} is neither an alias ({', '.join(MODELS)}) nor a timm model")
+    return args
 
 
 def main(argv=None):

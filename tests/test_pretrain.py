@@ -149,7 +149,9 @@ def test_skip_nonfinite_skips_the_step(tmp_path, monkeypatch):
     _nan_at_call(monkeypatch, 3)
     stats = run(tmp_path, "--steps", 5, "--skip-nonfinite")
     assert stats["skipped"] == 1 and stats["final_step"] == 5
-    assert all(np.isfinite(losses(stats)))
+    seq = losses(stats)  # --log-every 1: step 3's window holds no finite step, so its loss is null (not 0.0)
+    assert seq[2] is None and all(np.isfinite(seq[:2] + seq[3:]))
+    assert log_records(tmp_path)[3]["loss"] is None  # records: start, steps 1, 2, 3 (JSON null), ...
     ckpt = pretrain.load_checkpoint(tmp_path / "checkpoint.pth")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     steps = {float(s["step"]) for s in ckpt["optimizer"]["state"].values()}
