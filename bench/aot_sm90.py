@@ -144,8 +144,15 @@ def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224, help="plane side (default 224)")
     ap.add_argument("--precision", default="tf32x3", choices=["tf32x3", "tf32", "ieee"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90, Hopper)")

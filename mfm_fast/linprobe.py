@@ -31,7 +31,8 @@ from . import data as D
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m mfm_fast.linprobe", description=__doc__,
+    from .pretrain import OneLineParser
+    p = OneLineParser("python -m mfm_fast.linprobe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="pretrain checkpoint.pth (its --model / --img-size are used); omit for a random-init encoder")

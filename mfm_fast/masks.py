@@ -179,12 +179,12 @@ def make_masks(n: int, height: int, width: int, r1: float = 16, r2: float = 999,
     if (low is None or delta > 0) and generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: is on {generator.device} but the masks are drawn on {device}")
     h, w = height // pf, width // pf
-    if not torch.compiler.is_compiling():  # host arithmetic on the options only; dynamo need not trace it
+    if low is not None:
+        low = _check_low(low, n, pf, device)
+    if n > 0 and not torch.compiler.is_compiling():  # host arithmetic on the options only; dynamo need not trace it
         check_rings_on_grid(rings, h, w, bands is not None)
     if low is None:
         low = (torch.rand(n * pf * pf, generator=generator, device=device) < p_low).view(n, pf, pf)
-    else:
-        low = _check_low(low, n, pf, device)
     if delta == 0:
         B = base_mask(h, w, device=device, bands=rings)
         if pf == 1:

@@ -64,6 +64,13 @@ PIPELINES = ("mfm_fast", "official")
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class ArgError(ValueError):
     """A bad command-line value; the message starts with the flag."""
 
@@ -85,7 +92,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m mfm_fast.pretrain", description=__doc__, formatter_class=_HelpFormatter)
+    p = OneLineParser("python -m mfm_fast.pretrain", description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="timm model name, created with pretrained=False, num_classes=0 (default "

@@ -206,7 +206,8 @@ def save_mask_views(path, x: torch.Tensor, keep_ratios: Sequence[float] = (0.01,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m mfm_fast.visualize", description=__doc__,
+    from .pretrain import OneLineParser
+    p = OneLineParser("python -m mfm_fast.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint written by python -m mfm_fast.pretrain (required unless --views)")
