@@ -152,7 +152,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> None:
-    ap = OneLineParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224, help="plane side (default 224)")
     ap.add_argument("--precision", default="tf32x3", choices=["tf32x3", "tf32", "ieee"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90, Hopper)")

@@ -21,6 +21,7 @@ speed-up of mfm_fast over official. JSON goes to bench/results/e2e_step-<device>
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import re
@@ -104,7 +105,7 @@ def mfm_work(corrupt, loss_fn, x):
 
 
 def parse_args(argv):
-    p = fft_mask.OneLineParser(description=__doc__.split("\n")[0],
+    p = fft_mask.OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--models", nargs="+", help="aliases " + ", ".join(MODELS) + " or timm names "

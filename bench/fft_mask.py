@@ -41,6 +41,7 @@ Results (every sample) go to bench/results/fft_mask-<device>-<timestamp>.json un
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import functools
 import inspect
@@ -481,7 +482,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = OneLineParser(description=__doc__.split("\n")[0],
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64 256 on CUDA, 8 on CPU)")

@@ -17,6 +17,7 @@ bench/results/folk_ops-<device>-<timestamp>.json unless --no-json.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import re
@@ -76,7 +77,7 @@ def check(x, pred, keep_ratio):
 
 
 def main(argv=None) -> int:
-    p = fft_mask.OneLineParser(description=__doc__.split("\n")[0], epilog=__doc__,
+    p = fft_mask.OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 64 256 on CUDA, 8 on CPU)")

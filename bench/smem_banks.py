@@ -12,6 +12,7 @@ on a GPU are the real thing.
 """
 
 import argparse
+import os
 from collections import Counter
 
 
@@ -133,7 +134,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    ap = OneLineParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog=os.path.basename(__file__), description=__doc__.splitlines()[0])
     ap.add_argument("--compare", action="store_true", help="also show the mappings fft.cuh used before")
     args = ap.parse_args(argv)
     for s, threads in ((224, 512), (112, 256)):

@@ -11,6 +11,7 @@ in the same run. Prints a table sorted by time per case; use the winners as laun
 from __future__ import annotations
 
 import argparse
+import os
 import itertools
 import json
 import sys
@@ -30,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--r1", type=int, default=16)

@@ -11,6 +11,7 @@ measured in the same run. Every variant's loss and gradient are compared with th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--r1", type=int, default=16)
