@@ -223,6 +223,12 @@ def test_bench_bad_input(files, capsys, stem, argv, flag):
     argv = [_sub(files, a) for a in argv]
     if stem in ("fft_mask", "folk_ops", "e2e_step"):
         argv = ["--device", "cpu"] + argv
+    if stem == "aot_sm90":  # it unsets TRITON_INTERPRET and imports the kernels for a GPU target: not in-process
+        proc = subprocess.run([sys.executable, str(BENCH / "aot_sm90.py")] + argv, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and f"error: {flag}" in proc.stderr
+        return
     _assert_one_line_error(lambda: _bench(stem).main(argv), capsys, f"{stem}.py", flag)
 
 
