@@ -179,14 +179,27 @@ def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224, help="plane side (default 224)")
     ap.add_argument("--precision", default="tf32x3", choices=["tf32x3", "tf32", "ieee"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90, Hopper)")
     ap.add_argument("--ops", nargs="+", default=["loss", "corrupt"], choices=["loss", "corrupt"])
     ap.add_argument("--dump", help="write each kernel's TTGIR into this folder")
     args = ap.parse_args(argv)
+    if args.size < 16 or args.size % 2:
+        ap.error(f"--size: must be even and >= 16 (tl.dot blocks), got {args.size}")
+    if args.arch < 70:
+        ap.error(f"--arch: compute capability x 10 must be >= 70 (Triton's oldest NVIDIA target), got {args.arch}")
+    if args.dump is not None and os.path.exists(args.dump) and not os.path.isdir(args.dump):
+        ap.error(f"--dump: {args.dump!r} is a file (expected a folder)")
     results = compile_all(args.size, args.precision, args.arch, args.ops)
     print(f"sm_{args.arch}, {args.size} x {args.size}, precision={args.precision}")
     print(f"{'kernel':16s} {'shared KiB':>10s} {'wgmma':>6s} {'mma.sync':>8s} {'dots':>5s} {'zero-started':>12s} "

@@ -21,6 +21,7 @@ speed-up of mfm_fast over official. JSON goes to bench/results/e2e_step-<device>
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import re
@@ -104,7 +105,7 @@ def mfm_work(corrupt, loss_fn, x):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = fft_mask.OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--models", nargs="+", help="aliases " + ", ".join(MODELS) + " or timm names "
@@ -116,7 +117,14 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fft_mask.check_bench_args(p, args, ints={"batch": 1, "steps": 1, "warmup": 0, "threads": 1}, out_dirs=("out_dir",))
+    fft_mask.library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
+    import timm
+    for m in args.models or ():
+        if m not in MODELS and not timm.is_model(m):
+            p.error(f"--models: {m!r} is neither an alias ({', '.join(MODELS)}) nor a timm model")
+    return args
 
 
 def main(argv=None):

@@ -41,6 +41,7 @@ Results (every sample) go to bench/results/fft_mask-<device>-<timestamp>.json un
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import functools
 import inspect
@@ -473,8 +474,15 @@ def device_name(device):
 
 # ---- the run ----------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64 256 on CUDA, 8 on CPU)")
@@ -500,7 +508,59 @@ def parse_args(argv):
     p.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
+                     out_dirs=("out_dir",))
+    check_sizes(p, args.size)
+    from mfm_fast import _validate as V
+    from mfm_fast.masks import check_rings, check_rings_on_grid
+    library_check(p, "--p-low", V.check_number, "p_low", args.p_low, low=0.0, high=1.0)
+    if args.r1 is not None:
+        rings = library_check(p, "--r1", check_rings, args.r1, 999, None)
+        for s in args.size or ([224] if torch.cuda.is_available() and args.device != "cpu" else [64]):
+            library_check(p, "--r1", check_rings_on_grid, rings, s, s)
+    if args.providers != "auto":
+        names = [s.strip() for s in args.providers.split(",") if s.strip()]
+        unknown = [n for n in names if n not in PROVIDERS and n != "copy"]
+        if not names or unknown:
+            p.error(f"--providers: expected a comma list of {', '.join(PROVIDER_ORDER)} (or auto), got "
+                    f"{args.providers!r}")
+    return args
+
+
+def check_bench_args(p, args, ints=None, positive=(), out_dirs=()):
+    """Bad values stop at parse time as one line "prog: error: --flag: ..." (exit status 2).
+
+    ints: {dest: smallest allowed} for int options (lists checked per value); positive: float options that must
+    be finite and > 0; out_dirs: options naming a folder (it may not exist yet, but must not be a file)."""
+    for name, low in (ints or {}).items():
+        v = getattr(args, name)
+        for x in (v if isinstance(v, list) else [v]):
+            if x is not None and x < low:
+                p.error(f"--{name.replace('_', '-')}: must be >= {low}, got {x}")
+    for name in positive:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            p.error(f"--{name.replace('_', '-')}: must be a finite value > 0, got {v}")
+    for name in out_dirs:
+        v = getattr(args, name)
+        if v is not None and Path(v).exists() and not Path(v).is_dir():
+            p.error(f"--{name.replace('_', '-')}: {v!r} is a file (expected a folder)")
+
+
+def check_sizes(p, sizes, flag="--size"):
+    for s in sizes or ():
+        if s < 2 or s % 2:
+            p.error(f"{flag}: image sides must be even and >= 2, got {s}")
+
+
+def library_check(p, flag, fn, *a, **kw):
+    """Run an mfm_fast validator; its ValueError / TypeError ("name: what is wrong") becomes "flag: what is wrong"."""
+    try:
+        return fn(*a, **kw)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        p.error(f"{flag}: {msg.split(': ', 1)[1] if ': ' in msg else msg}")
 
 
 def run_restoring_threads(run_fn, args):

@@ -17,6 +17,7 @@ bench/results/folk_ops-<device>-<timestamp>.json unless --no-json.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import json
 import re
@@ -76,7 +77,7 @@ def check(x, pred, keep_ratio):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+    p = fft_mask.OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 64 256 on CUDA, 8 on CPU)")
@@ -90,7 +91,14 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="compare torch with the fp64 reference first")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    return fft_mask.run_restoring_threads(run, p.parse_args(argv))
+    args = p.parse_args(argv)
+    fft_mask.check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
+                              out_dirs=("out_dir",))
+    fft_mask.check_sizes(p, [args.size] if args.size is not None else [])
+    from mfm_fast import _validate as V
+    fft_mask.library_check(p, "--keep-ratio", V.check_number, "keep_ratio", args.keep_ratio, low=0.0, high=1.0,
+                           low_open=True, high_open=True)
+    return fft_mask.run_restoring_threads(run, args)
 
 
 def run(args) -> int:
@@ -101,7 +109,8 @@ def run(args) -> int:
     gpu = device.type == "cuda"
     providers = [s.strip() for s in args.providers.split(",") if s.strip()]
     if not providers or any(s not in ("reference", "torch") for s in providers):
-        print(f"--providers: expected a comma list of reference, torch, got {args.providers!r}", file=sys.stderr)
+        print(f"folk_ops.py: error: --providers: expected a comma list of reference, torch, got {args.providers!r}",
+              file=sys.stderr)
         return 2
     batches, size = args.batch or ([64, 256] if gpu else [8]), args.size or (224 if gpu else 64)
     if size <= 0 or size % 2 or any(b <= 0 for b in batches) or not 0 < args.keep_ratio < 1:

@@ -13,6 +13,7 @@ on a GPU are the real thing.
 """
 
 import argparse
+import os
 from collections import Counter
 
 
@@ -104,8 +105,15 @@ def phases(s, threads, old):
     return out
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog=os.path.basename(__file__), description=__doc__.splitlines()[0])
     ap.add_argument("--compare", action="store_true", help="also show the per_pair_entry mapping fft.cuh used before")
     args = ap.parse_args(argv)
     for s, threads in ((224, 512), (112, 256)):

@@ -11,6 +11,7 @@ in the same run. Prints a table sorted by time per case; use the winners as laun
 from __future__ import annotations
 
 import argparse
+import os
 import itertools
 import json
 import sys
@@ -22,13 +23,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mfm_fast  # noqa: E402
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--r1", type=int, default=16)
     p.add_argument("--json", default=None, help="write every measurement here")
     args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch: must be >= 1, got {args.batch}")
+    if args.size < 2 or args.size % 2:
+        p.error(f"--size: must be even and >= 2, got {args.size}")
+    try:
+        mfm_fast.masks.check_rings_on_grid(mfm_fast.masks.check_rings(args.r1, 999, None), args.size, args.size)
+    except (ValueError, TypeError) as exc:  # the library's message, under the flag that fed it
+        p.error(f"--r1: {str(exc).split(': ', 1)[-1]}")
+    if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        p.error(f"--json: cannot write {args.json!r} (expected a file path in an existing folder)")
     if not torch.cuda.is_available():
         print("tune_corrupt.py needs a CUDA device")
         return 0

@@ -6,9 +6,9 @@ patch_factor > 1) of size h x w, x = pred - target (target normalised in registe
 
     A = x @ Ew^T                         (h, w/2+1)   Ew[kx, x] = exp(-2 pi i kx x / w)
     D = Eh @ A / sqrt(h w)               (h, w/2+1)   Eh[ky, y] = exp(-2 pi i ky y / h)
-    s2 = |D|^2 + 1e-12, d = s2^(gamma/2), c = ((1 - m(k)) + (1 - m(-k))) / 2 (m fftshift-ed)
+    s = sqrt(|D|^2 + 1e-12) (hypot-style), d = s^gamma, c = ((1 - m(k)) + (1 - m(-k))) / 2 (m fftshift-ed)
     loss = scale * sum_k colw c d        colw = 1, 2, ..., 2, 1 over kx; scale = loss_weight / Z
-    G = colw c scale gamma s2^(gamma/2 - 1) D / sqrt(h w)
+    G = colw c scale gamma s^(gamma - 2) D / sqrt(h w)
     B = Eh^H @ G;  grad = Re(B) @ cos(2 pi kx x / w) - Im(B) @ sin(2 pi kx x / w)   = irfft2_ortho
 
 Launches (all in the forward; backward only scales the saved gradient by grad_output):
@@ -55,7 +55,7 @@ import triton.language as tl
 
 from mfm_fast._common import compute_dtype
 from mfm_fast.dispatch import triton_interpreted
-from mfm_fast.torch_backend.masked_freq_loss import register_saved_grad_autograd
+from mfm_fast.torch_backend.masked_freq_loss import loss_value, register_saved_grad_autograd
 
 from ._dft import channel_stats, dft_table, next_pow2
 
@@ -128,17 +128,22 @@ def _loss_terms(Dr, Di, m_base, sm_h, sm_w, ky, kx, valid, h, w, scale_ptr, part
         c = tl.where(valid, 1.0, 0.0)
     colw = tl.where((kx == 0) | (kx == w // 2), 1.0, 2.0)
     scale = tl.load(scale_ptr)
-    s2 = Dr * Dr + Di * Di + 1e-12
+    # s = sqrt(|D|^2 + 1e-12) hypot-style, scaled by t = max(|Re|, |Im|, 1e-6) before squaring: no overflow
+    # when |D|^2 would pass fp32's 3.4e38 (d = s^gamma is right whenever it fits); same pass, a few more flops
+    t = tl.maximum(tl.maximum(tl.abs(Dr), tl.abs(Di)), 1e-6)
+    inv_t = 1.0 / t
+    a, b, e = Dr * inv_t, Di * inv_t, 1e-6 * inv_t
+    s = t * tl.sqrt(a * a + b * b + e * e)
     if GAMMA_MODE == 1:
-        d = tl.sqrt(s2)
-        slope = 1.0 / d
+        d = s
+        slope = 1.0 / s
     elif GAMMA_MODE == 2:
-        d = s2
-        slope = tl.full(s2.shape, 1.0, tl.float32)
+        d = s * s
+        slope = tl.full(s.shape, 1.0, tl.float32)
     else:
-        lg = tl.log(s2)
-        d = tl.exp((0.5 * gamma) * lg)
-        slope = tl.exp((0.5 * gamma - 1.0) * lg)
+        lg = tl.log(s)
+        d = tl.exp(gamma * lg)
+        slope = tl.exp((gamma - 2.0) * lg)
     tl.store(part_ptr, tl.sum(colw * c * d))
     return (c * (scale * gamma)) * slope * (colw * inv_sqrt)
 
@@ -702,4 +707,11 @@ def _(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, targ
     return loss, (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
 
 
-register_saved_grad_autograd(masked_freq_loss, num_inputs=12, target_std_index=8)
+def _loss_value(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
+                mask_band, precision, need_grad):
+    """The same loss as differentiable torch ops: the double-backward (create_graph=True) path."""
+    return loss_value(pred, target, mask, loss_gamma, reduction, False, 1.0, False, False, False, patch_factor,
+                      loss_weight, target_mean, target_std)
+
+
+register_saved_grad_autograd(masked_freq_loss, num_inputs=12, target_std_index=8, recompute=_loss_value)

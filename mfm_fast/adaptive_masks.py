@@ -35,8 +35,9 @@ def make_adaptive_masks(x: torch.Tensor, mode: str = "mixed", keep_ratio: float 
     - "com": keep = dominant. It keeps k frequencies plus ties at thr: M_sym comes in equal pairs
       (k, -k) except at the 4 self-conjugate frequencies (DC, (0, W/2), (H/2, 0), (H/2, W/2)), so when
       no other values tie (generic images) it keeps k, or k + 1 when the k-th largest is the first of
-      its pair (its partner ranks k + 1). Exactly equal magnitudes at thr are all kept; a flat image has
-      no meaningful choice (every magnitude but DC is 0 up to rounding).
+      its pair (its partner ranks k + 1). Exactly equal magnitudes at thr are all kept. A magnitude of
+      exactly 0 is never dominant, so an image with fewer than k nonzero magnitudes keeps only those: a
+      constant image (only DC is nonzero) gives Com = DC alone and RCom = every frequency but DC.
     - "rcom": keep = not dominant (H W minus Com's count). Com + RCom = 1 everywhere for one image.
     - "mixed": per image Com with probability p_com, else RCom, drawn with torch.rand on x's device
       (``generator`` optional, on that device); ``com`` (bool tensor (N,)) forces the choice.
@@ -52,9 +53,11 @@ def make_adaptive_masks(x: torch.Tensor, mode: str = "mixed", keep_ratio: float 
         x: (N, C, H, W) pixels in [0, 1] (float) or uint8 (0..255), any strides; H, W even.
         backend: "auto" | "reference" (float64, full sort) | "torch" (float32, float64 for float64 x;
             one rfft2 of g). "triton" / "cuda" do not implement this op (NotImplementedError).
-    No host sync: the draw and the threshold stay on x's device.
+    No host sync: the draw and the threshold stay on x's device (NaN / inf in x raise only with
+    :func:`mfm_fast.set_value_checks` on, which syncs).
     """
     V.check_images("x", x, V.PIXEL_DTYPES)
+    V.check_finite("x", x)
     n, channels, height, width = x.shape
     V.check_choice("mode", mode, MODES)
     keep_ratio = V.check_number("keep_ratio", keep_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -101,7 +104,7 @@ def _masks_torch(x: torch.Tensor, com: torch.Tensor, keep_ratio: float, magnitud
     mag = torch.cat([half, neg(half[..., 1:c]).flip(-1)], dim=-1)  # (N, H, W), M(-k) = M(k) bit for bit
     k = keep_count(keep_ratio, height, width)
     thr = torch.topk(mag.reshape(n, -1), k, dim=1, sorted=False).values.amin(1)
-    dominant = torch.fft.fftshift(mag >= thr[:, None, None], dim=(-2, -1))
+    dominant = torch.fft.fftshift((mag >= thr[:, None, None]) & (mag > 0), dim=(-2, -1))
     keep = torch.where(com[:, None, None], dominant, ~dominant)
     if dc is not None:
         keep[:, height // 2, width // 2] = dc == "keep"

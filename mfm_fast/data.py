@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -237,12 +238,25 @@ class SquareCrops:
 
 
 class FolderImages(_Seeded):
-    """An ImageFolder tree (root/class/xxx.jpg) with a seeded transform: items (uint8 (3, S, S), class index)."""
+    """An ImageFolder tree (root/class/xxx.jpg) with a seeded transform: items (uint8 (3, S, S), class index).
 
-    def __init__(self, root, transform: Callable, seed: int = 0):
+    A folder without class folders or images raises ValueError naming ``flag`` and the folder.
+    Unreadable images (truncated or corrupt files, anything PIL cannot decode) are skipped: a warning names
+    each file once per process and the next readable image of the list stands in for it (the same
+    substitute every epoch and on every resume, so runs stay deterministic). With ``count_skips`` items are
+    (image, label, number of files skipped for this item), for the trainer's log.
+    """
+
+    def __init__(self, root, transform: Callable, seed: int = 0, *, count_skips: bool = False,
+                 flag: str = "--data-path"):
         from torchvision.datasets import ImageFolder
-        self.folder = ImageFolder(str(root))
-        self.transform, self.seed = transform, int(seed)
+        try:
+            self.folder = ImageFolder(str(root))
+        except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no image files
+            raise ValueError(f"{flag}: {str(root)!r} holds no images ({exc}); expected an ImageFolder tree "
+                             "root/class/img.jpg") from None
+        self.transform, self.seed, self.count_skips = transform, int(seed), count_skips
+        self._warned = set()
 
     @property
     def num_classes(self) -> int:
@@ -252,9 +266,19 @@ class FolderImages(_Seeded):
         return len(self.folder)
 
     def __getitem__(self, index: int):
-        path, label = self.folder.samples[index]
-        img = self.folder.loader(path)
-        return self.transform(img, sample_rng(self.seed, self.epoch, index)), label
+        for skipped in range(len(self)):
+            path, label = self.folder.samples[(index + skipped) % len(self)]
+            try:
+                img = self.folder.loader(path)  # decodes the whole file (convert("RGB")): truncation shows here
+            except OSError as exc:  # PIL.UnidentifiedImageError, "image file is truncated", unreadable file
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({type(exc).__name__}: {exc}); the next "
+                                  "image stands in for it", RuntimeWarning, stacklevel=2)
+                continue
+            x = self.transform(img, sample_rng(self.seed, self.epoch, index))
+            return (x, label, skipped) if self.count_skips else (x, label)
+        raise ValueError(f"--data-path: none of the {len(self)} images under {self.folder.root} can be read")
 
 
 class CenterCrop:

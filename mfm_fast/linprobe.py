@@ -31,7 +31,8 @@ from . import data as D
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m mfm_fast.linprobe", description=__doc__,
+    from .pretrain import OneLineParser
+    p = OneLineParser("python -m mfm_fast.linprobe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="pretrain checkpoint.pth (its --model / --img-size are used); omit for a random-init encoder")
@@ -81,7 +82,8 @@ def probe_data(args, img_size: int):
         root = D.check_data_path(args.data_path)
         for split in ("train", "val"):
             D.check_data_path(root / split, flag=f"--data-path ({split}/)")
-        return tuple(D.FolderImages(root / s, D.CenterCrop(img_size), seed=args.seed) for s in ("train", "val"))
+        return tuple(D.FolderImages(root / s, D.CenterCrop(img_size), seed=args.seed, flag=f"--data-path ({s}/)")
+                     for s in ("train", "val"))
     if args.probe_data == "faces":
         return _faces(img_size)
     out = []
@@ -149,6 +151,24 @@ def probe(encoder, train, val, device, args) -> Dict[str, float]:
             "n_train": len(yf), "n_val": len(vy), "classes": num_classes, "dim": xf.shape[1]}
 
 
+def check_encoder(model: str, img_size: int) -> None:
+    """--model / --img-size: a timm model that takes img_size px images (ValueError naming the flag)."""
+    import timm
+
+    from . import pretrain
+    if not timm.is_model(model):
+        raise ValueError(f"--model: {model!r} is not a timm model (see timm.list_models())")
+    if img_size < 2 or img_size % 2:
+        raise ValueError(f"--img-size: must be even and >= 2, got {img_size}")
+    encoder = pretrain.create_encoder(model, img_size).eval()
+    try:
+        with torch.no_grad():
+            encoder.forward_features(torch.zeros(1, 3, img_size, img_size))
+    except Exception as exc:
+        raise ValueError(f"--img-size: {model} cannot take {img_size} px images ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
 def main(argv=None) -> Dict[str, dict]:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -158,21 +178,27 @@ def main(argv=None) -> Dict[str, dict]:
     for name in ("train_per_class", "val_per_class", "iters", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers: must be >= 0, got {args.num_workers}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads: must be >= 1, got {args.threads}")
+    if not (args.l2 >= 0 and args.l2 < float("inf")):
+        parser.error(f"--l2: must be a finite value >= 0, got {args.l2}")
     ckpt = None
-    if args.checkpoint is not None:
-        if not Path(args.checkpoint).is_file():
-            parser.error(f"--checkpoint: no such file {args.checkpoint!r}")
-        ckpt = pretrain.load_checkpoint(args.checkpoint)
-    model = args.model or (ckpt["args"]["model"] if ckpt else "vit_small_patch16_224")
-    img_size = args.img_size or (ckpt["args"]["img_size"] if ckpt else 224)
-    if ckpt and model != ckpt["args"]["model"]:
-        parser.error(f"--model: {model} differs from the checkpoint's {ckpt['args']['model']}")
-    if args.teacher and (ckpt is None or "distiller" not in ckpt):
-        parser.error("--teacher: needs a --method folk checkpoint (it holds the EMA teacher)")
     try:
+        saved = None
+        if args.checkpoint is not None:  # kind, model and size checked before the weights are read
+            saved = pretrain.check_checkpoint(args.checkpoint, "--checkpoint", model=args.model, img_size=args.img_size)
+        model = args.model or (saved["model"] if saved else "vit_small_patch16_224")
+        img_size = args.img_size or (saved["img_size"] if saved else 224)
+        if args.teacher and (saved is None or not saved["has_distiller"]):
+            raise pretrain.ArgError("--teacher: needs a --method folk checkpoint (it holds the EMA teacher)")
+        check_encoder(model, img_size)
         device = pretrain.pick_device(args.device)
         train, val = probe_data(args, img_size)
-    except ValueError as exc:
+        if args.checkpoint is not None:
+            ckpt = pretrain.load_checkpoint(args.checkpoint)
+    except ValueError as exc:  # ArgError, or a library / data error that names its flag
         parser.error(str(exc))
 
     results = {}

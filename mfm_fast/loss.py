@@ -120,7 +120,12 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
             distance up to the 1e-12 smoothing, 0 = a pure amplitude loss.
 
     Edge facts: pred == target gives exactly 1e-6 (gamma = 1), not 0. NaN / inf in pred or
-    target propagate (see :func:`mfm_fast.set_value_checks` for an opt-in error).
+    target propagate (see :func:`mfm_fast.set_value_checks` for an opt-in error). The fp32 distance is
+    computed hypot-style (no |D|^2 overflow): any finite input whose loss fits in fp32 gives it. A mask
+    that requires grad raises (the loss is not differentiable with respect to it). Double backward
+    (create_graph=True) is exact on the reference, torch and triton backends (the latter two recompute
+    the loss as differentiable torch ops in backward); the cuda backend raises
+    ``DoubleBackwardError`` for it.
     """
     V.check_images("pred", pred, V.PRED_DTYPES)
     V.check_tensor("target", target, 4, V.PIXEL_DTYPES if normalize_target not in (None, False) else V.PRED_DTYPES,
@@ -150,6 +155,9 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
             mask = mask.repeat(1, patch_factor, patch_factor)
         also = f" or per patch (N, H/pf, W/pf) = ({n}, {height // patch_factor}, {width // patch_factor})" \
             if patch_factor > 1 else ""
+        if isinstance(mask, torch.Tensor) and mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("mask: requires grad, but the loss is not differentiable with respect to the mask (it "
+                             "is the corruption's fixed choice of frequencies); pass mask.detach()")
         mask = V.check_mask(mask, n, height, width, pred.device, also=also)
         V.check_mask_band(mask_band, mask, patch_factor)
     V.check_finite("pred", pred)

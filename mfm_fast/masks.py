@@ -67,6 +67,30 @@ def _dist2(height: int, width: int, device) -> torch.Tensor:
     return y[:, None] ** 2 + x[None, :] ** 2
 
 
+@functools.lru_cache(maxsize=256)
+def check_rings_on_grid(rings: Rings, height: int, width: int, banded: bool = False) -> None:
+    """ValueError naming r1 (``bands`` when banded) when the rings remove every frequency of an (H, W) spectrum
+    or none: low- and high-pass masks would then keep everything or nothing (nothing to predict, or nothing
+    to see). Pure host arithmetic on the grid's squared distances (cached; no tensor values read)."""
+    dist2 = _dist2(height, width, None)
+    removed = torch.zeros(height, width, dtype=torch.bool)
+    for r1, r2 in rings:
+        removed |= (r1 * r1 <= dist2) & (dist2 < r2 * r2)
+    n_removed = int(removed.sum())
+    if 0 < n_removed < height * width:
+        return
+    name = "bands" if banded else "r1"
+    what = ", ".join(f"({a:g}, {b:g})" for a, b in rings) if banded else f"{rings[0][0]:g} (r2 = {rings[0][1]:g})"
+    far = math.sqrt(float(dist2.max()))
+    if n_removed == 0:
+        raise ValueError(f"{name}: {what} removes no frequency of the {height} x {width} spectrum (the largest "
+                         f"distance to DC is {far:.4g}), so low-pass masks keep everything and high-pass masks "
+                         f"nothing (expected an inner radius below {far:.4g})")
+    raise ValueError(f"{name}: {what} removes every frequency of the {height} x {width} spectrum, so low-pass "
+                     "masks keep nothing and high-pass masks everything (expected an inner radius > 0 or an outer "
+                     f"radius <= {far:.4g})")
+
+
 def _base_mask_uncached(height: int, width: int, rings: Rings, device: torch.device) -> torch.Tensor:
     dist2 = _dist2(height, width, None)
     removed = torch.zeros(height, width, dtype=torch.bool)
@@ -132,6 +156,10 @@ def make_masks(n: int, height: int, width: int, r1: float = 16, r2: float = 999,
     b = torch.rand(N * pf * pf) < p_low unless ``low`` is given, then if delta > 0
     u = delta * (2 * torch.rand(N, pf, pf, K, 2, dtype=float64) - 1) for K rings ((r1, r2) pairs).
 
+    Rings that remove every frequency of the (tile's) spectrum or none (r1 = 0 with r2 beyond the grid, or r1
+    past the largest distance to DC, e.g. r1 = 40 on 32 x 32) raise a ValueError naming r1 (``bands``): one of
+    the two mask kinds would keep everything, the other nothing. radius_jitter may still make single masks so.
+
     At 224 x 224 with r1 = 16 the disc holds 793 frequencies: a low-pass mask removes 49,383 of
     50,176, a high-pass mask removes 793. Every such mask is Hermitian (m(k) = m(-k)) per tile.
     """
@@ -151,10 +179,12 @@ def make_masks(n: int, height: int, width: int, r1: float = 16, r2: float = 999,
     if (low is None or delta > 0) and generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator: is on {generator.device} but the masks are drawn on {device}")
     h, w = height // pf, width // pf
+    if low is not None:
+        low = _check_low(low, n, pf, device)
+    if n > 0 and not torch.compiler.is_compiling():  # host arithmetic on the options only; dynamo need not trace it
+        check_rings_on_grid(rings, h, w, bands is not None)
     if low is None:
         low = (torch.rand(n * pf * pf, generator=generator, device=device) < p_low).view(n, pf, pf)
-    else:
-        low = _check_low(low, n, pf, device)
     if delta == 0:
         B = base_mask(h, w, device=device, bands=rings)
         if pf == 1:

@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -46,6 +47,7 @@ from .corruption import FrequencyCorruption, corrupt
 from .head import MFMHead
 from .loss import MaskedFreqLoss
 from .folk import SelfDistillation, teacher_momentum
+from .dispatch import backend_unavailable_reason
 from .masks import disc_band, make_masks
 
 PRESETS = {  # --preset: (timm model, p_low) of the released configs; the optimiser recipe is the same for all
@@ -60,6 +62,13 @@ ADAPTIVE_MODES = ("mixed", "com", "rcom")
 DISTANCES = ("complex", "magnitude_phase")
 PIPELINES = ("mfm_fast", "official")
 CHECKPOINT_NAME = "checkpoint.pth"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class ArgError(ValueError):
@@ -83,7 +92,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m mfm_fast.pretrain", description=__doc__, formatter_class=_HelpFormatter)
+    p = OneLineParser("python -m mfm_fast.pretrain", description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="timm model name, created with pretrained=False, num_classes=0 (default "
@@ -212,7 +221,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="output/mfm_pretrain",
                    help="checkpoint.pth, encoder.pth, log.jsonl and vis/ go here")
     g.add_argument("--resume", default=None,
-                   help="checkpoint to continue from ('auto': <output-dir>/checkpoint.pth if it exists)")
+                   help="checkpoint.pth to continue from ('auto': <output-dir>/checkpoint.pth if it exists, else a "
+                        "fresh start); log.jsonl keeps the records up to the checkpoint's step, as if uninterrupted")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds an earlier run (its checkpoint.pth, encoder.pth "
+                        "and log.jsonl are replaced); without it such a run stops and names --resume auto")
     g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--no-checkpoint", action="store_true", help="write no checkpoint (throughput runs)")
     g.add_argument("--stop-at", type=int, default=None,
@@ -316,7 +329,44 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgError(f"--r1: must be >= 0 and < --r2 = {args.r2}, got {args.r1}")
     if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
         raise ArgError(f"--stop-at: {args.stop_at} is past the last step (--steps {args.steps})")
+    check_with_library(args)
     return args
+
+
+# library argument name -> the flag that feeds it (library messages are reused, prefixed by the flag)
+LIBRARY_FLAGS = {"loss_gamma": "--loss-gamma", "r1": "--r1", "r2": "--r2", "p_low": "--p-low", "bands": "--bands",
+                 "radius_jitter": "--radius-jitter", "patch_factor": "--mask-patch-factor",
+                 "phase_weight": "--phase-weight", "distance": "--distance", "keep_ratio": "--keep-ratio",
+                 "p_com": "--p-com", "backend": "--loss-backend"}
+
+
+def library_error(exc: Exception, flags: Dict[str, str]) -> ArgError:
+    """A library ValueError / TypeError ("name: what is wrong") as an ArgError of the flag that fed `name`
+    (re-raises it when no flag did: then it is a bug, not a bad argument)."""
+    msg = str(exc)
+    name = msg.split(":", 1)[0].strip()
+    base = name.split("[", 1)[0].split(" ", 1)[0]
+    if base not in flags:
+        raise exc
+    return ArgError(f"{flags[base]}: {msg.split(':', 1)[1].strip() if name == base else msg}")
+
+
+def check_with_library(args: argparse.Namespace) -> None:
+    """Run the library's own validators on the values the run will pass it (loss options, mask radii on the
+    --img-size grid), so that a bad value stops at parse time with the library's message under its flag."""
+    from .masks import check_rings, check_rings_on_grid
+    for name, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v) and name != "r2":
+            raise ArgError(f"{_flag(name)}: must be finite, got {v}")
+    try:
+        MaskedFreqLoss(loss_gamma=args.loss_gamma, distance=args.distance, phase_weight=args.phase_weight,
+                       patch_factor=args.mask_patch_factor, normalize_target=True)
+        if args.task == "mfm" and args.mask == "disc":
+            side = args.img_size // args.mask_patch_factor
+            rings = check_rings(16, 999, args.bands) if args.bands is not None else check_rings(args.r1, args.r2, None)
+            check_rings_on_grid(rings, side, side, args.bands is not None)
+    except (ValueError, TypeError) as exc:
+        raise library_error(exc, LIBRARY_FLAGS) from None
 
 
 def resolve_method_args(args: argparse.Namespace) -> None:
@@ -572,7 +622,7 @@ def build_dataset(args, seed: int):
     if args.method == "folk":
         transform = D.TwoViews(transform, jitter=args.color_jitter, p_jitter=args.jitter_p, p_grey=args.grey_p)
     if args.data_path is not None:
-        return D.FolderImages(args.data_path, transform, seed=seed)
+        return D.FolderImages(args.data_path, transform, seed=seed, count_skips=True)
     return D.PhotoCrops(args.img_size, split="train", length=args.samples_per_epoch, seed=seed, transform=transform)
 
 
@@ -660,6 +710,85 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def check_checkpoint(path, flag: str, **expected) -> dict:
+    """The ``args`` of the pretrain checkpoint at `path`, checked before any weight is loaded; ArgError naming
+    `flag` otherwise: no such file, unreadable (truncated, not a torch file), the encoder.pth state dict (timm
+    weights only) instead of checkpoint.pth, or saved arguments that differ from ``expected`` (model,
+    img_size, method, task: name -> value, None = any). Reads the pickle only (mmap), not the tensors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArgError(f"{flag}: no such checkpoint {str(path)!r} (expected a checkpoint.pth written by "
+                       "python -m mfm_fast.pretrain)")
+    if not zipfile.is_zipfile(p):
+        raise ArgError(f"{flag}: {path} is not a torch checkpoint file (not a complete zip archive: truncated, or "
+                       "another kind of file); expected a checkpoint.pth written by python -m mfm_fast.pretrain")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a damaged archive, a foreign pickle: all one line
+        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise ArgError(f"{flag}: {path} is not a readable checkpoint ({type(exc).__name__}: {why}); expected a "
+                       "complete checkpoint.pth written by python -m mfm_fast.pretrain") from None
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ArgError(f"{flag}: {path} is a state dict of weights only (the encoder.pth that pretrain writes for "
+                       f"timm), not a run checkpoint; use {p.parent / CHECKPOINT_NAME} from the same run")
+    if not isinstance(ckpt, dict) or not {"model", "args", "step"} <= set(ckpt) or not isinstance(ckpt["args"], dict):
+        raise ArgError(f"{flag}: {path} is not a pretrain checkpoint (no model / args / step entries); expected a "
+                       "checkpoint.pth written by python -m mfm_fast.pretrain")
+    saved = ckpt["args"]
+    defaults = {"method": "mfm", "task": "mfm"}
+    for name, want in expected.items():
+        have = saved.get(name, defaults.get(name))
+        if want is not None and have != want:
+            raise ArgError(f"{flag}: {path} is a checkpoint of {_flag(name)} {have}, not {_flag(name)} {want}; pass "
+                           f"{_flag(name)} {have} to use it, or a checkpoint of a {_flag(name)} {want} run")
+    return dict(saved, step=ckpt["step"], has_distiller="distiller" in ckpt)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Rewrite log.jsonl atomically (temporary file + os.replace) as an uninterrupted run would have it at
+    `step`: records of later steps, "end" records of earlier segments and a torn last line are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write
+            continue
+        if record.get("event") == "end" or record.get("step", 0) > step:
+            continue
+        kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plan_output(args) -> Optional[str]:
+    """The checkpoint to resume from (None: a fresh start), after checking it and the output folder.
+
+    A fresh run into a folder that holds an earlier run's checkpoint.pth or log.jsonl stops (ArgError naming
+    --resume auto and --overwrite) unless --overwrite is given."""
+    out_dir = Path(args.output_dir)
+    ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArgError(f"--output-dir: {args.output_dir!r} is a file, not a folder")
+    resume = args.resume
+    if resume == "auto":
+        resume = str(ckpt_path) if ckpt_path.exists() else None
+    if resume is not None:
+        check_checkpoint(resume, "--resume", model=args.model, img_size=args.img_size, method=args.method,
+                         task=args.task)
+    earlier = [f.name for f in (ckpt_path, log_path) if f.exists() and f.stat().st_size > 0]
+    same = resume is not None and Path(resume).resolve() == ckpt_path.resolve()
+    if earlier and not same and not args.overwrite and args.resume != "auto":
+        raise ArgError(f"--output-dir: {out_dir} already holds an earlier run ({', '.join(earlier)}); pass "
+                       "--resume auto to continue it, --overwrite to replace it, or another --output-dir")
+    return resume
+
+
 def rng_state(mask_gen: torch.Generator) -> dict:
     """Every random stream of this process, in a weights_only-loadable form."""
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -723,9 +852,16 @@ def train(args) -> dict:
                        "list in turn")
     if args.threads:
         torch.set_num_threads(args.threads)
+    resume = plan_output(args)
     rank, world, device = init_distributed(args)
+    for flag, op in (("--corrupt-backend", "corrupt"), ("--loss-backend", "masked_freq_loss")):
+        name = getattr(args, flag[2:].replace("-", "_"))
+        why = None if name == "auto" or args.pipeline == "official" else backend_unavailable_reason(
+            name, device.type, op, (3, args.img_size // args.mask_patch_factor, args.img_size // args.mask_patch_factor))
+        if why is not None:
+            raise ArgError(f"{flag}: {name} cannot run on --device {device.type} ({why})")
     try:
-        return _train(args, rank, world, device)
+        return _train(args, rank, world, device, resume)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -741,13 +877,17 @@ class Batches:
 
     def __init__(self, args, rank: int, world: int, device: torch.device):
         self.args, self.device, self.epoch, self.batch_in_epoch = args, device, 0, 0
+        self.unreadable = 0  # image reads skipped (unreadable files; FolderImages warns per file)
         if args.synthetic:
             views = (2,) if args.method == "folk" else ()
             self.fixed = torch.randint(0, 256, (args.batch_size, *views, 3, args.img_size, args.img_size), dtype=torch.uint8,
                                        generator=torch.Generator(device).manual_seed(args.seed + rank), device=device)
             self.per_epoch = max(1, args.samples_per_epoch // (args.batch_size * world))
             return
-        self.dataset = build_dataset(args, args.seed)
+        try:
+            self.dataset = build_dataset(args, args.seed)
+        except ValueError as exc:  # an --data-path without images
+            raise ArgError(str(exc)) from None
         self.sampler = D.ResumableSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                           drop_last=True)
         self.loader = torch.utils.data.DataLoader(
@@ -769,7 +909,9 @@ class Batches:
                 self.sampler.set_epoch(self.epoch)
                 self.dataset.set_epoch(self.epoch)
                 self.sampler.start = self.batch_in_epoch * self.args.batch_size
-                for x, _ in self.loader:
+                for x, _, *skips in self.loader:
+                    if skips:  # FolderImages(count_skips=True): unreadable files passed over for each item
+                        self.unreadable += int(skips[0].sum())
                     self.batch_in_epoch += 1
                     yield x.to(self.device, non_blocking=True)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -819,11 +961,14 @@ def optimizer_step(net: nn.Module, optimizer, scaler, step_loss: torch.Tensor, a
     return bad, grad_norm
 
 
-def _train(args, rank: int, world: int, device: torch.device) -> dict:
+def _train(args, rank: int, world: int, device: torch.device, resume: Optional[str]) -> dict:
     is_main = rank == 0
     out_dir, ckpt_path = Path(args.output_dir), Path(args.output_dir) / CHECKPOINT_NAME
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:  # a fresh start (plan_output allowed it): no earlier checkpoint may be resumed later
+            for old in (ckpt_path, out_dir / "encoder.pth"):
+                old.unlink(missing_ok=True)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -856,13 +1001,8 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
 
     # resume: weights, optimiser, scaler, schedule, step, data position, every random stream
     step = 0
-    resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
-    if resume and resume != "auto":
-        if not Path(resume).is_file():
-            raise ArgError(f"--resume: no such checkpoint {resume!r}")
+    if resume is not None:  # checked by plan_output: a full checkpoint of this model, size, method and task
         ckpt = load_checkpoint(resume)
-        if ckpt["args"]["model"] != args.model:
-            raise ArgError(f"--resume: {resume} holds a {ckpt['args']['model']} model, not --model {args.model}")
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if folk:
@@ -893,14 +1033,16 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
                              "args": vars(args), "rng": rngs, "world_size": world, "format": 1,
                              **({"distiller": distiller.state_dict()} if folk else {})}, ckpt_path)
 
-    log_file = open(out_dir / "log.jsonl", "a") if is_main else None
+    if is_main and resume is not None:
+        trim_log(out_dir / "log.jsonl", step)
+    log_file = open(out_dir / "log.jsonl", "a" if resume is not None else "w") if is_main else None
 
     def log(record: dict) -> None:
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    log({"event": "start", "step": step, "world_size": world, "total_batch": total_batch, "schedule": sched,
+    log({"event": "resume" if resume is not None else "start", "step": step, "world_size": world, "total_batch": total_batch, "schedule": sched,
          "params": sum(p.numel() for p in net.parameters()), "frozen_unused": frozen, "device": str(device),
          "fused_adamw": bool(optimizer.defaults.get("fused")), "args": vars(args)})
     vis_x = sample_images(args, args.vis_num, seed=args.seed).to(device) if (is_main and args.vis_num) else None
@@ -995,18 +1137,22 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
             check_finite_so_far()
             now = time.perf_counter()
             ips = (step - steps_at_log) * total_batch / max(now - t_log, 1e-9)
-            record = {"step": step, "epoch": batches.epoch, "loss": loss_total / max(n_good, 1), "lr": lr,
+            mean = (lambda total: total / n_good if n_good else None)  # noqa: E731  (no finite step: null)
+            record = {"step": step, "epoch": batches.epoch, "loss": mean(loss_total), "lr": lr,
                       "grad_norm": gnorm, "images_per_s": ips, "skipped": int(n_skipped), "time": time.time()}
+            if batches.unreadable:
+                record["unreadable_skipped"] = batches.unreadable
             if folk:
-                record.update(loss_rec=rec_total / max(n_good, 1), loss_distill=distill_total / max(n_good, 1),
-                              distill_kl=kl_total / max(n_good, 1),
+                record.update(loss_rec=mean(rec_total), loss_distill=mean(distill_total), distill_kl=mean(kl_total),
                               teacher_momentum=teacher_momentum(step - 1, sched["total"], args.momentum_teacher))
             history.append(record)
             log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            fmt = (lambda v, spec: "none" if v is None else format(v, spec))  # noqa: E731
+            bar.set_postfix(loss=fmt(record["loss"], ".4f"), lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
             if is_main and args.no_progress:
-                parts = f" (rec {record['loss_rec']:.5f} distill {record['loss_distill']:.5f})" if folk else ""
-                print(f"step {step}/{end_step} loss {record['loss']:.5f}{parts} lr {lr:.3e} grad_norm {gnorm:.3f} "
+                parts = (f" (rec {fmt(record['loss_rec'], '.5f')} distill {fmt(record['loss_distill'], '.5f')})"
+                         if folk else "")
+                print(f"step {step}/{end_step} loss {fmt(record['loss'], '.5f')}{parts} lr {lr:.3e} grad_norm {gnorm:.3f} "
                       f"{ips:.1f} img/s" + (f" skipped {int(n_skipped)}" if n_skipped else ""), flush=True)
             loss_sum.zero_()
             parts_sum.zero_()
@@ -1042,6 +1188,7 @@ def _train(args, rank: int, world: int, device: torch.device) -> dict:
         "step_ms": 1e3 * seconds / timed_steps if timed_steps else float("nan"),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "final_loss": history[-1]["loss"] if history else None, "skipped": int(skipped.item()),
+        "unreadable_skipped": batches.unreadable,
         "history": history, "rank_fingerprints": fingerprints, "teacher_fingerprints": teacher_fingerprints,
         "checkpoint": str(ckpt_path) if not args.no_checkpoint else None,
     }

@@ -206,7 +206,8 @@ def save_mask_views(path, x: torch.Tensor, keep_ratios: Sequence[float] = (0.01,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m mfm_fast.visualize", description=__doc__,
+    from .pretrain import OneLineParser
+    p = OneLineParser("python -m mfm_fast.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint written by python -m mfm_fast.pretrain (required unless --views)")
@@ -231,6 +232,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(parser: argparse.ArgumentParser, output: Optional[str]) -> None:
+    """--output: a file path (its folder is created), not an existing folder."""
+    if output is not None and (Path(output).is_dir() or not Path(output).name):
+        parser.error(f"--output: {output!r} is a folder (expected a .png file path)")
+    parent = Path(output).parent if output is not None else None
+    while parent is not None and not parent.exists():
+        parent = parent.parent
+    if parent is not None and not parent.is_dir():
+        parser.error(f"--output: {str(parent)!r} is a file, so {output!r} cannot be created (expected a .png path)")
+
+
 def views_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """--views folk: the centre square of a bundled photo, resized to --size, through save_mask_views."""
     from PIL import Image
@@ -244,6 +256,7 @@ def views_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Pat
     for r in args.keep_ratio:
         if not 0 < r < 1:
             parser.error(f"--keep-ratio: each value must lie in (0, 1), got {r:g}")
+    check_output(parser, args.output)
     if args.image not in data.SKIMAGE_PHOTOS:
         parser.error(f"--image: expected one of {', '.join(data.SKIMAGE_PHOTOS)}, got {args.image!r}")
     photo = data.load_photos([args.image])[0]
@@ -269,15 +282,14 @@ def main(argv=None) -> Path:
     from . import pretrain
     if args.num < 1:
         parser.error(f"--num: must be >= 1, got {args.num}")
-    if not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint: no such file {args.checkpoint!r}")
-    ckpt = pretrain.load_checkpoint(args.checkpoint)
-    train_args = argparse.Namespace(**ckpt["args"])
+    check_output(parser, args.output)
     try:
+        train_args = argparse.Namespace(**pretrain.check_checkpoint(args.checkpoint, "--checkpoint"))
         device = pretrain.pick_device(args.device)
         x = pretrain.sample_images(train_args, args.num, seed=args.seed, data_path=args.data_path).to(device)
-    except ValueError as exc:  # a bad --device or --data-path
+    except ValueError as exc:  # a bad --checkpoint, --device or --data-path (the message names it)
         parser.error(str(exc))
+    ckpt = pretrain.load_checkpoint(args.checkpoint)
     net = pretrain.build_model(train_args).to(device)
     net.load_state_dict(ckpt["model"])
     corruptor = pretrain.Corruptor(train_args, device, seed=args.seed)

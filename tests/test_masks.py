@@ -57,8 +57,8 @@ def test_low_flag_and_bernoulli_draw():
     b = mfm_fast.base_mask(16, 16, 4)
     assert torch.equal(m[is_low], b.expand(int(is_low.sum()), -1, -1))
     assert torch.equal(m[~is_low], (1 - b).expand(int((~is_low).sum()), -1, -1))
-    assert mfm_fast.make_masks(8, 16, 16, p_low=1.0)[:, 8, 8].eq(1).all()
-    assert mfm_fast.make_masks(8, 16, 16, p_low=0.0)[:, 8, 8].eq(0).all()
+    assert mfm_fast.make_masks(8, 16, 16, r1=4, p_low=1.0)[:, 8, 8].eq(1).all()
+    assert mfm_fast.make_masks(8, 16, 16, r1=4, p_low=0.0)[:, 8, 8].eq(0).all()
 
 
 def test_generator_makes_draws_reproducible():

@@ -149,7 +149,9 @@ def test_skip_nonfinite_skips_the_step(tmp_path, monkeypatch):
     _nan_at_call(monkeypatch, 3)
     stats = run(tmp_path, "--steps", 5, "--skip-nonfinite")
     assert stats["skipped"] == 1 and stats["final_step"] == 5
-    assert all(np.isfinite(losses(stats)))
+    seq = losses(stats)  # --log-every 1: step 3's window holds no finite step, so its loss is null (not 0.0)
+    assert seq[2] is None and all(np.isfinite(seq[:2] + seq[3:]))
+    assert log_records(tmp_path)[3]["loss"] is None  # records: start, steps 1, 2, 3 (JSON null), ...
     ckpt = pretrain.load_checkpoint(tmp_path / "checkpoint.pth")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     steps = {float(s["step"]) for s in ckpt["optimizer"]["state"].values()}
@@ -361,3 +363,139 @@ def test_minimal_example_runs():
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 loss" in proc.stdout
+
+
+# ---- faults: kill -9 and resume, used output folders, unreadable images ---------------------------------------
+
+KILL_RUN = ["--steps", 12, "--save-every", 3, "--samples-per-epoch", 24]  # 6 batches per epoch: 2 epochs
+KILL_DURING_SAVE = textwrap.dedent("""
+    import io, os, runpy, signal, sys, torch
+    real_save = torch.save
+    def half_then_die(obj, f):  # the trainer's next checkpoint write stops half-way: SIGKILL, as a preempted node
+        buf = io.BytesIO(); real_save(obj, buf); data = buf.getvalue()
+        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = half_then_die
+    sys.argv = ["mfm_fast.pretrain"] + sys.argv[1:]
+    runpy.run_module("mfm_fast.pretrain", run_name="__main__")
+""")
+
+
+def _logged_steps(out_dir):
+    path = Path(out_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line).get("step"))
+        except ValueError:  # a line being written
+            pass
+    return [s for s in steps if s]
+
+
+def _kill_after(cmd, out_dir, step, delay):
+    """Start the trainer, SIGKILL it `delay` s after log.jsonl shows `step`; returns its exit status."""
+    import signal
+    import time
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if step in _logged_steps(out_dir):
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+def test_sigkill_at_three_moments_then_resume_auto_is_bit_identical(tmp_path):
+    import random
+    rng = random.Random(19)
+    full = run(tmp_path / "full", *KILL_RUN)
+    out = tmp_path / "killed"
+    args = [str(a) for a in BASE + KILL_RUN] + ["--output-dir", str(out), "--resume", "auto"]
+    trainer = [sys.executable, "-m", "mfm_fast.pretrain"] + args
+    # 1: a random moment of steps 2-4 (maybe before the first checkpoint: then a fresh start)
+    assert _kill_after(trainer, out, rng.randint(2, 4), rng.uniform(0, 0.05)) == -9
+    # 2: a random moment of steps 5-7
+    assert _kill_after(trainer, out, rng.randint(5, 7), rng.uniform(0, 0.05)) == -9
+    # 3: during the next checkpoint write (torn temporary file; checkpoint.pth must stay the previous one)
+    before = pretrain.load_checkpoint(out / "checkpoint.pth")["step"] if (out / "checkpoint.pth").exists() else 0
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE] + args, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert list(out.glob(".checkpoint.pth.tmp-*")), "the kill did not come during a checkpoint write"
+    assert pretrain.load_checkpoint(out / "checkpoint.pth")["step"] == before
+    assert max(_logged_steps(out)) > before  # records past the checkpoint exist now...
+    # 4: to the end
+    proc = subprocess.run(trainer, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = log_records(out)  # ...and are gone: each step exactly once, in order
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+    assert [r["loss"] for r in records if "loss" in r] == losses(full)
+    assert records[0]["event"] == "start" and records[-1]["event"] == "end"
+    assert [r["event"] for r in records if "event" in r].count("end") == 1
+    a, b = (pretrain.load_checkpoint(d / "checkpoint.pth")["model"] for d in (tmp_path / "full", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical final weights
+    assert records[-1]["rank_fingerprints"] == full["rank_fingerprints"]
+
+
+def test_resume_trims_the_log_atomically_and_drops_a_torn_line(tmp_path):
+    run(tmp_path, "--steps", 4, "--save-every", 2, "--stop-at", 2)
+    with open(tmp_path / "log.jsonl", "a") as f:  # a later step that the checkpoint does not hold, then a torn line
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+    stats = run(tmp_path, "--steps", 4, "--save-every", 2, "--resume", "auto")
+    assert stats["start_step"] == 2
+    records = log_records(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r.get("event") for r in records if "event" in r] == ["start", "resume", "end"]
+    assert not list(tmp_path.glob(".log.jsonl.tmp-*"))
+
+
+def test_fresh_run_into_a_used_folder_stops_and_overwrite_starts_afresh(tmp_path, capsys):
+    run(tmp_path, "--steps", 2)
+    first = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--steps", 2)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--resume auto" in err and "--overwrite" in err
+    assert (tmp_path / "log.jsonl").read_text() == first  # untouched
+    stats = run(tmp_path, "--steps", 3, "--overwrite")
+    assert stats["start_step"] == 0
+    assert [r["step"] for r in log_records(tmp_path) if "loss" in r] == [1, 2, 3]  # one run's log, not two
+    assert pretrain.load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 3
+
+
+def test_all_skipped_window_logs_null_not_zero(tmp_path, monkeypatch):
+    # every step non-finite: the one log window has no finite step
+    monkeypatch.setattr(pretrain.Corruptor, "loss", lambda self, p, t, m: p.float().sum() * float("nan"))
+    stats = run(tmp_path / "all_bad", "--steps", 2, "--skip-nonfinite", "--log-every", 2)
+    assert losses(stats) == [None] and stats["final_loss"] is None and stats["skipped"] == 2
+    end = log_records(tmp_path / "all_bad")[-1]
+    assert end["event"] == "end" and end["final_loss"] is None
+    assert '"final_loss": null' in (tmp_path / "all_bad" / "log.jsonl").read_text()
+
+
+def test_unreadable_images_are_skipped_with_a_warning_and_a_count(tmp_path):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    photo = D.load_photos()[0]
+    for i in range(4):
+        photo.rotate(90 * i).resize((48, 48)).save(root / ("a" if i % 2 else "b") / f"{i}.jpg")
+    good = (root / "a" / "1.jpg").read_bytes()
+    (root / "a" / "broken.jpg").write_bytes(good[: len(good) // 3])  # a truncated JPEG
+    (root / "b" / "text.png").write_text("not an image")
+    with pytest.warns(RuntimeWarning, match=r"skipping unreadable image .*(broken\.jpg|text\.png)"):
+        stats = run(tmp_path / "run", "--data-path", root, "--steps", 3, "--batch-size", 2)
+    assert stats["final_step"] == 3 and all(np.isfinite(losses(stats)))
+    assert stats["unreadable_skipped"] > 0
+    assert log_records(tmp_path / "run")[-1]["unreadable_skipped"] == stats["unreadable_skipped"]
+    ds = D.FolderImages(root, D.CenterCrop(32))
+    with pytest.warns(RuntimeWarning):
+        items = [ds[i] for i in range(len(ds))]  # every item is an image; the substitutes are deterministic
+    assert all(x.shape == (3, 32, 32) for x, _ in items)
+    assert torch.equal(ds[ds.folder.samples.index((str(root / "a" / "broken.jpg"), 0))][0],
+                       ds[ds.folder.samples.index((str(root / "a" / "broken.jpg"), 0)) + 1][0])

@@ -213,7 +213,7 @@ def test_deterministic_bitwise():
 def test_band_promise_too_wide_is_ignored_and_broken_promise_caught():
     shape = (1, 3, 16, 16)
     pred, target = _inputs(shape)
-    mask = mfm_fast.make_masks(1, 16, 16, r1=12, low=torch.tensor([False]), device=DEVICE)
+    mask = mfm_fast.make_masks(1, 16, 16, r1=11, low=torch.tensor([False]), device=DEVICE)
     _check(pred, target, mask, mask_band=12)  # 2 * 12 > 16: the full path
     mfm_fast.set_value_checks(True)
     try:

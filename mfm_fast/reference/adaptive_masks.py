@@ -31,7 +31,7 @@ def make_adaptive_masks(x: torch.Tensor, com: torch.Tensor, keep_ratio: float, m
 
     M = |fftshift(fft2(g))| of the grey image g, made exactly symmetric: M_sym(i, j) =
     (M(i, j) + M((H - i) % H, (W - j) % W)) / 2 (fftshift-ed indices). thr = the k-th largest value
-    of M_sym (k = keep_count), read off a full descending sort; dominant = M_sym >= thr.
+    of M_sym (k = keep_count), read off a full descending sort; dominant = M_sym >= thr and M_sym > 0.
     com[n] True: keep = dominant (Com); False: keep = not dominant (RCom). dc "keep" / "remove"
     then forces the DC entry (H // 2, W // 2) to 1 / 0.
     """
@@ -43,7 +43,7 @@ def make_adaptive_masks(x: torch.Tensor, com: torch.Tensor, keep_ratio: float, m
     mag_sym = (mag + mag[:, rows][:, :, cols]) / 2
     k = keep_count(keep_ratio, height, width)
     thr = mag_sym.reshape(n, -1).sort(dim=1, descending=True).values[:, k - 1]
-    dominant = mag_sym >= thr[:, None, None]
+    dominant = (mag_sym >= thr[:, None, None]) & (mag_sym > 0)  # a zero magnitude is never dominant
     keep = torch.where(com.to(dominant.device)[:, None, None], dominant, ~dominant)
     if dc is not None:
         keep[:, height // 2, width // 2] = dc == "keep"

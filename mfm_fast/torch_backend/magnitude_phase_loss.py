@@ -55,7 +55,7 @@ def _half_distance(pred, target, loss_gamma, phase_weight, with_matrix, alpha, l
         q = q + phase_weight * (power + 2 * EPS - q).clamp_min(0.0)
     d = pow_half_gamma(q + EPS, loss_gamma)
     if with_matrix:
-        d = focal_weights(power, alpha, log_matrix, batch_matrix) * d
+        d = focal_weights(D.abs(), alpha, log_matrix, batch_matrix) * d
     return d
 
 
