@@ -38,6 +38,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from mfm_fast.kernels import corrupt as cor  # noqa: E402
 from mfm_fast.kernels import masked_freq_loss as mfl  # noqa: E402
 from mfm_fast.kernels._dft import next_pow2  # noqa: E402
+from mfm_fast.cli import OneLineParser  # noqa: E402
 
 DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#]+)")
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
@@ -178,12 +179,6 @@ def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=
                          spill_bytes=spills, ttgir=ttgir)
     return out
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv=None) -> None:

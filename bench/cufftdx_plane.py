@@ -324,8 +324,10 @@ def print_bench(res: dict) -> None:
 # ---- main --------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mfm_fast.cli import OneLineParser
+
+    p = OneLineParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compile-only", action="store_true", help="build the library (no GPU needed) and stop")
     p.add_argument("--rebuild", action="store_true", help="compile even if the cached library is newer than the .cu")
     p.add_argument("--arch", default="sm_90", help="nvcc -arch (default sm_90; the 224 plane needs Hopper's "

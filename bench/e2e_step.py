@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fft_mask  # noqa: E402  (bench/fft_mask.py: the official replica, timing helpers)
 
 import mfm_fast  # noqa: E402
+from mfm_fast.cli import OneLineParser  # noqa: E402
 
 MODELS = {"vit_t16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
           "vit_b16": "vit_base_patch16_224", "resnet50": "resnet50"}
@@ -105,7 +106,7 @@ def mfm_work(corrupt, loss_fn, x):
 
 
 def parse_args(argv):
-    p = fft_mask.OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--models", nargs="+", help="aliases " + ", ".join(MODELS) + " or timm names "

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 import mfm_fast  # noqa: E402
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mfm_fast import _official  # noqa: E402
+from mfm_fast.cli import OneLineParser  # noqa: E402
 from mfm_fast.dispatch import triton_interpreted  # noqa: E402
 from mfm_fast.masks import disc_band  # noqa: E402
 
@@ -473,12 +474,6 @@ def device_name(device):
 
 
 # ---- the run ----------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv):

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fft_mask  # noqa: E402  (timing, percentiles, versions)
 import mfm_fast  # noqa: E402
+from mfm_fast.cli import OneLineParser  # noqa: E402
 
 WORKS = ("masks", "folk_corrupt", "mp_loss", "loss")
 FLOOR = {"masks": 1.0, "folk_corrupt": 1.0, "mp_loss": 1.5, "loss": 1.5}
@@ -77,7 +78,7 @@ def check(x, pred, keep_ratio):
 
 
 def main(argv=None) -> int:
-    p = fft_mask.OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0], epilog=__doc__,
+    p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 64 256 on CUDA, 8 on CPU)")

@@ -34,8 +34,10 @@ BIG_BATCH = {224: 50, 112: 200}  # 150 / 600 planes: more than one wave of resid
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mfm_fast.cli import OneLineParser
+
+    p = OneLineParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--graph", action="store_true", help="CUDA graph capture + replay vs eager")
     mode.add_argument("--one-launch", action="store_true", help="launch each kernel once, no comparisons")

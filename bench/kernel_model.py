@@ -26,7 +26,6 @@ executed-instruction counts (smsp__inst_executed) and times on a GPU are the che
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import importlib
@@ -676,7 +675,9 @@ def print_table(res: dict) -> None:
 
 def main(argv=None) -> int:
     global NO_CACHE
-    ap = argparse.ArgumentParser(prog="kernel_model.py", description=__doc__.split("\n\n")[0])
+    from mfm_fast.cli import OneLineParser
+
+    ap = OneLineParser(prog="kernel_model.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
     ap.add_argument("--no-cache", action="store_true", help="rebuild and rewalk everything")

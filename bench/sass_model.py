@@ -24,7 +24,6 @@ model: ncu's executed-instruction counts (smsp__inst_executed) on a GPU are the 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import importlib.util
 import os
@@ -1125,7 +1124,9 @@ def walk_cta(prog: Program, kernel: str, ntid: int, ctaid: int = 0, params: dict
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from mfm_fast.cli import OneLineParser
+
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cubin")
     ap.add_argument("kernel", help="mangled kernel name (see --list)")
     ap.add_argument("--threads", type=int, default=128, help="threads per CTA (default 128)")

@@ -12,9 +12,12 @@ on a GPU are the real thing.
     python bench/smem_banks.py --compare  # also the k-fastest per_pair_entry mapping the pair groups replaced
 """
 
-import argparse
 import os
+import sys
 from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a checkout too
+from mfm_fast.cli import OneLineParser  # noqa: E402
 
 
 def freq_pos(k, n):
@@ -104,12 +107,6 @@ def phases(s, threads, old):
     out.append(("store", out[0][1], 1.0, None, 0.0))
     return out
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv=None):

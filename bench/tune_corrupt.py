@@ -21,13 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mfm_fast  # noqa: E402
+from mfm_fast.cli import OneLineParser  # noqa: E402
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -16,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .cli import OneLineParser
 from . import __version__, cuda_backend
 from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, backend_unavailable_reason
 
@@ -85,7 +85,7 @@ def report(build: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mfm_fast.info", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m mfm_fast.info", description=__doc__.splitlines()[0])
     parser.add_argument("--require-cuda-ext", action="store_true",
                         help="load the CUDA extension, building it just in time if needed; exit 1 unless it loaded")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ from . import data as D
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from .pretrain import OneLineParser
+    from .cli import OneLineParser
     p = OneLineParser("python -m mfm_fast.linprobe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,

@@ -42,6 +42,7 @@ from torch import nn
 
 from . import _official
 from . import data as D
+from .cli import OneLineParser
 from .adaptive_masks import make_adaptive_masks
 from .corruption import FrequencyCorruption, corrupt
 from .head import MFMHead
@@ -63,12 +64,6 @@ DISTANCES = ("complex", "magnitude_phase")
 PIPELINES = ("mfm_fast", "official")
 CHECKPOINT_NAME = "checkpoint.pth"
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line "prog: error: --flag: what is wrong" (exit status 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class ArgError(ValueError):

@@ -206,7 +206,7 @@ def save_mask_views(path, x: torch.Tensor, keep_ratios: Sequence[float] = (0.01,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from .pretrain import OneLineParser
+    from .cli import OneLineParser
     p = OneLineParser("python -m mfm_fast.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
