@@ -45,7 +45,7 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
             corner value outside the centred box |ky|, |kx| < R (true for MFM disc masks with r2
             beyond the grid's half-diagonal and R = ceil(r1): see :func:`mfm_fast.masks.mask_band_for`;
             :class:`FrequencyCorruption` passes it). The Triton backend then touches only that band
-            of the spectrum: one launch at the memory floor. Other backends are exact for any mask
+            of the spectrum (band coefficients per plane, then one streaming pass). Other backends are exact for any mask
             and ignore it. It is not verified (that would cost a host sync) unless value checks are
             on (:func:`mfm_fast.set_value_checks`).
         precision: GEMM precision of the Triton backend: "tf32x3" (default, fp32-accurate: within
@@ -135,7 +135,7 @@ class FrequencyCorruption(nn.Module):
         mean, std, out_dtype, backend, precision: as :func:`mfm_fast.corrupt`.
         The ``mask_band`` promise (:func:`mfm_fast.masks.mask_band_for`) is passed for you when some
         ring reaches beyond the tile's half-diagonal (every released config), so the Triton backend
-        runs its one-launch band path.
+        runs its band path.
 
     forward(x, low=None, generator=None) -> (inp (N, C, H, W), mask (N, H, W) float32, 1 = kept).
     ``low``: (N,) or, with patch_factor, (N, pf, pf) bool. Masks are drawn on x's device, so nothing
