@@ -115,6 +115,23 @@ def test_large_magnitude_with_the_focal_matrix_and_map_torch():
         assert ((out.double() - ref).norm() / ref.norm()) < 1e-5
 
 
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+@pytest.mark.parametrize("with_matrix", [False, True])
+def test_large_magnitude_magnitude_phase_distance_matches_the_fp64_reference(gamma, with_matrix):
+    torch.manual_seed(4)
+    pred, target, mask = torch.randn(N, C, H, W) * 1e19, torch.rand(N, C, H, W) * 1e19, _masks()
+    kw = dict(distance="magnitude_phase", phase_weight=0.5, loss_gamma=gamma, with_matrix=with_matrix)
+    p64 = pred.double().requires_grad_()
+    ref = masked_freq_loss(p64, target.double(), mask, backend="reference", **kw)
+    ref.backward()
+    p32 = pred.clone().requires_grad_()
+    out = masked_freq_loss(p32, target, mask, backend="torch", **kw)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(p32.grad).all()
+    assert abs(float(out.detach()) - float(ref.detach())) / float(ref.detach()) < 1e-5
+    assert (p32.grad.double() - p64.grad).norm() / p64.grad.norm() < 1e-5
+
 # ---- radii that remove everything or nothing ------------------------------------------------------------
 
 @pytest.mark.parametrize("call", [

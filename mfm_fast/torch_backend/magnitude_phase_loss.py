@@ -18,7 +18,8 @@ T = (S - D) / 2, and with the exact identities |P|_e^2 - |T|_e^2 = Re(D conj S) 
     amp = Re(D conj S) / (|P|_e + |T|_e),    q = amp^2 + pw max(|D|^2 + 2 eps - amp^2, 0).
 
 This keeps the relative error of q at float32 rounding when pred is close to target (the literal
-formula cancels terms of size |P|^2). d is symmetric (d(k) = d(-k)), so the full-grid sum is the
+formula cancels terms of size |P|^2). Each entry is computed on S / c, D / c with
+c = max(1, its largest component) and d rescaled by c^gamma, so no square overflows fp32. d is symmetric (d(k) = d(-k)), so the full-grid sum is the
 half-grid sum with column weights 1, 2, ..., 2, 1 and the symmetrised weight 1 - mask.
 """
 
@@ -30,7 +31,7 @@ import torch
 
 from .._common import compute_dtype, from_blocks, to_blocks
 from ._halfspec import column_weights, full_from_half, symmetric_half
-from .masked_freq_loss import focal_weights, pow_half_gamma, reduction_scale, target_in
+from .masked_freq_loss import focal_weights, pow_gamma, pow_half_gamma, reduction_scale, target_in
 
 EPS = 1e-12
 
@@ -45,17 +46,23 @@ def _half_distance(pred, target, loss_gamma, phase_weight, with_matrix, alpha, l
     if ave_spectrum:
         SD = SD.mean(dim=1, keepdim=True)
     S, D = SD.unbind(0)
+    # Overflow-safe: q is quadratic in the spectra, so compute it on S / c and D / c with c = max(1, the
+    # entry's largest component) (detached: the identity holds for any c) and eps / c^2, then
+    # d = c^gamma (q / c^2 + eps / c^2)^(gamma / 2). Where c = 1 (every entry of [0, 1]-scale images) this is
+    # the unscaled formula.
+    c = torch.stack((S.real.abs(), S.imag.abs(), D.real.abs(), D.imag.abs())).amax(0).clamp_min(1.0).detach()
+    S, D, eps = S / c, D / c, EPS / c.square()
     P, T = (S + D) * 0.5, (S - D) * 0.5
-    mag_p = (P.real.square() + P.imag.square() + EPS).sqrt()
-    mag_t = (T.real.square() + T.imag.square() + EPS).sqrt()
-    amp = (D.real * S.real + D.imag * S.imag) / (mag_p + mag_t)  # |P|_e - |T|_e
-    power = D.real.square() + D.imag.square()  # |D|^2
+    mag_p = (P.real.square() + P.imag.square() + eps).sqrt()
+    mag_t = (T.real.square() + T.imag.square() + eps).sqrt()
+    amp = (D.real * S.real + D.imag * S.imag) / (mag_p + mag_t)  # (|P|_e - |T|_e) / c
+    power = D.real.square() + D.imag.square()  # |D|^2 / c^2
     q = amp.square()
     if phase_weight != 0.0:
-        q = q + phase_weight * (power + 2 * EPS - q).clamp_min(0.0)
-    d = pow_half_gamma(q + EPS, loss_gamma)
+        q = q + phase_weight * (power + 2 * eps - q).clamp_min(0.0)
+    d = pow_half_gamma(q + eps, loss_gamma) * pow_gamma(c, loss_gamma)
     if with_matrix:
-        d = focal_weights(D.abs(), alpha, log_matrix, batch_matrix) * d
+        d = focal_weights(D.abs() * c, alpha, log_matrix, batch_matrix) * d
     return d
 
 
