@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fft_mask  # noqa: E402  (bench/fft_mask.py: the official replica, timing helpers)
 
 import mfm_fast  # noqa: E402
-from mfm_fast.cli import OneLineParser  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
 MODELS = {"vit_t16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
           "vit_b16": "vit_base_patch16_224", "resnet50": "resnet50"}
@@ -119,8 +119,8 @@ def parse_args(argv):
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    fft_mask.check_bench_args(p, args, ints={"batch": 1, "steps": 1, "warmup": 0, "threads": 1}, out_dirs=("out_dir",))
-    fft_mask.library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
+    check_bench_args(p, args, ints={"batch": 1, "steps": 1, "warmup": 0, "threads": 1}, out_dirs=("out_dir",))
+    library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
     import timm
     for m in args.models or ():
         if m not in MODELS and not timm.is_model(m):

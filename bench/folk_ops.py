@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fft_mask  # noqa: E402  (timing, percentiles, versions)
 import mfm_fast  # noqa: E402
-from mfm_fast.cli import OneLineParser  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
 WORKS = ("masks", "folk_corrupt", "mp_loss", "loss")
 FLOOR = {"masks": 1.0, "folk_corrupt": 1.0, "mp_loss": 1.5, "loss": 1.5}
@@ -93,11 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    fft_mask.check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
+    check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
                               out_dirs=("out_dir",))
-    fft_mask.check_sizes(p, [args.size] if args.size is not None else [])
+    check_sizes(p, [args.size] if args.size is not None else [])
     from mfm_fast import _validate as V
-    fft_mask.library_check(p, "--keep-ratio", V.check_number, "keep_ratio", args.keep_ratio, low=0.0, high=1.0,
+    library_check(p, "--keep-ratio", V.check_number, "keep_ratio", args.keep_ratio, low=0.0, high=1.0,
                            low_open=True, high_open=True)
     return fft_mask.run_restoring_threads(run, args)
 

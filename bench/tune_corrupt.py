@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mfm_fast  # noqa: E402
-from mfm_fast.cli import OneLineParser  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
 
 
@@ -33,14 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--r1", type=int, default=16)
     p.add_argument("--json", default=None, help="write every measurement here")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error(f"--batch: must be >= 1, got {args.batch}")
-    if args.size < 2 or args.size % 2:
-        p.error(f"--size: must be even and >= 2, got {args.size}")
-    try:
-        mfm_fast.masks.check_rings_on_grid(mfm_fast.masks.check_rings(args.r1, 999, None), args.size, args.size)
-    except (ValueError, TypeError) as exc:  # the library's message, under the flag that fed it
-        p.error(f"--r1: {str(exc).split(': ', 1)[-1]}")
+    check_bench_args(p, args, ints={"batch": 1})
+    check_sizes(p, [args.size])
+    rings = library_check(p, "--r1", mfm_fast.masks.check_rings, args.r1, 999, None)
+    library_check(p, "--r1", mfm_fast.masks.check_rings_on_grid, rings, args.size, args.size)
     if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
         p.error(f"--json: cannot write {args.json!r} (expected a file path in an existing folder)")
     if not torch.cuda.is_available():

@@ -1,6 +1,8 @@
 """Command-line plumbing shared by the package's CLIs and the bench scripts."""
 
 import argparse
+import math
+from pathlib import Path
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -8,3 +10,38 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_bench_args(p, args, ints=None, positive=(), out_dirs=()):
+    """Bad values stop at parse time as one line "prog: error: --flag: ..." (exit status 2).
+
+    ints: {dest: smallest allowed} for int options (lists checked per value); positive: float options that must
+    be finite and > 0; out_dirs: options naming a folder (it may not exist yet, but must not be a file)."""
+    for name, low in (ints or {}).items():
+        v = getattr(args, name)
+        for x in (v if isinstance(v, list) else [v]):
+            if x is not None and x < low:
+                p.error(f"--{name.replace('_', '-')}: must be >= {low}, got {x}")
+    for name in positive:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            p.error(f"--{name.replace('_', '-')}: must be a finite value > 0, got {v}")
+    for name in out_dirs:
+        v = getattr(args, name)
+        if v is not None and Path(v).exists() and not Path(v).is_dir():
+            p.error(f"--{name.replace('_', '-')}: {v!r} is a file (expected a folder)")
+
+
+def check_sizes(p, sizes, flag="--size"):
+    for s in sizes or ():
+        if s < 2 or s % 2:
+            p.error(f"{flag}: image sides must be even and >= 2, got {s}")
+
+
+def library_check(p, flag, fn, *a, **kw):
+    """Run an mfm_fast validator; its ValueError / TypeError ("name: what is wrong") becomes "flag: what is wrong"."""
+    try:
+        return fn(*a, **kw)
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        p.error(f"{flag}: {msg.split(': ', 1)[1] if ': ' in msg else msg}")

@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,8 @@ import torch
 # Triton kernels run on CPU tensors under the interpreter; it must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 SHAPES = [(1, 3, 16, 16), (2, 3, 16, 24), (4, 3, 32, 32)]
 
@@ -36,3 +41,14 @@ def restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def load_bench(stem):
+    """bench/<stem>.py as a module, one instance per session (the bench tests share its compile caches)."""
+    name = f"bench_{stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{stem}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]

@@ -4,26 +4,13 @@ their JSON / PNG, report skipped or failing providers and go on, and --check can
 No test here asserts a duration (GUIDE.md §4): timings are judged from the bench output on a GPU.
 """
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+from conftest import BENCH_DIR, load_bench as load
 TINY = ["--device", "cpu", "--batch", "2", "--size", "16", "--r1", "4", "--reps", "2", "--warmup", "1"]
 
-
-def load(stem):
-    """bench/<stem>.py as a module, one instance per session (tests/benchmarks shares its compile cache)."""
-    name = f"bench_{stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{stem}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +157,7 @@ def test_smem_bank_model_runs_and_sees_the_old_conflicts(capsys):
     """bench/smem_banks.py (a model of csrc/fft.cuh's index maps) runs; its --compare column shows the
     k-consecutive unpack gather that the pair-group mapping replaced, at > 10 wavefronts per access."""
     import re
-    path = Path(__file__).resolve().parent.parent / "bench" / "smem_banks.py"
-    spec = importlib.util.spec_from_file_location("smem_banks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("smem_banks")
     mod.main(["--compare"])
     out = capsys.readouterr().out
     gather = re.search(r"224 x 224.*?unpack gather\s+([\d.]+)\s+\(before: ([\d.]+)\)", out, re.S)

@@ -6,7 +6,6 @@ case instead of passing it); a few cases also run as real subprocesses to check 
 stderr of the process itself. Two cores in CI: the checks stop before any model is trained.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench as _bench
 
 from mfm_fast import linprobe, pretrain, visualize
 
@@ -206,16 +206,6 @@ BENCH_CASES = [
     ("aot_sm90", ["--dump", "{root}/a_file"], "--dump"),
     ("smem_banks", ["--bogus"], "--bogus"),
 ]
-
-
-def _bench(stem):
-    name = f"bench_{stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{stem}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
 
 
 @pytest.mark.parametrize("stem,argv,flag", BENCH_CASES, ids=[f"{s} {' '.join(a)}" for s, a, _ in BENCH_CASES])
