@@ -2,8 +2,9 @@
 
     python bench/kernel_model.py [--json] [--batch 256] [--no-cache]
 
-For each kernel path (CUDA corruption, CUDA loss, Triton corruption band and general paths, Triton loss) at
-224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/, triton.compile for kernels/),
+For each kernel path (CUDA corruption, CUDA loss with and without the gradient, Triton corruption band and
+general paths, Triton loss) at 224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/,
+triton.compile for kernels/, specialised as Triton's launcher specialises the captured launch),
 reads registers and spills from ptxas, walks one CTA (program) of each kernel through its SASS with
 bench/sass_model.py (dynamic warp instructions: loop bodies x the trip counts the code itself computes)
 and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per SM, measured copy 0.077 ms for the
@@ -19,8 +20,9 @@ and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per SM, measured
 - HBM:    bytes read + written / the measured copy bandwidth.
 
 Calibration rows: the two kernels measured on the H200 (bench/results/fft_mask-NVIDIA-H200-*.log, B = 256,
-fp32, 224): Triton corruption band path 0.345 ms and the first Triton loss fwd+bwd 3.43 ms, the latter
-compiled from kernels/ as it was when measured (git show of MEASURED_LOSS_COMMIT). It is a model: ncu's
+fp32, 224): the one-launch Triton corruption band path 0.345 ms and the first Triton loss fwd+bwd 3.43 ms,
+both compiled from kernels/ as it was when measured (git show of MEASURED_BAND_COMMIT and
+MEASURED_LOSS_COMMIT). It is a model: ncu's
 executed-instruction counts (smsp__inst_executed) and times on a GPU are the check (docs/kernel_model.md).
 """
 
@@ -54,10 +56,13 @@ MAX_WARPS_PER_SM, MAX_CTAS_PER_SM = 64, 32
 WAVEFRONT_BYTES = 128
 TF32_FLOP_PER_CLK = {"wgmma": 2048, "mma.sync": 1024}  # per SM, dense tf32 (mma.sync: half the wgmma rate)
 COPY_MS_B256 = 0.077  # measured on the H200: read + write of the B = 256 fp32 batch
-LATENCY_WARPS = 7.0   # resident warps per scheduler that hide latency fully (calibrated: docs/kernel_model.md)
+LATENCY_WARPS = 9.0   # resident warps per scheduler that hide latency fully (fitted to the two calibration rows:
+#                       docs/kernel_model.md)
 CHANNELS, SIDE = 3, 224
-MEASURED = {"triton corrupt band": 0.345, "triton loss (measured version)": 3.43}
+MEASURED = {"triton corrupt band (measured version)": 0.345, "triton loss (measured version)": 3.43}
 MEASURED_LOSS_COMMIT = "53230c4"  # the H200 results commit: kernels/ as the measured Triton loss had it
+MEASURED_BAND_COMMIT = "44206ff"  # kernels/corrupt.py's last commit before the two-phase band path: the band
+#                                   kernel's jit code as measured (unchanged from 53230c4 to there)
 CACHE = os.environ.get("MFM_FAST_MODEL_CACHE", os.path.join(tempfile.gettempdir(), "mfm_fast_kernel_model"))
 
 
@@ -199,16 +204,17 @@ LAYOUT_PROBE = r"""
 #include <cstddef>
 #include <cstdio>
 #include "planes.cuh"
-#define F(T, f) std::printf(#T " " #f " %zu %zu\n", offsetof(mfm::T, f), sizeof(((mfm::T*)0)->f));
+#define F(T, f) std::printf(#T " " #f " %zu %zu %zu\n", offsetof(mfm::T, f), sizeof(((mfm::T*)0)->f), \
+                           alignof(decltype(((mfm::T*)0)->f)));
 int main() {
-  std::printf("CorruptArgs size %zu %zu\n", sizeof(mfm::CorruptArgs), alignof(mfm::CorruptArgs));
-  std::printf("LossArgs size %zu %zu\n", sizeof(mfm::LossArgs), alignof(mfm::LossArgs));
-  std::printf("PlaneSmem224 bytes0 %zu 0\n", mfm::PlaneSmem<224>::bytes(0));
+  std::printf("CorruptArgs size %zu %zu 0\n", sizeof(mfm::CorruptArgs), alignof(mfm::CorruptArgs));
+  std::printf("LossArgs size %zu %zu 0\n", sizeof(mfm::LossArgs), alignof(mfm::LossArgs));
+  std::printf("PlaneSmem224 bytes0 %zu 0 0\n", mfm::PlaneSmem<224>::bytes(0));
   F(CorruptArgs, x) F(CorruptArgs, x_dt) F(CorruptArgs, mask) F(CorruptArgs, out) F(CorruptArgs, out_dt)
-  F(CorruptArgs, channels) F(CorruptArgs, stats)
+  F(CorruptArgs, channels) F(CorruptArgs, vec) F(CorruptArgs, stats)
   F(LossArgs, pred) F(LossArgs, pred_dt) F(LossArgs, target) F(LossArgs, target_dt) F(LossArgs, mask)
   F(LossArgs, grad) F(LossArgs, grad_dt) F(LossArgs, channels) F(LossArgs, gamma) F(LossArgs, normalize_target)
-  F(LossArgs, stats)
+  F(LossArgs, vec) F(LossArgs, stats)
   return 0;
 }
 """
@@ -229,12 +235,30 @@ def arg_layouts() -> dict:
                              f"changed?): {proc.stderr.strip()[-600:]}")
         out = {}
         for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.splitlines():
-            struct, field, a, b = line.split()
-            out.setdefault(struct, {})[field] = (int(a), int(b))
+            struct, field, a, b, c = line.split()
+            out.setdefault(struct, {})[field] = (int(a), int(b), int(c))
             if field == "size":
                 out[struct]["size"], out[struct]["align"] = int(a), int(b)
+        for struct in ("CorruptArgs", "LossArgs"):
+            _check_fields_cover(struct, out[struct])
         return out
     return _cached(f"layout {_csrc_hash()} {hashlib.sha256(LAYOUT_PROBE.encode()).hexdigest()}", build)
+
+
+def _check_fields_cover(struct: str, fields: dict) -> None:
+    """The fields the model sets must tile the struct (only padding between them): a field added to
+    CorruptArgs / LossArgs that the model does not know of is an error, not a walk with it left zero.
+    (A bool or char added inside existing padding is not seen.)"""
+    end = 0
+    for name, (off, size, align) in sorted(((k, v) for k, v in fields.items() if k not in ("size", "align")),
+                                           key=lambda kv: kv[1][0]):
+        if off != (end + align - 1) // align * align:
+            raise ModelError(f"csrc/planes.cuh: {struct} has bytes [{end}, {off}) before {name!r} that the model "
+                             f"does not know (a new field?): teach cuda_params and LAYOUT_PROBE")
+        end = off + size
+    if (end + fields["align"] - 1) // fields["align"] * fields["align"] != fields["size"]:
+        raise ModelError(f"csrc/planes.cuh: {struct} is {fields['size']} bytes, its known fields end at {end} "
+                         f"(a new field?): teach cuda_params and LAYOUT_PROBE")
 
 
 PARAM_BASE = 0x210  # sm_90: kernel parameters start at c[0x0][0x210]
@@ -274,21 +298,23 @@ def _ptr(i):
     return 0x7F0000000000 + i * 0x1000000000
 
 
-def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = None) -> dict:
-    """Parameter words of corrupt_kernel / loss_kernel for an fp32 batch of `planes` planes (masked loss,
-    gamma 1, normalised target, gradient wanted); layout: the cubin's parameter offsets and sizes."""
+def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = None, grad: bool = True) -> dict:
+    """Parameter words of corrupt_kernel / loss_kernel for an fp32 batch of `planes` planes (16-byte aligned
+    buffers, so vec = true as ops.cpp sets it; masked loss, gamma 1, normalised target; grad: a gradient
+    buffer, else nullptr as for the forward-only kernel); layout: the cubin's parameter offsets and sizes."""
     lay = arg_layouts()
     if kind == "corrupt":
         L = lay["CorruptArgs"]
         f = {L["x"][0]: ("Q", _ptr(1)), L["x_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(2)),
-             L["out"][0]: ("Q", _ptr(3)), L["out_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS)}
+             L["out"][0]: ("Q", _ptr(3)), L["out_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS),
+             L["vec"][0]: ("B", 1)}
         return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", planes)}), (4, 4, {0: ("i", lookahead)})],
                            layout)
     L = lay["LossArgs"]
     f = {L["pred"][0]: ("Q", _ptr(1)), L["pred_dt"][0]: ("i", 0), L["target"][0]: ("Q", _ptr(2)),
-         L["target_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(3)), L["grad"][0]: ("Q", _ptr(4)),
+         L["target_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(3)), L["grad"][0]: ("Q", _ptr(4) if grad else 0),
          L["grad_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS), L["gamma"][0]: ("f", 1.0),
-         L["normalize_target"][0]: ("B", 1)}
+         L["normalize_target"][0]: ("B", 1), L["vec"][0]: ("B", 1)}
     images = planes // CHANNELS
     return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", images)}), (4, 4, {0: ("i", 0)}),
                         (4, 4, {0: ("f", 1.0)}), (8, 8, {0: ("Q", _ptr(5))}), (8, 8, {0: ("Q", _ptr(6))}),
@@ -336,38 +362,45 @@ def find_kernel(table: dict, pattern: str) -> str:
     return names[0]
 
 
+CUDA_KERNELS = (  # row name, source, kernel (fp32 224 instantiation), params kind, gradient, floor
+    ("cuda corrupt", "corrupt.cu", r"corrupt_kernelILi224E", "corrupt", True, "copy"),
+    ("cuda loss fwd+bwd (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224ELb1E", "loss", True, "loss"),
+    ("cuda loss forward only (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224ELb0E", "loss", False,
+     "copy"))
+
+
 def cuda_rows(batch: int) -> list:
     planes = batch * CHANNELS
     rows = []
     factor = smem_conflict_factor()
-    for name, source, pattern, kind, nbytes in (
-            ("cuda corrupt", "corrupt.cu", r"corrupt_kernelILi224E", "corrupt",
-             2 * batch_bytes(batch) + batch * SIDE * SIDE * 4),
-            ("cuda loss fwd+bwd (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224E", "loss",
-             3 * batch_bytes(batch) + batch * SIDE * SIDE * 4)):
+    masks = batch * SIDE * SIDE * 4
+    for name, source, pattern, kind, grad, floor in CUDA_KERNELS:
+        # HBM: corruption reads x and the masks, writes out; the loss reads pred, target and the masks and
+        # (with the gradient) writes it
+        nbytes = (2 * batch_bytes(batch) + masks if kind == "corrupt" or not grad
+                  else 3 * batch_bytes(batch) + masks)
         cubin, table = build_cuda(source)
         kernel = find_kernel(table, pattern)
-        threads = 512 if "224" in kernel else 256
-        threads = _launch_threads(source, threads)
+        threads = _launch_threads(source)
         info = table[kernel]
         smem = _cuda_smem(source, threads)
         occ = occupancy(threads, info["registers"], smem)
-        params = cuda_params(kind, planes, SMS * max(occ, 1), kparam_info(cubin, kernel))
+        params = cuda_params(kind, planes, SMS * max(occ, 1), kparam_info(cubin, kernel), grad=grad)
         walk = walk_kernel(cubin, kernel, threads, params)
         wavefronts = walk["smem_wavefronts"] * factor
         b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
         rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, planes,
-                         walk, wavefronts, nbytes, b, batch, floor=("copy" if kind == "corrupt" else "loss"),
+                         walk, wavefronts, nbytes, b, batch, floor=floor,
                          note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py); ptxas stack frame "
-                              f"{info['stack']} B"))
+                              f"{info['stack']} B" + ("" if grad else "; floor: its reads, one copy")))
         rows[-1]["stack_bytes"] = info["stack"]
         rows[-1]["warp_insns_per_plane"] = walk["insns"]  # one CTA per plane
-    kern = rows[-1]
+    kern = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes)")
     glue = loss_glue_ms(batch)
-    rows.append(dict(name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4),
-                     hbm_bytes=kern["hbm_bytes"], hbm_ms=kern["hbm_ms"], glue_ms=round(glue, 4), floor="loss",
-                     floor_ms=kern["floor_ms"], x_floor=round((kern["modelled_ms"] + glue) / kern["floor_ms"], 2),
-                     launches=[kern["name"]]))
+    rows.insert(rows.index(kern) + 1, dict(
+        name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4), hbm_bytes=kern["hbm_bytes"],
+        hbm_ms=kern["hbm_ms"], glue_ms=round(glue, 4), floor="loss", floor_ms=kern["floor_ms"],
+        x_floor=round((kern["modelled_ms"] + glue) / kern["floor_ms"], 2), launches=[kern["name"]]))
     band = [n for src in ("corrupt.cu", "masked_freq_loss.cu") for n in build_cuda(src)[1] if "band" in n.lower()]
     if band:
         rows.append(dict(name="cuda loss (band planes)", modelled_ms=None,
@@ -378,30 +411,53 @@ def cuda_rows(batch: int) -> list:
     return rows
 
 
-def _launch_threads(source: str, default: int) -> int:
-    """Threads per CTA of the 224 kernel from the source (corrupt_threads / loss_threads: S >= 224 ? a : b)."""
+def _launch(source: str) -> tuple:
+    """(source text, threads expression, shared-memory expression) of the plane kernel's <<<planes, T, M,
+    stream>>> launch in csrc/<source>."""
+    kernel = "corrupt_kernel" if source == "corrupt.cu" else "loss_kernel"
     with open(os.path.join(ROOT, "csrc", source)) as f:
-        m = re.search(r"_threads\(\)\s*\{\s*return S >= 224 \? (\d+) : (\d+);", f.read())
+        text = f.read()
+    m = re.search(kernel + r"<S[^>]*><<<\s*planes,\s*([^,]+),\s*([^,]+),", text)
     if m is None:
-        raise ModelError(f"csrc/{source}: cannot read the CTA size of the 224 kernel (no `S >= 224 ? a : b`)")
-    return int(m.group(1))
+        raise ModelError(f"csrc/{source}: cannot find the {kernel}<S...><<<planes, threads, smem, ...>>> launch")
+    return text, m.group(1).strip(), m.group(2).strip()
+
+
+def _constexpr(text: str, name: str) -> str:
+    """The initialiser of `constexpr <type> name = ...;` in text, or name itself when it is no such variable."""
+    m = re.search(r"constexpr\s+[\w:]+\s+" + re.escape(name) + r"\s*=\s*([^;]+);", text)
+    return m.group(1).strip() if m else name
+
+
+def _launch_threads(source: str) -> int:
+    """Threads per CTA of the 224 kernel's launch: its <<<>>> threads expression, a `*_threads<S>()` whose
+    body is `return S >= 224 ? a : b;`."""
+    text, threads, _ = _launch(source)
+    expr = _constexpr(text, threads)
+    m = re.fullmatch(r"(\w+_threads)<S>\(\)", expr)
+    body = m and re.search(re.escape(m.group(1)) + r"\(\)\s*\{\s*return S >= 224 \? (\d+) : (\d+);", text)
+    if not body:
+        raise ModelError(f"csrc/{source}: cannot read the CTA size of the 224 kernel (launch threads {expr!r}, "
+                         "expected an `X_threads<S>()` returning `S >= 224 ? a : b`)")
+    return int(body.group(1))
 
 
 def _cuda_smem(source: str, threads: int) -> int:
-    """Dynamic shared memory of the 224 plane kernel: PlaneSmem<224>::bytes(extra) from the host probe, extra
-    = sizeof(double) * threads where the launcher asks for it (the loss's reduction buffer)."""
+    """Dynamic shared memory of the 224 plane kernel's launch: PlaneSmem<224>::bytes(extra) from the host
+    probe, extra = sizeof(double) * threads where the launcher asks for it (the loss's reduction buffer)."""
     base = arg_layouts().get("PlaneSmem224", {}).get("bytes0")
     if base is None:
         raise ModelError("cannot read PlaneSmem<224>::bytes(0) from csrc/ (the plane layout changed?)")
-    with open(os.path.join(ROOT, "csrc", source)) as f:
-        text = f.read()
-    m = re.search(r"PlaneSmem<S>::bytes\(([^;]*)\);", text)
+    text, _, smem = _launch(source)
+    expr = _constexpr(text, smem)
+    m = re.fullmatch(r"PlaneSmem<S>::bytes\((.*)\)", expr)
     if m is None:
-        raise ModelError(f"csrc/{source}: cannot find the kernel's PlaneSmem<S>::bytes(...) shared-memory size")
+        raise ModelError(f"csrc/{source}: the launch's shared memory is {expr!r}, not PlaneSmem<S>::bytes(...) "
+                         "(teach _cuda_smem)")
     extra = m.group(1).strip()
     if extra in ("0", ""):
         return base[0]
-    if re.fullmatch(r"sizeof\(double\) \* threads", extra):
+    if re.fullmatch(r"sizeof\(double\) \* threads", extra) and _constexpr(text, "threads") != "threads":
         return base[0] + 8 * threads
     raise ModelError(f"csrc/{source}: unknown extra shared memory {extra!r} (teach _cuda_smem)")
 
@@ -447,35 +503,35 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 def triton_compile(fn, args, kwargs) -> tuple:
-    """(compiled kernel, param words) of one captured launch, for sm_90."""
-    import torch
+    """(compiled kernel, param words) of one captured launch for sm_90, specialised as Triton's own launcher
+    specialises it (its binder on the captured arguments: integers equal to 1 become constants, pointers and
+    integers divisible by 16 get tt.divisibility 16), so the build is the one a GPU run compiles."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    names = fn.arg_names
-    bound = dict(zip(names, args))
-    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
-    constexprs = {names[i]: bound[names[i]] for i in range(len(names)) if i in fn.constexprs}
-    signature, items = {}, []
-    dt = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
-          torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
-    for i, n in enumerate(names):
-        if n in constexprs:
-            signature[n] = "constexpr"
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    items = []
+    for name, value in bound.items():
+        kind = signature[name]
+        if kind == "constexpr":
             continue
-        v = bound[n]
-        if isinstance(v, torch.Tensor):
-            signature[n] = dt[v.dtype]
+        if kind.startswith("*"):
             items.append((8, 8, {0: ("Q", _ptr(len(items) + 1))}))
-        elif isinstance(v, float):
-            signature[n] = "fp32"
-            items.append((4, 4, {0: ("f", v)}))
+        elif kind == "fp32":
+            items.append((4, 4, {0: ("f", float(value))}))
+        elif kind in ("i32", "u32"):
+            items.append((4, 4, {0: ("i" if kind == "i32" else "I", int(value))}))
+        elif kind in ("i64", "u64"):
+            items.append((8, 8, {0: ("q" if kind == "i64" else "Q", int(value))}))
         else:
-            signature[n] = "i32"
-            items.append((4, 4, {0: ("i", int(v))}))
-    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=options)
+            raise ModelError(f"{fn.__name__}: argument {name} of type {kind}: teach triton_compile to pack it")
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=target,
+                              options={k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs})
     return compiled, pack_params(items)
 
 
@@ -486,12 +542,14 @@ def capture_launches(run) -> list:
 
 
 def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int, nbytes: float,
-                       floor: str, source_key: str, plane_share=None) -> list:
-    """One row per launch (grid scaled from batch_small to batch) and a summed row for the op."""
+                       floor: str, source_key: str, plane_share=None, launch_bytes=None) -> list:
+    """One row per launch (grid scaled from batch_small to batch) and a summed row for the op. launch_bytes:
+    fn_name, {argument name: value} at batch_small -> that launch's HBM bytes at batch (then the op's HBM
+    is their sum, and each launch is at least its own traffic); else the op's nbytes only."""
     rows = []
     total = dict(issue_ms=0.0, smem_ms=0.0, tensor_ms=0.0, hbm_ms=0.0)
     for i, (fn, grid, args, kwargs) in enumerate(launches):
-        key = f"triton {source_key} {fn.__name__} {i}"
+        key = f"triton launcher-specialised {source_key} {fn.__name__} {i}"
 
         def build(fn=fn, args=args, kwargs=kwargs):
             compiled, params = triton_compile(fn, args, kwargs)
@@ -516,14 +574,17 @@ def triton_kernel_rows(label: str, launches: list, batch_small: int, batch: int,
         occ = occupancy(threads, c["regs"], c["shared"])
         walk = walk_kernel(c["cubin"], c["name"], threads, c["params"])
         share = 1.0 if plane_share is None else plane_share(fn.__name__)
-        b = bounds(programs, threads, occ, walk["insns"] * share, walk["smem_wavefronts"] * share, 0, batch,
+        lbytes = 0 if launch_bytes is None else launch_bytes(fn.__name__, dict(zip(fn.arg_names, args)))
+        b = bounds(programs, threads, occ, walk["insns"] * share, walk["smem_wavefronts"] * share, lbytes, batch,
                    {k: f * share for k, f in walk["mma_flops"].items()})
         rows.append(_row(f"{label}: {fn.__name__}", c["name"], threads, c["regs"], c["spills"], c["shared"], occ,
-                         programs, walk, walk["smem_wavefronts"], 0, b, batch, floor,
+                         programs, walk, walk["smem_wavefronts"], lbytes, b, batch, floor,
                          note="" if share == 1.0 else f"programs doing work: {share:.2f} of the grid"))
         rows[-1]["warp_insns_per_plane"] = int(walk["insns"] * share * programs / (batch * CHANNELS))
         for k in total:
             total[k] += b[k]
+    if launch_bytes is not None:
+        nbytes = sum(r["hbm_bytes"] for r in rows)
     total["hbm_ms"] = hbm_ms(nbytes, batch)
     # launches run one after another: the op is the sum of each launch's largest bound, at least its HBM
     # traffic, plus the torch work around the loss kernels (loss_glue_ms)
@@ -562,23 +623,51 @@ def _source_key(package_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+def band_launch_bytes(batch: int, small: int, high_pass_share: float):
+    """HBM bytes of each band-path launch at B = batch (fp32): phase 1 (_band_coefficients_kernel) reads x and
+    writes the band sums uv; phase 2 (_band_lowpass_kernel) reads uv and the masks, writes out, and reads x
+    again for the high-pass images only (c != 0). A one-launch band kernel (older code): x, masks, out."""
+    def nbytes(fn_name: str, args: dict) -> float:
+        uv = args.get("uv_ptr")
+        uv_bytes = 0 if uv is None else uv.numel() * uv.element_size() * batch / small
+        masks = batch * SIDE * SIDE * 4
+        if fn_name == "_band_coefficients_kernel":
+            return batch_bytes(batch) + uv_bytes
+        if fn_name == "_band_lowpass_kernel":
+            return uv_bytes + masks + batch_bytes(batch) * (1 + high_pass_share)
+        if fn_name == "_corrupt_spectrum_kernel":
+            return 2 * batch_bytes(batch) + masks
+        raise ModelError(f"kernels/corrupt.py's band path launches {fn_name}: teach band_launch_bytes its traffic")
+    return nbytes
+
+
 def triton_rows(batch: int) -> list:
-    import torch
     from mfm_fast.kernels import corrupt as cor
     from mfm_fast.kernels import masked_freq_loss as mfl
-    from mfm_fast.kernels._dft import channel_stats
-    small = 2
-    x, mask, band = _mfm_inputs(small)
-    stats = channel_stats((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), x.device)
     key = _source_key(os.path.dirname(cor.__file__))
-    out = torch.empty_like(x)
-    rows = []
-    corrupt_bytes = 2 * batch_bytes(batch) + batch * SIDE * SIDE * 4
-    rows += triton_kernel_rows("triton corrupt band", capture_launches(
-        lambda: cor.launch(x, mask, stats, out, band, "tf32x3")), small, batch, corrupt_bytes, "copy", key)
-    rows += triton_kernel_rows("triton corrupt general", capture_launches(
-        lambda: cor.launch(x, mask, stats, out, 0, "tf32x3")), small, batch, corrupt_bytes, "copy", key)
+    rows = corrupt_rows(cor, "triton corrupt band", batch, key, general=True)
+    small = batch  # captured at the batch itself: the launcher specialises on the integers it passes
+    x, mask, band = _mfm_inputs(small)
     rows += loss_rows(mfl, "triton loss fwd+bwd", x, mask, band, small, batch, key)
+    return rows
+
+
+def corrupt_rows(cor, label: str, batch: int, key: str, general: bool = False) -> list:
+    """The band path's launches as kernels/corrupt.py's launch() (of `cor`) makes them for MFM disc masks,
+    and with general: the general path's."""
+    import torch
+    small = batch  # captured at the batch itself: the launcher specialises on the integers it passes
+    x, mask, band = _mfm_inputs(small)
+    stats = torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]], dtype=torch.float32)
+    out = torch.empty_like(x)
+    corrupt_bytes = 2 * batch_bytes(batch) + batch * SIDE * SIDE * 4
+    high_pass = sum(1 for i in range(small) if i % 2 == 1) / small  # _mfm_inputs: odd images high-pass
+    rows = triton_kernel_rows(label, capture_launches(
+        lambda: cor.launch(x, mask, stats, out, band, "tf32x3")), small, batch, corrupt_bytes, "copy", key,
+        launch_bytes=band_launch_bytes(batch, small, high_pass))
+    if general:
+        rows += triton_kernel_rows("triton corrupt general", capture_launches(
+            lambda: cor.launch(x, mask, stats, out, 0, "tf32x3")), small, batch, corrupt_bytes, "copy", key)
     return rows
 
 
@@ -594,31 +683,45 @@ def loss_rows(mfl, label, x, mask, band, small, batch, key) -> list:
     return triton_kernel_rows(label, launches, small, batch, nbytes, "loss", key, share)
 
 
+def _measured_package(commit: str, modules: tuple, name: str, namespace: str):
+    """kernels/ of `commit` (git show) as a temporary package `name` (its torch custom ops moved to
+    `namespace` so that they do not clash with today's); returns (its modules, its source key)."""
+    d = os.path.join(CACHE, f"kernels_{commit}")
+    pkg = os.path.join(d, name)
+    os.makedirs(pkg, exist_ok=True)
+    for mod in ("__init__.py", "_dft.py") + modules:
+        proc = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:kernels/{mod}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ModelError(f"git show {commit}:kernels/{mod} failed: {proc.stderr.strip()}")
+        text = proc.stdout if mod != "__init__.py" else ""
+        text = text.replace('custom_op("mfm_fast::', f'custom_op("{namespace}::')
+        text = text.replace('register_fake("mfm_fast::', f'register_fake("{namespace}::')
+        with open(os.path.join(pkg, mod), "w") as f:
+            f.write(text)
+    if d not in sys.path:
+        sys.path.insert(0, d)
+    try:
+        mods = [importlib.import_module(f"{name}.{m[:-3]}") for m in modules]
+    except Exception as exc:
+        raise ModelError(f"cannot import kernels/ of {commit} ({', '.join(modules)}): {exc}") from exc
+    return mods, _source_key(pkg) + commit
+
+
 def measured_loss_rows(batch: int) -> list:
     """The Triton loss as measured on the H200: kernels/ of MEASURED_LOSS_COMMIT in a temporary package."""
-    import torch
-    d = os.path.join(CACHE, f"kernels_{MEASURED_LOSS_COMMIT}")
-    pkg = os.path.join(d, "mfm_measured_kernels")
-    os.makedirs(pkg, exist_ok=True)
-    for name in ("__init__.py", "_dft.py", "masked_freq_loss.py"):
-        proc = subprocess.run(["git", "-C", ROOT, "show", f"{MEASURED_LOSS_COMMIT}:kernels/{name}"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ModelError(f"git show {MEASURED_LOSS_COMMIT}:kernels/{name} failed: {proc.stderr.strip()}")
-        text = proc.stdout if name != "__init__.py" else ""
-        text = text.replace('custom_op("mfm_fast::', 'custom_op("mfm_measured::')  # no clash with today's ops
-        text = text.replace('register_fake("mfm_fast::', 'register_fake("mfm_measured::')
-        with open(os.path.join(pkg, name), "w") as f:
-            f.write(text)
-    sys.path.insert(0, d)
-    try:
-        mfl = importlib.import_module("mfm_measured_kernels.masked_freq_loss")
-    except Exception as exc:
-        raise ModelError(f"cannot import the measured Triton loss ({MEASURED_LOSS_COMMIT}): {exc}") from exc
-    small = 2
+    (mfl,), key = _measured_package(MEASURED_LOSS_COMMIT, ("masked_freq_loss.py",), "mfm_measured_kernels",
+                                  "mfm_measured")
+    small = batch
     x, mask, band = _mfm_inputs(small)
-    return loss_rows(mfl, "triton loss (measured version)", x, mask, band, small, batch,
-                     _source_key(pkg) + MEASURED_LOSS_COMMIT)
+    return loss_rows(mfl, "triton loss (measured version)", x, mask, band, small, batch, key)
+
+
+def measured_band_rows(batch: int) -> list:
+    """The Triton corruption band path as measured on the H200 (one launch, _corrupt_spectrum_kernel BAND,
+    FUSED): kernels/corrupt.py of MEASURED_BAND_COMMIT, the last before the two-phase band path."""
+    (cor,), key = _measured_package(MEASURED_BAND_COMMIT, ("corrupt.py",), "mfm_measured_band",
+                                  "mfm_measured_band")
+    return corrupt_rows(cor, "triton corrupt band (measured version)", batch, key)
 
 
 # ------------------------------------------------------------------ report
@@ -627,8 +730,7 @@ def model(batch: int = 256) -> dict:
     kernels += cuda_rows(batch)
     kernels += triton_rows(batch)
     # calibration: always at B = 256, where the H200 figures were measured
-    at256 = kernels if batch == 256 else triton_rows(256)
-    calib_rows = [r for r in at256 if r["name"] == "triton corrupt band"] + \
+    calib_rows = [r for r in measured_band_rows(256) if r["name"] == "triton corrupt band (measured version)"] + \
         [r for r in measured_loss_rows(256) if r["name"] == "triton loss (measured version)"]
     calibration = [dict(name=r["name"], batch=256, modelled_ms=r["modelled_ms"], measured_ms=MEASURED[r["name"]],
                         ratio=round(r["modelled_ms"] / MEASURED[r["name"]], 3)) for r in calib_rows]

@@ -147,8 +147,39 @@ class Program:
                             tgt = self.entry.get(key[1:])
                         ins.target = tgt
 
+        # jump tables (BRX): each function's constant bank 2 from the cubin, and code addresses -> indices
+        self.const2 = constant_bank2(cubin)
+        self.owner, self.at_pc = [], {}
+        for name, (insns, _) in self.funcs.items():
+            for i, ins in enumerate(insns):
+                self.owner.append(name)
+                self.at_pc[(name, ins.pc)] = self.entry[name] + i
+
     def kernels(self) -> list:
         return [n for n in self.funcs if not n.startswith("$")]
+
+
+def constant_bank2(cubin: str) -> dict:
+    """{function: {(2, byte offset): u32}} from the cubin's .nv.constant2.<function> sections (the compiler's
+    constants, among them switch jump tables), read straight from the ELF64 section headers."""
+    import struct as st
+    with open(cubin, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return {}
+    shoff, = st.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = st.unpack_from("<HHH", data, 0x3A)
+    heads = [st.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = heads[shstrndx]
+    out = {}
+    for name_off, kind, _, _, off, size, *_ in heads:
+        end = data.index(b"\0", strtab[4] + name_off)
+        name = data[strtab[4] + name_off:end].decode()
+        if name.startswith(".nv.constant2.") and kind != 8:  # 8: SHT_NOBITS
+            words = data[off:off + size]
+            out[name[len(".nv.constant2."):]] = {(2, i): int.from_bytes(words[i:i + 4], "little")
+                                                 for i in range(0, len(words) - 3, 4)}
+    return out
 
 
 # ------------------------------------------------------------------ values
@@ -196,6 +227,17 @@ class Warp:
         self.live = self.tid < np.uint64(ntid)
         self.ntid, self.ctaid, self.params = ntid, ctaid, params
         self.carry = {}
+        self.bits = {}  # register -> per-lane known-bit masks of a partly known value (flag words, LOP3)
+
+    def known_bits(self, name: str) -> tuple:
+        """(value, known-bit mask) per lane of a register: all bits of a known value, op_lop3's record of a
+        partly known one (bits set or cleared by LOP3 with constant masks), else none."""
+        val = self.get(name)
+        kb = np.where(val.k, np.uint64(M32), np.uint64(0))
+        if name in self.bits:
+            pv, pk = self.bits[name]
+            val, kb = Lanes(np.where(val.k, val.v, pv), val.k), np.where(val.k, kb, pk)
+        return val.v, kb
 
     # register access
     def get(self, name: str) -> Lanes:
@@ -208,6 +250,7 @@ class Warp:
     def set(self, name: str, val: Lanes, mask):
         if name in ("RZ", "URZ"):
             return
+        self.bits.pop(name, None)  # any write ends a partly known value (op_lop3 records its own)
         if mask.all():
             self.r[name] = Lanes(val.v & np.uint64(M32), val.k)
             return
@@ -296,10 +339,10 @@ def _read_operand_slow(w: Warp, a: str, float_ctx=False) -> Lanes:
         val.k &= base.k
     elif re.match(r"^U?R(\d+|Z)$", core):
         val = w.get(core)
-    elif IMM.match(core):
+    elif IMM.match(core) and not (float_ctx and not core.startswith("0x")):
         n = int(core, 0)
         val = Lanes(np.full(LANES, n & M32, np.uint64))
-    elif FLOATIMM.match(core):
+    elif FLOATIMM.match(core) or IMM.match(core):  # a float instruction's "1" / "-126" is 1.0f / -126.0f
         val = Lanes(_from_f(np.full(LANES, float(core), np.float32)))
     elif core in ("PT", "!PT"):
         val = Lanes(np.full(LANES, 1, np.uint64))
@@ -487,7 +530,33 @@ def walk_warp(prog: Program, kernel: str, warp_id: int, ntid: int, ctaid: int, p
             depth = depth - exec_mask
             pcs = nxt
             continue
-        if op == "BRX" or op == "JMX":
+        if op == "BRX":
+            # BRX Ra imm: to the function-relative address Ra + imm + (address of the next instruction); Ra
+            # comes from the jump table in constant bank 2. The target must be one of nvdisasm's
+            # BRANCH_TARGETS, and every lane's index known.
+            if exec_mask.any():
+                m = re.match(r"BRX\s+(R\d+)\s+(-?0x[0-9a-f]+|-?\d+)", ins.text)
+                if m is None:
+                    raise WalkError(f"{kernel}: cannot read the BRX at {ins.src}: {ins.text[:60]}")
+                reg = read_operand(w, m.group(1))
+                if not (reg.k[exec_mask] & gk[exec_mask]).all():
+                    raise WalkError(f"{kernel}: jump table index at {ins.src} ({ins.text[:40]}) depends on a "
+                                    f"value the walk does not model")
+                func = prog.owner[pc]
+                imm = int(m.group(2), 0)
+                allowed = {prog.funcs[func][1].get(t.strip()) for t in
+                           re.search(r'BRANCH_TARGETS ([^"]*)"', ins.text).group(1).split(",")} \
+                    if "BRANCH_TARGETS" in ins.text else None
+                for i in np.nonzero(exec_mask)[0]:
+                    addr = (int(_s(reg.v[i:i + 1])[0]) + imm + ins.pc + 16) & M32
+                    tgt = prog.at_pc.get((func, addr))
+                    if tgt is None or (allowed is not None and tgt - prog.entry[func] not in allowed):
+                        raise WalkError(f"{kernel}: jump table at {ins.src} goes to 0x{addr:x}, not one of its "
+                                        f"branch targets")
+                    nxt[i] = tgt
+            pcs = nxt
+            continue
+        if op == "JMX":
             raise WalkError(f"{kernel}: indirect branch (jump table) at {ins.src}: {ins.text}")
         if op in ("HGMMA", "HMMA") and exec_mask.any():
             kind, flops = mma_flops(ins)
@@ -685,9 +754,39 @@ def op_lop3(w, ins, mods, a, m):
     lut = int(args[4], 0)
     v = lut3(x.v, y.v, z.v, lut)
     k = x.k & y.k & z.k
+    if k[m].all() or not m.any():
+        if pout:
+            w.set_pred(pout, v != 0, k, m)
+        w.set(args[0], Lanes(v, k), m)
+        return
+    # bit by bit: a result bit is known when the LUT gives it whatever the operands' unknown bits are (flag
+    # words built with LOP3 from an uninitialised register: only the bits that are set or cleared count)
+    ops = []
+    for t in args[1:4]:
+        core = t.replace(".reuse", "")
+        if re.match(r"^U?R(\d+|Z)$", core):
+            ops.append(w.known_bits(core))
+        else:
+            val = rd(w, t)
+            ops.append((val.v, np.where(val.k, np.uint64(M32), np.uint64(0))))
+    full = np.uint64(M32)
+    outs = []
+    for c in range(8):
+        sub = [(ov & uk) | ((full & ~uk) if (c >> i) & 1 else np.uint64(0)) for i, (ov, uk) in enumerate(ops)]
+        outs.append(lut3(sub[0], sub[1], sub[2], lut) & full)
+    diff = np.zeros(LANES, np.uint64)
+    for o in outs[1:]:
+        diff |= o ^ outs[0]
+    kb = ~diff & full
+    v = outs[0]
+    k = kb == full
     if pout:
-        w.set_pred(pout, v != 0, k, m)
+        w.set_pred(pout, v != 0, k | ((v & kb) != 0), m)
+    prev = w.known_bits(args[0]) if args[0] not in ("RZ", "URZ") else None
     w.set(args[0], Lanes(v, k), m)
+    if prev is not None and not k[m].all():
+        pv, pk = prev
+        w.bits[args[0]] = (np.where(m, v, pv), np.where(m, kb, pk))
 
 
 def op_lop(w, ins, mods, a, m):
@@ -823,6 +922,17 @@ def op_ldc(w, ins, mods, a, m):
             offs += int(term, 0)
         else:
             base = w.get(term)
+    sub = next(((bits, t[0] == "S") for t, bits in (("U8", 8), ("S8", 8), ("U16", 16), ("S16", 16)) if t in mods),
+               None)
+    if sub is not None:  # a byte / half-word: from its 32-bit word, shifted down, zero- or sign-extended
+        bits, signed = sub
+        addr = _u(base.v + np.uint64(offs))
+        word = w.const(bank, addr & np.uint64(~3 & M32))
+        v = (word.v >> ((addr & np.uint64(3)) * np.uint64(8))) & np.uint64((1 << bits) - 1)
+        if signed:
+            v = np.where(v >= np.uint64(1 << (bits - 1)), v | np.uint64(M32 ^ ((1 << bits) - 1)), v)
+        w.set(a[0], Lanes(v, word.k & base.k), m)
+        return
     for i in range(wide):
         val = w.const(bank, _u(base.v + np.uint64(offs + 4 * i)))
         val.k &= base.k
@@ -1118,8 +1228,9 @@ def walk_cta(prog: Program, kernel: str, ntid: int, ctaid: int = 0, params: dict
     """Walk every warp (or the listed ones) of one CTA; the summed Stats."""
     stats = Stats()
     n_warps = (ntid + LANES - 1) // LANES
+    params = {**prog.const2.get(kernel, {}), **(params or {})}  # bank 2: the kernel's own jump tables
     for wid in (range(n_warps) if warps is None else warps):
-        walk_warp(prog, kernel, wid, ntid, ctaid, params or {}, stats)
+        walk_warp(prog, kernel, wid, ntid, ctaid, params, stats)
     return stats
 
 

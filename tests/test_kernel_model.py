@@ -26,6 +26,38 @@ extern "C" __global__ void strided(float* out, int n) {
 #pragma unroll 1
   for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = out[i] * 2.f;
 }
+extern "C" __global__ void fimm(float* out, int n, float g) {
+  float acc = 0.f;
+  int trips = g == 1.f ? n : 3 * n;
+#pragma unroll 1
+  for (int k = 0; k < trips; ++k) acc = acc * 0.5f + out[k];
+  out[threadIdx.x] = acc;
+}
+extern "C" __global__ void table(float* out, int n, int sel) {
+  float acc = 0.f;
+  switch (sel) {
+    case 0:
+#pragma unroll 1
+      for (int k = 0; k < n; ++k) acc = acc * 0.5f + out[k];  // CASE0
+      break;
+    case 1:
+#pragma unroll 1
+      for (int k = 0; k < n; ++k) acc = acc * out[k] + 1.f;  // CASE1
+      break;
+    case 2:
+#pragma unroll 1
+      for (int k = 0; k < n; ++k) acc = fmaxf(acc, out[2 * k]) - 0.25f;  // CASE2
+      break;
+    case 3:
+#pragma unroll 1
+      for (int k = 0; k < n; ++k) acc = acc / (out[k] + 3.f);  // CASE3
+      break;
+    default:
+#pragma unroll 1
+      for (int k = 0; k < n; ++k) acc += out[3 * k] * out[k];  // CASE4
+  }
+  out[threadIdx.x] = acc;
+}
 """
 
 
@@ -42,7 +74,8 @@ def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy")
     src, cubin = d / "toy.cu", d / "toy.cubin"
     src.write_text(TOY)
-    subprocess.run([_nvcc(), "-arch=sm_90", "-cubin", "-O3", str(src), "-o", str(cubin)], check=True, timeout=300)
+    subprocess.run([_nvcc(), "-arch=sm_90", "-cubin", "-O3", "-lineinfo", str(src), "-o", str(cubin)], check=True,
+                   timeout=300)
     import sass_model
     return sass_model, sass_model.Program(str(cubin))
 
@@ -80,6 +113,34 @@ def test_thread_strided_loop_counts_the_tail_warps(toy):
     assert s1024 - s900 == 3 * body
 
 
+def test_float_immediate_compare(toy):
+    """FSETP's immediate "1" is 1.0f, not the bits 0x1: g = 1.0 takes n trips, g = 2.0 takes 3 n."""
+    import struct
+    sm, prog = toy
+    body = _loop_body(prog, "fimm")
+
+    def steps(g):
+        p = _params(10)
+        p[(0, 0x21c)] = struct.unpack("<I", struct.pack("<f", g))[0]
+        return sm.walk_cta(prog, "fimm", 32, params=p).steps
+    assert steps(2.0) - steps(1.0) == 20 * body
+
+
+def test_jump_table_takes_the_case_of_its_index(toy):
+    """A switch compiled to BRX through a constant-bank-2 jump table: each sel runs its own case's loop
+    (the case's source line issues once per trip), none raises."""
+    sm, prog = toy
+    assert any(ins.op == "BRX" for ins in prog.funcs["table"][0]), "the toy switch has no jump table any more"
+    lines = {f"CASE{c}": i + 1 for i, text in enumerate(TOY.splitlines()) for c in range(5) if f"CASE{c}" in text}
+    for sel, case in ((0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (7, 4)):
+        p = _params(20)
+        p[(0, 0x21c)] = sel
+        s = sm.walk_cta(prog, "table", 32, params=p)
+        hot = {ln for (f, ln), n in s.by_src.items() if f == "toy.cu" and n >= 20}
+        assert lines[f"CASE{case}"] in hot, (sel, hot)
+        assert not (hot & {v for k, v in lines.items() if k != f"CASE{case}"}), (sel, hot)
+
+
 def test_unknown_loop_bound_is_an_error(toy):
     """A loop whose bound the walk cannot know (here: n not given) stops with a clear error, not a number."""
     sm, prog = toy
@@ -100,8 +161,8 @@ def model_json():
 
 def test_model_schema(model_json):
     names = [k["name"] for k in model_json["kernels"]]
-    for want in ("cuda corrupt", "cuda loss fwd+bwd", "triton corrupt band", "triton corrupt general",
-                 "triton loss fwd+bwd"):
+    for want in ("cuda corrupt", "cuda loss fwd+bwd", "cuda loss forward only (full planes)", "triton corrupt band",
+                 "triton corrupt general", "triton loss fwd+bwd"):
         assert want in names
     for k in model_json["kernels"]:
         assert "name" in k and "modelled_ms" in k
@@ -110,7 +171,10 @@ def test_model_schema(model_json):
                           "hbm_bytes", "issue_ms", "smem_ms", "hbm_ms", "x_floor"):
                 assert field in k, (k["name"], field)
             assert k["warp_insns_per_cta"] > 0 and k["modelled_ms"] > 0
-    assert {c["name"] for c in model_json["calibration"]} == {"triton corrupt band", "triton loss (measured version)"}
+    assert {c["name"] for c in model_json["calibration"]} == {"triton corrupt band (measured version)",
+                                                              "triton loss (measured version)"}
+    band = next(k for k in model_json["kernels"] if k["name"] == "triton corrupt band")
+    assert len(band["launches"]) == 2  # kernels/corrupt.py's band path: coefficients, then the low-pass pass
 
 
 def test_calibration_within_30_percent(model_json):
