@@ -67,16 +67,21 @@ def _dist2(height: int, width: int, device) -> torch.Tensor:
     return y[:, None] ** 2 + x[None, :] ** 2
 
 
+def _removed(dist2: torch.Tensor, rings: Rings) -> torch.Tensor:
+    """(H, W) bool: True where some ring (r1, r2) holds the frequency, r1^2 <= dist2 < r2^2."""
+    removed = torch.zeros(dist2.shape, dtype=torch.bool)
+    for r1, r2 in rings:
+        removed |= (r1 * r1 <= dist2) & (dist2 < r2 * r2)
+    return removed
+
+
 @functools.lru_cache(maxsize=256)
 def check_rings_on_grid(rings: Rings, height: int, width: int, banded: bool = False) -> None:
     """ValueError naming r1 (``bands`` when banded) when the rings remove every frequency of an (H, W) spectrum
     or none: low- and high-pass masks would then keep everything or nothing (nothing to predict, or nothing
     to see). Pure host arithmetic on the grid's squared distances (cached; no tensor values read)."""
     dist2 = _dist2(height, width, None)
-    removed = torch.zeros(height, width, dtype=torch.bool)
-    for r1, r2 in rings:
-        removed |= (r1 * r1 <= dist2) & (dist2 < r2 * r2)
-    n_removed = int(removed.sum())
+    n_removed = int(_removed(dist2, rings).sum())
     if 0 < n_removed < height * width:
         return
     name = "bands" if banded else "r1"
@@ -92,11 +97,7 @@ def check_rings_on_grid(rings: Rings, height: int, width: int, banded: bool = Fa
 
 
 def _base_mask_uncached(height: int, width: int, rings: Rings, device: torch.device) -> torch.Tensor:
-    dist2 = _dist2(height, width, None)
-    removed = torch.zeros(height, width, dtype=torch.bool)
-    for r1, r2 in rings:
-        removed |= (r1 * r1 <= dist2) & (dist2 < r2 * r2)
-    return (~removed).to(torch.float32).to(device)
+    return (~_removed(_dist2(height, width, None), rings)).to(torch.float32).to(device)
 
 
 _base_mask_cached = functools.lru_cache(maxsize=64)(_base_mask_uncached)
