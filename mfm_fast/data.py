@@ -240,7 +240,8 @@ class SquareCrops:
 class FolderImages(_Seeded):
     """An ImageFolder tree (root/class/xxx.jpg) with a seeded transform: items (uint8 (3, S, S), class index).
 
-    A folder without class folders or images raises ValueError naming ``flag`` and the folder.
+    A folder without class folders or images raises ValueError naming ``flag`` and the folder (at
+    construction), and so does reading an item when no image of the folder can be decoded.
     Unreadable images (truncated or corrupt files, anything PIL cannot decode) are skipped: a warning names
     each file once per process and the next readable image of the list stands in for it (the same
     substitute every epoch and on every resume, so runs stay deterministic). With ``count_skips`` items are
@@ -255,7 +256,7 @@ class FolderImages(_Seeded):
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no image files
             raise ValueError(f"{flag}: {str(root)!r} holds no images ({exc}); expected an ImageFolder tree "
                              "root/class/img.jpg") from None
-        self.transform, self.seed, self.count_skips = transform, int(seed), count_skips
+        self.transform, self.seed, self.count_skips, self.flag = transform, int(seed), count_skips, flag
         self._warned = set()
 
     @property
@@ -278,7 +279,7 @@ class FolderImages(_Seeded):
                 continue
             x = self.transform(img, sample_rng(self.seed, self.epoch, index))
             return (x, label, skipped) if self.count_skips else (x, label)
-        raise ValueError(f"--data-path: none of the {len(self)} images under {self.folder.root} can be read")
+        raise ValueError(f"{self.flag}: none of the {len(self)} images under {self.folder.root} can be read")
 
 
 class CenterCrop:
