@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 from . import _official
 from . import data as D
+from .cli import OneLineParser, check_bench_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
     p = OneLineParser("python -m mfm_fast.linprobe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="pretrain checkpoint.pth (its --model / --img-size are used); omit for a random-init encoder")
     p.add_argument("--model", default=None, help="timm model (default: the checkpoint's, else vit_small_patch16_224)")
@@ -173,17 +173,12 @@ def main(argv=None) -> Dict[str, dict]:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     from . import pretrain
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("train_per_class", "val_per_class", "iters", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.num_workers < 0:
-        parser.error(f"--num-workers: must be >= 0, got {args.num_workers}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads: must be >= 1, got {args.threads}")
+    check_bench_args(parser, args, ints={"train_per_class": 1, "val_per_class": 1, "iters": 1, "batch_size": 1,
+                                         "num_workers": 0, "threads": 1})
     if not (args.l2 >= 0 and args.l2 < float("inf")):
         parser.error(f"--l2: must be a finite value >= 0, got {args.l2}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpt = None
     try:
         saved = None

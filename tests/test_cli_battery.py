@@ -136,6 +136,7 @@ LINPROBE = [
     (["--model", "test_vit", "--img-size", "32", "--iters", "0"], "--iters"),
     (["--model", "test_vit", "--img-size", "32", "--l2", "-1"], "--l2"),
     (["--model", "test_vit", "--img-size", "32", "--num-workers", "-1"], "--num-workers"),
+    (["--model", "test_vit", "--img-size", "32", "--threads", "-1"], "--threads"),
     (["--model", "no_such_model"], "--model"),
     (["--model", "test_vit", "--img-size", "33"], "--img-size"),
     (["--model", "test_vit", "--img-size", "32", "--data-path", "/no/such/folder"], "--data-path"),
