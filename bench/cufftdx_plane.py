@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
 import mfm_fast  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from sass_model import parse_ptxas  # noqa: E402
+
 SOURCE = ROOT / "bench" / "cufftdx" / "plane_roundtrip.cu"
 SIDES = (224, 112)
 SMEM_PER_BLOCK = 232448  # sm_90's opt-in shared memory per block
@@ -68,23 +71,6 @@ def find_nvcc() -> str | None:
 
 def library_path(arch: str) -> Path:
     return Path(tempfile.gettempdir()) / "mfm_fast_cufftdx" / f"libcufftdx_plane_{arch}.so"
-
-
-def parse_ptxas(text: str) -> dict:
-    """{kernel (demangled-ish): {"registers", "stack", "spill_stores", "spill_loads"}} from `-Xptxas -v` output."""
-    out, name = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            name = m.group(1)
-            out[name] = {}
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and name:
-            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and name:
-            out[name]["registers"] = int(m.group(1))
-    return out
 
 
 def kernel_label(mangled: str) -> str:

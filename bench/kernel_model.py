@@ -157,27 +157,6 @@ def _nvcc() -> str:
     return p
 
 
-def ptxas_table(stderr: str) -> dict:
-    """mangled name -> dict(registers, spill_stores, stack) from nvcc -Xptxas -v output."""
-    out, name = {}, None
-    for line in stderr.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for", line)
-        if m:
-            name = m.group(1)
-            out[name] = dict(registers=None, spill_stores=0, stack=0)
-            continue
-        if name is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
-        if m:
-            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            out[name]["registers"] = int(m.group(1))
-            name = None
-    return out
-
-
 def build_cuda(source: str) -> tuple:
     """(cubin path, ptxas table) of csrc/<source> for sm_90, as setup.py builds it (-O3 -lineinfo)."""
     key = f"cuda {source} {_csrc_hash()}"
@@ -189,7 +168,7 @@ def build_cuda(source: str) -> tuple:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise ModelError(f"nvcc failed on csrc/{source}: {proc.stderr.strip()[-800:]}")
-        return ptxas_table(proc.stderr)
+        return sass_model.parse_ptxas(proc.stderr)
     os.makedirs(CACHE, exist_ok=True)
     table = _cached(key, build)
     if not os.path.exists(cubin):

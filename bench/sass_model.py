@@ -56,6 +56,23 @@ def nvdisasm_path() -> str:
 
 
 # ------------------------------------------------------------------ parsing
+def parse_ptxas(text: str) -> dict:
+    """{function (mangled): {"registers", "stack", "spill_stores", "spill_loads"}} from `nvcc -Xptxas -v` output."""
+    out, name = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = {}
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out[name]["registers"] = int(m.group(1))
+    return out
+
+
 INSN = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^\s*(\.L_x_\d+|\$[^:\s]+):")
 LINE = re.compile(r'^\s*//## File "(.*)", line (\d+)')
