@@ -21,9 +21,9 @@ speed-up of mfm_fast over official. JSON goes to bench/results/e2e_step-<device>
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fft_mask  # noqa: E402  (bench/fft_mask.py: the official replica, timing helpers)
 
 import mfm_fast  # noqa: E402
-from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, library_check  # noqa: E402
 
 MODELS = {"vit_t16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224",
           "vit_b16": "vit_base_patch16_224", "resnet50": "resnet50"}
@@ -107,7 +107,7 @@ def mfm_work(corrupt, loss_fn, x):
 
 def parse_args(argv):
     p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--models", nargs="+", help="aliases " + ", ".join(MODELS) + " or timm names "
                    "(default: all four on CUDA; test_vit test_resnet on CPU)")

@@ -41,12 +41,12 @@ Results (every sample) go to bench/results/fft_mask-<device>-<timestamp>.json un
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 import functools
 import inspect
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -475,10 +475,9 @@ def device_name(device):
 
 # ---- the run ----------------------------------------------------------------------------------
 
-
 def parse_args(argv):
     p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 16 64 256 on CUDA, 8 on CPU)")
     p.add_argument("--size", type=int, nargs="+", help="image sides (default 224 on CUDA, 64 on CPU)")

@@ -17,9 +17,9 @@ bench/results/folk_ops-<device>-<timestamp>.json unless --no-json.
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -79,7 +79,7 @@ def check(x, pred, keep_ratio):
 
 def main(argv=None) -> int:
     p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 64 256 on CUDA, 8 on CPU)")
     p.add_argument("--size", type=int, help="image side (default 224 on CUDA, 64 on CPU)")
@@ -94,11 +94,11 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
-                              out_dirs=("out_dir",))
+                     out_dirs=("out_dir",))
     check_sizes(p, [args.size] if args.size is not None else [])
     from mfm_fast import _validate as V
     library_check(p, "--keep-ratio", V.check_number, "keep_ratio", args.keep_ratio, low=0.0, high=1.0,
-                           low_open=True, high_open=True)
+                  low_open=True, high_open=True)
     return fft_mask.run_restoring_threads(run, args)
 
 

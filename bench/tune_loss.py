@@ -22,7 +22,6 @@ import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
 
-
 def main(argv=None) -> int:
     p = OneLineParser(prog=os.path.basename(__file__), description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
