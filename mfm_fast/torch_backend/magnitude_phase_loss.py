@@ -31,9 +31,7 @@ import torch
 
 from .._common import compute_dtype, from_blocks, to_blocks
 from ._halfspec import column_weights, full_from_half, symmetric_half
-from .masked_freq_loss import focal_weights, pow_gamma, pow_half_gamma, reduction_scale, target_in
-
-EPS = 1e-12
+from .masked_freq_loss import EPS, focal_weights, pow_gamma, pow_half_gamma, reduction_scale, target_in
 
 
 def _half_distance(pred, target, loss_gamma, phase_weight, with_matrix, alpha, log_matrix, batch_matrix,
