@@ -7,7 +7,6 @@ backend); cufftdx_plane.py's checks are exercised with a torch.fft stand-in for 
 catch a wrong one), and the cuFFTDx kernel itself compiles for sm_90.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -17,21 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench as load
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
 STEPS = ["build", "smoke", "sanitizer", "graph", "tests", "fft_mask", "cufftdx", "ncu", "nopf"]  # the default run
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less path")
-
-
-def load(stem):
-    name = f"bench_{stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{stem}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
 
 
 def run_check(tmp_path, **env):
