@@ -342,15 +342,7 @@ def _read_operand_slow(w: Warp, a: str, float_ctx=False) -> Lanes:
     m = CONST.match(core)
     if m:
         bank = int(m.group(2), 16)
-        inner = m.group(3)
-        base = Lanes()
-        offs = 0
-        for term in inner.split("+"):
-            term = term.strip()
-            if IMM.match(term):
-                offs += int(term, 0)
-            else:
-                base = w.get(term)
+        base, offs = _addr(w, m.group(3))
         off = _u(base.v + np.uint64(offs))
         val = w.const(bank, off)
         val.k &= base.k
@@ -931,14 +923,8 @@ def op_s2r(w, ins, mods, a, m):
 def op_ldc(w, ins, mods, a, m):
     wide = 2 if "64" in mods else 1
     mm = CONST.match(a[1].replace(".reuse", ""))
-    bank, inner = int(mm.group(2), 16), mm.group(3)
-    base, offs = Lanes(), 0
-    for term in inner.split("+"):
-        term = term.strip()
-        if IMM.match(term):
-            offs += int(term, 0)
-        else:
-            base = w.get(term)
+    bank = int(mm.group(2), 16)
+    base, offs = _addr(w, mm.group(3))
     sub = next(((bits, t[0] == "S") for t, bits in (("U8", 8), ("S8", 8), ("U16", 16), ("S16", 16)) if t in mods),
                None)
     if sub is not None:  # a byte / half-word: from its 32-bit word, shifted down, zero- or sign-extended
@@ -957,6 +943,7 @@ def op_ldc(w, ins, mods, a, m):
 
 
 def _addr(w, s):
+    """(base lanes, byte offset) of an address: "[R1+0x10]", or a constant operand's inner "R2+0x210"."""
     inner = s.strip("[]")
     base, off = Lanes(), 0
     for term in inner.split("+"):
