@@ -109,8 +109,7 @@ def corrupt_launch_values(size: int, batch: int = 256, channels: int = 3, band: 
     """The corruption kernels' integer arguments at a contiguous (batch, channels, size, size) launch
     (a bool mask (batch, size, size), one row split), for the specialisation Triton's launcher applies."""
     plane = size * size
-    rows = min(cor.BAND_COEF_TILES[0], next_pow2(size))
-    rows *= triton.next_power_of_2(triton.cdiv(size, rows))
+    rows = cor.band_rows_per_split(size, min(cor.BAND_COEF_TILES[0], next_pow2(size)), 1)
     return dict(mask_ptr="*u8", C=channels, H=size, W=size, s_xn=channels * plane, s_xc=plane, s_xh=size, s_xw=1,
                 s_mn=plane, s_mh=size, s_mw=1, R=band, SPLITS=1, ROWS_PER_SPLIT=rows,  # band path
                 KY0=0, NUM_KY=size, NUM_KX=size // 2 + 1,  # general path
@@ -178,7 +177,6 @@ def compile_all(size: int = 224, precision: str = "tf32x3", arch: int = 90, ops=
                          mma_sync=ptx.count("mma.sync"), dots=dots, zero_started=zero_started, registers=regs,
                          spill_bytes=spills, ttgir=ttgir)
     return out
-
 
 
 def main(argv=None) -> None:

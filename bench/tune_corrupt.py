@@ -11,9 +11,9 @@ in the same run. Prints a table sorted by time per case; use the winners as laun
 from __future__ import annotations
 
 import argparse
-import os
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
-
 
 
 def main(argv=None) -> int:

@@ -348,6 +348,12 @@ def _band_tables(height: int, width: int, band: int, precision: str, device: tor
     return [t.contiguous() for t in tables]
 
 
+def band_rows_per_split(height: int, block_rows: int, splits: int) -> int:
+    """Rows of each band phase-1 program: a power of two times block_rows, so that the splits' rows stay
+    inside the tables' HP rows."""
+    return block_rows * triton.next_power_of_2(triton.cdiv(height, splits * block_rows))
+
+
 def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.Tensor, mask_band: int,
            precision: str, block_rows: Optional[int] = None, block_cols: Optional[int] = None,
            num_warps: Optional[int] = None,
@@ -371,8 +377,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
         (bm1, bk1, w1), (bm2, bk2, w2) = [(min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps)
                                           for rows, cols, warps in (BAND_COEF_TILES, BAND_OUT_TILES)]
-        # a power of two times BM, so that the splits' rows stay inside the tables' HP rows
-        rows_per_split = bm1 * triton.next_power_of_2(triton.cdiv(height, (splits or BAND_SPLITS) * bm1))
+        rows_per_split = band_rows_per_split(height, bm1, splits or BAND_SPLITS)
         num_splits = triton.cdiv(height, rows_per_split)
         uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
         coef = _band_coefficients_kernel[(n * channels, num_splits)](
