@@ -65,7 +65,6 @@ PIPELINES = ("mfm_fast", "official")
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-
 class ArgError(ValueError):
     """A bad command-line value; the message starts with the flag."""
 
@@ -956,6 +955,11 @@ def optimizer_step(net: nn.Module, optimizer, scaler, step_loss: torch.Tensor, a
     return bad, grad_norm
 
 
+def _fmt(value: Optional[float], spec: str) -> str:
+    """A logged mean for the progress line: "none" when no step of the interval was finite."""
+    return "none" if value is None else format(value, spec)
+
+
 def _train(args, rank: int, world: int, device: torch.device, resume: Optional[str]) -> dict:
     is_main = rank == 0
     out_dir, ckpt_path = Path(args.output_dir), Path(args.output_dir) / CHECKPOINT_NAME
@@ -1142,12 +1146,11 @@ def _train(args, rank: int, world: int, device: torch.device, resume: Optional[s
                               teacher_momentum=teacher_momentum(step - 1, sched["total"], args.momentum_teacher))
             history.append(record)
             log(record)
-            fmt = (lambda v, spec: "none" if v is None else format(v, spec))  # noqa: E731
-            bar.set_postfix(loss=fmt(record["loss"], ".4f"), lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            bar.set_postfix(loss=_fmt(record["loss"], ".4f"), lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
             if is_main and args.no_progress:
-                parts = (f" (rec {fmt(record['loss_rec'], '.5f')} distill {fmt(record['loss_distill'], '.5f')})"
+                parts = (f" (rec {_fmt(record['loss_rec'], '.5f')} distill {_fmt(record['loss_distill'], '.5f')})"
                          if folk else "")
-                print(f"step {step}/{end_step} loss {fmt(record['loss'], '.5f')}{parts} lr {lr:.3e} grad_norm {gnorm:.3f} "
+                print(f"step {step}/{end_step} loss {_fmt(record['loss'], '.5f')}{parts} lr {lr:.3e} grad_norm {gnorm:.3f} "
                       f"{ips:.1f} img/s" + (f" skipped {int(n_skipped)}" if n_skipped else ""), flush=True)
             loss_sum.zero_()
             parts_sum.zero_()
