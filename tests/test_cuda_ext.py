@@ -17,7 +17,7 @@ import torch
 
 import mfm_fast
 from mfm_fast import cuda_backend, dispatch
-from conftest import max_rel_err
+from conftest import load_bench, max_rel_err
 
 SKIPPED_BUILD = (os.environ.get("MFM_FAST_SKIP_CUDA_BUILD", "") not in ("", "0")
                  or cuda_backend.build_info().get("status") == "skipped")
@@ -196,12 +196,12 @@ def test_sm90_plane_kernels_keep_the_fft_in_registers_and_prefetch(source, tmp_p
                                    "-c", "-o", str(tmp_path / "k.o")),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    kernels = re.findall(r"Function properties for (\w*(?:corrupt|loss)_kernel\w*)\n\s*(\d+) bytes stack frame, "
-                         r"(\d+) bytes spill stores", out.stderr)
+    kernels = {name: facts for name, facts in load_bench("sass_model").parse_ptxas(out.stderr).items()
+               if re.search(r"(?:corrupt|loss)_kernel", name)}
     n_kernels = 2 if source == "corrupt.cu" else 4  # 224 and 112 (the loss: with and without the gradient)
     assert len(kernels) == n_kernels, out.stderr[-2000:]
-    for name, stack, spills in kernels:
-        assert int(stack) <= 256 and int(spills) == 0, (name, stack, spills)
+    for name, facts in kernels.items():
+        assert facts["stack"] <= 256 and facts["spill_stores"] == 0, (name, facts)
     ptx = (tmp_path / source.replace(".cu", ".ptx")).read_text()
     inputs = 2 if source == "corrupt.cu" else 3
     assert ptx.count("cp.async.bulk.prefetch.L2.global") == n_kernels * inputs, "sm_90 PTX: L2 bulk prefetch"
