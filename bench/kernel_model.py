@@ -88,10 +88,11 @@ def hbm_ms(nbytes: float, batch: int) -> float:
     return nbytes / (2 * batch_bytes(256)) * COPY_MS_B256
 
 
-def _cached(key: str, build):
+def _cached(key: str, build, force: bool = False):
+    """build()'s value, kept under CACHE by key; rebuilt when NO_CACHE or `force`."""
     os.makedirs(CACHE, exist_ok=True)
     path = os.path.join(CACHE, hashlib.sha256(key.encode()).hexdigest()[:24] + ".pkl")
-    if os.path.exists(path) and not NO_CACHE:
+    if os.path.exists(path) and not (NO_CACHE or force):
         with open(path, "rb") as f:
             return pickle.load(f)
     value = build()
@@ -169,13 +170,7 @@ def build_cuda(source: str) -> tuple:
         if proc.returncode != 0:
             raise ModelError(f"nvcc failed on csrc/{source}: {proc.stderr.strip()[-800:]}")
         return sass_model.parse_ptxas(proc.stderr)
-    os.makedirs(CACHE, exist_ok=True)
-    table = _cached(key, build)
-    if not os.path.exists(cubin):
-        global NO_CACHE
-        saved, NO_CACHE = NO_CACHE, True
-        table = _cached(key, build)
-        NO_CACHE = saved
+    table = _cached(key, build, force=not os.path.exists(cubin))  # the table is kept, the cubin may be gone
     return cubin, table
 
 
