@@ -1,4 +1,4 @@
-"""API cases that used to give silently wrong results: double backward, a mask that requires grad,
+"""API cases where a wrong result would be silent: double backward, a mask that requires grad,
 fp32 inputs of large magnitude, radii that remove everything or nothing, adaptive masks of NaN or
 constant images. Every expected value comes from the fp64 reference (autograd through fft2) or
 from counting by hand, never from the backend under test.
@@ -55,7 +55,7 @@ def test_hessian_vector_product_matches_the_reference_fp32(backend):
     kw = dict(loss_gamma=0.5, normalize_target=True)
     g_ref, h_ref = _hvp("reference", pred.double().requires_grad_(), target.double(), mask, v.double(), **kw)
     g, h = _hvp(backend, pred.clone().requires_grad_(), target, mask, v, **kw)
-    assert h.abs().max() > 0  # the second derivative is not the silent zero it used to be
+    assert h.abs().max() > 0  # the second derivative is not a silent zero
     assert (g.double() - g_ref).norm() / g_ref.norm() < 1e-5
     assert (h.double() - h_ref).norm() / h_ref.norm() < 1e-5
 

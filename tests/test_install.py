@@ -211,7 +211,7 @@ def test_pypi_kernels_installed_first(tmp_path, site_links, env):
     env_try = dict(env, TRITON_INTERPRET="1")
     _run([python, "-m", "pip", "install", "-e", "."], repo, env)
     # with torch visible this would build the extension ahead of time: skip that compile, the metadata step is
-    # what PyPI's kernels used to break (its egg_info entry point resolving into our kernels/ folder)
+    # is what PyPI's kernels could break (its egg_info entry point resolving into our kernels/ folder)
     _run([python, "-m", "pip", "install", "-e", ".", "--no-build-isolation"], repo,
          dict(env, MFM_FAST_SKIP_CUDA_BUILD="1"))
     both = _both(python, tmp_path, env_try)
