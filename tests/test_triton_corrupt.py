@@ -198,7 +198,7 @@ def test_deterministic_reruns():
 
 
 def test_opcheck():
-    import kernels.corrupt  # noqa: F401  (registers torch.ops.mfm_fast.corrupt_triton)
+    import mfm_fast.kernels.corrupt  # noqa: F401  (registers torch.ops.mfm_fast.corrupt_triton)
     x = _pixels((1, 3, 16, 16))
     mask = masks_for(x.shape, r1=4).to(DEVICE)
     for band in (4, 0):

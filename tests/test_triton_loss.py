@@ -272,7 +272,7 @@ def test_unfused_options_fall_back_to_torch_and_say_why(kw, why, caplog):
 @pytest.mark.parametrize("need_grad, band, reduction", [(True, None, "masked"), (True, 2, "masked"),
                                                         (False, 2, "mean"), (True, None, "sum")])
 def test_opcheck(need_grad, band, reduction):
-    import kernels.masked_freq_loss  # noqa: F401  (registers torch.ops.mfm_fast.masked_freq_loss_triton)
+    import mfm_fast.kernels.masked_freq_loss  # noqa: F401  (registers torch.ops.mfm_fast.masked_freq_loss_triton)
     shape = (2, 3, 16, 16)
     pred, x = _inputs(shape, pixels=True)
     pred.requires_grad_(need_grad)
