@@ -98,6 +98,14 @@ run_smoke() {
   return "${PIPESTATUS[0]}"
 }
 
+# sanitize TOOL [FILTER...]: compute-sanitizer TOOL on one gpu_smoke.py --one-launch run, output in $tmp
+sanitize() {
+  local tool=$1
+  shift
+  limit "$((STEP_CAP / 3 + 10))" "$cs" --tool "$tool" "$@" --error-exitcode 9 --print-limit 20 \
+    "$PY" bench/gpu_smoke.py --one-launch >"$tmp" 2>&1
+}
+
 run_sanitizer() {
   local cs tool tmp rc=0 r
   cs=$(find_tool compute-sanitizer)
@@ -109,13 +117,11 @@ run_sanitizer() {
       say "skip sanitizer $tool: $(left) s left"
       continue
     fi
-    limit "$((STEP_CAP / 3 + 10))" "$cs" --tool "$tool" --kernel-name kns=mfm --error-exitcode 9 --print-limit 20 \
-      "$PY" bench/gpu_smoke.py --one-launch >"$tmp" 2>&1
+    sanitize "$tool" --kernel-name kns=mfm
     r=$?
     if ! grep -q "SUMMARY" "$tmp" && grep -qiE "kernel-name|unrecognized|invalid (option|value)" "$tmp"; then
       say "sanitizer $tool: the kernel filter was refused, again without it: $(grep -m1 -iE 'kernel-name|unrecognized|invalid' "$tmp")"
-      limit "$((STEP_CAP / 3 + 10))" "$cs" --tool "$tool" --error-exitcode 9 --print-limit 20 \
-        "$PY" bench/gpu_smoke.py --one-launch >"$tmp" 2>&1
+      sanitize "$tool"
       r=$?
     fi
     { echo "== compute-sanitizer --tool $tool: rc=$r"; cat "$tmp"; } >>"$out/sanitizer.log"
@@ -182,17 +188,21 @@ dram__throughput.avg.pct_of_peak_sustained_elapsed
 NCU_METRICS_MIN=smsp__inst_executed.sum,sm__warps_active.avg.pct_of_peak_sustained_active,dram__bytes_read.sum,\
 dram__bytes_write.sum,gpu__time_duration.sum,launch__grid_size
 
+# profile METRICS: ncu on the mfm kernels of one gpu_smoke.py --one-launch run, output in ncu.txt
+profile() {
+  limit "$STEP_CAP" "$ncu" --target-processes all --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
+    --metrics "$1" "$PY" bench/gpu_smoke.py --one-launch --n 50 --with-cufftdx >"$out/ncu.txt" 2>&1
+}
+
 run_ncu() {
   local ncu rc
   ncu=$(find_tool ncu)
   [ -z "$ncu" ] && { say "ncu not found (PATH, /usr/local/cuda/bin, /opt/nvidia/nsight-compute)"; return 1; }
-  limit "$STEP_CAP" "$ncu" --target-processes all --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
-    --metrics "$NCU_METRICS" "$PY" bench/gpu_smoke.py --one-launch --n 50 --with-cufftdx >"$out/ncu.txt" 2>&1
+  profile "$NCU_METRICS"
   rc=$?
   if grep -qiE "failed to find metric|invalid metric" "$out/ncu.txt" && (($(left) > 30)); then
     say "ncu: $(grep -m1 -iE 'failed to find metric|invalid metric' "$out/ncu.txt"); again with fewer metrics"
-    limit "$STEP_CAP" "$ncu" --target-processes all --clock-control none --kernel-name-base demangled --kernel-name regex:mfm \
-      --metrics "$NCU_METRICS_MIN" "$PY" bench/gpu_smoke.py --one-launch --n 50 --with-cufftdx >"$out/ncu.txt" 2>&1
+    profile "$NCU_METRICS_MIN"
     rc=$?
   fi
   grep -E "mfm|inst_executed|warps_active|bank_conflicts|dram__bytes|grid_size|==ERROR==|==PROF==" "$out/ncu.txt" \
