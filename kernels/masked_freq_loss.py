@@ -710,8 +710,9 @@ def _(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, targ
 def _loss_value(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
                 mask_band, precision, need_grad):
     """The same loss as differentiable torch ops: the double-backward (create_graph=True) path."""
-    return loss_value(pred, target, mask, loss_gamma, reduction, False, 1.0, False, False, False, patch_factor,
-                      loss_weight, target_mean, target_std)
+    return loss_value(pred, target, mask, loss_gamma, reduction, with_matrix=False, alpha=1.0, log_matrix=False,
+                      batch_matrix=False, ave_spectrum=False, patch_factor=patch_factor, loss_weight=loss_weight,
+                      target_mean=target_mean, target_std=target_std)
 
 
 register_saved_grad_autograd(masked_freq_loss, num_inputs=12, target_std_index=8, recompute=_loss_value)
