@@ -2,7 +2,7 @@
 # One GPU run of the checks and timings, deadline-aware, in about DEADLINE_S seconds (default 480):
 #   OUT=/tmp/out bash bench/device_check.sh           # files go to $OUT (default bench/results)
 #   ONLY="build smoke graph" bash bench/device_check.sh   # a subset of the steps, in the same order
-# Steps, in order (estimated seconds on an H200, until a run measures them: its summary prints each step's time):
+# Steps, in order (estimated seconds on an H200; the summary at the end prints each step's measured time):
 #   build      60  pip install -e . with every core (the CUDA extension), python -m mfm_fast.info
 #   smoke      30  bench/gpu_smoke.py under CUDA_LAUNCH_BLOCKING=1: every CUDA kernel at 224 and 112, N = 1
 #                  and past one wave, need_grad on and off; error against the torch backend
