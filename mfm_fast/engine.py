@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from . import _official
@@ -53,7 +54,7 @@ class TrainingRun:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     sched: dict
-    lr_scheduler: object
+    lr_scheduler: CosineLRScheduler
     scaler: torch.amp.GradScaler
     amp_dtype: Optional[torch.dtype]
     corruptor: Corruptor
