@@ -45,3 +45,12 @@ def library_check(p, flag, fn, *a, **kw):
     except (ValueError, TypeError) as exc:
         msg = str(exc)
         p.error(f"{flag}: {msg.split(': ', 1)[1] if ': ' in msg else msg}")
+
+
+class ArgError(ValueError):
+    """A bad command-line value; the message starts with the flag ("--img-size: must be even, got 33")."""
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of an argparse destination: warmup_steps -> --warmup-steps."""
+    return "--" + name.replace("_", "-")

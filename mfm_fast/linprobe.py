@@ -28,7 +28,10 @@ import torch.nn.functional as F
 
 from . import _official
 from . import data as D
-from .cli import OneLineParser, check_bench_args
+from .checkpoint import check_checkpoint, load_checkpoint
+from .cli import ArgError, OneLineParser, check_bench_args
+from .model import create_encoder
+from .runtime import pick_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -154,13 +157,11 @@ def probe(encoder, train, val, device, args) -> Dict[str, float]:
 def check_encoder(model: str, img_size: int) -> None:
     """--model / --img-size: a timm model that takes img_size px images (ValueError naming the flag)."""
     import timm
-
-    from . import pretrain
     if not timm.is_model(model):
         raise ValueError(f"--model: {model!r} is not a timm model (see timm.list_models())")
     if img_size < 2 or img_size % 2:
         raise ValueError(f"--img-size: must be even and >= 2, got {img_size}")
-    encoder = pretrain.create_encoder(model, img_size).eval()
+    encoder = create_encoder(model, img_size).eval()
     try:
         with torch.no_grad():
             encoder.forward_features(torch.zeros(1, 3, img_size, img_size))
@@ -172,7 +173,6 @@ def check_encoder(model: str, img_size: int) -> None:
 def main(argv=None) -> Dict[str, dict]:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    from . import pretrain
     check_bench_args(parser, args, ints={"train_per_class": 1, "val_per_class": 1, "iters": 1, "batch_size": 1,
                                          "num_workers": 0, "threads": 1})
     if not (args.l2 >= 0 and args.l2 < float("inf")):
@@ -183,16 +183,16 @@ def main(argv=None) -> Dict[str, dict]:
     try:
         saved = None
         if args.checkpoint is not None:  # kind, model and size checked before the weights are read
-            saved = pretrain.check_checkpoint(args.checkpoint, "--checkpoint", model=args.model, img_size=args.img_size)
+            saved = check_checkpoint(args.checkpoint, "--checkpoint", model=args.model, img_size=args.img_size)
         model = args.model or (saved["model"] if saved else "vit_small_patch16_224")
         img_size = args.img_size or (saved["img_size"] if saved else 224)
         if args.teacher and (saved is None or not saved["has_distiller"]):
-            raise pretrain.ArgError("--teacher: needs a --method folk checkpoint (it holds the EMA teacher)")
+            raise ArgError("--teacher: needs a --method folk checkpoint (it holds the EMA teacher)")
         check_encoder(model, img_size)
-        device = pretrain.pick_device(args.device)
+        device = pick_device(args.device)
         train, val = probe_data(args, img_size)
         if args.checkpoint is not None:
-            ckpt = pretrain.load_checkpoint(args.checkpoint)
+            ckpt = load_checkpoint(args.checkpoint)
     except ValueError as exc:  # ArgError, or a library / data error that names its flag
         parser.error(str(exc))
 
@@ -201,7 +201,7 @@ def main(argv=None) -> Dict[str, dict]:
                                                       else [])
     for name, state in runs:
         torch.manual_seed(args.seed)
-        encoder = pretrain.create_encoder(model, img_size).to(device)
+        encoder = create_encoder(model, img_size).to(device)
         if state is not None:
             weights, prefix = state["model"], "encoder."
             if args.teacher:  # --method folk checkpoints: the EMA teacher's encoder

@@ -32,6 +32,11 @@ import numpy as np
 import torch
 
 from ._common import IMAGENET_MEAN, IMAGENET_STD, from_blocks, to_blocks
+from .checkpoint import check_checkpoint, load_checkpoint
+from .model import build_model, prediction
+from .pretrain_data import sample_images
+from .runtime import pick_device
+from .tasks import Corruptor
 
 COLUMNS = ("original", "spectrum, removed shaded", "corrupted input", "raw prediction", "reconstruction",
            "input spectrum", "reconstruction spectrum")
@@ -205,6 +210,24 @@ def save_mask_views(path, x: torch.Tensor, keep_ratios: Sequence[float] = (0.01,
     return _save(fig, path, rect=(0, 0.03, 1, 1))
 
 
+@torch.no_grad()
+def render(net: torch.nn.Module, corruptor: Corruptor, x: torch.Tensor, path, title: Optional[str] = None,
+           amp_dtype: Optional[torch.dtype] = None) -> Path:
+    """Corrupt x (uint8 (N, 3, S, S); masks alternate low / high-pass, or Com / RCom), reconstruct with net,
+    write the PNG grid (save_grid); returns its path. The corruptor's random stream is left where it was."""
+    low = torch.arange(x.shape[0], device=x.device) % 2 == 0
+    state = corruptor.gen.get_state()
+    inp, _, mask = corruptor(x, low=low)
+    corruptor.gen.set_state(state)  # pictures must not shift the training's random stream
+    was_training = net.training
+    net.eval()
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        pred = prediction(net(inp))
+    net.train(was_training)
+    return save_grid(path, x, inp, pred.float(), mask, title=title, row_labels=corruptor.labels(low),
+                     patch_factor=corruptor.pf)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from .cli import OneLineParser
     p = OneLineParser("python -m mfm_fast.visualize", description=__doc__,
@@ -279,23 +302,22 @@ def main(argv=None) -> Path:
     if args.checkpoint is None:
         parser.error("--checkpoint: required (a checkpoint written by python -m mfm_fast.pretrain), "
                      "unless --views folk draws the adaptive-mask views")
-    from . import pretrain
     if args.num < 1:
         parser.error(f"--num: must be >= 1, got {args.num}")
     check_output(parser, args.output)
     try:
-        train_args = argparse.Namespace(**pretrain.check_checkpoint(args.checkpoint, "--checkpoint"))
-        device = pretrain.pick_device(args.device)
-        x = pretrain.sample_images(train_args, args.num, seed=args.seed, data_path=args.data_path).to(device)
+        train_args = argparse.Namespace(**check_checkpoint(args.checkpoint, "--checkpoint"))
+        device = pick_device(args.device)
+        x = sample_images(train_args, args.num, seed=args.seed, data_path=args.data_path).to(device)
     except ValueError as exc:  # a bad --checkpoint, --device or --data-path (the message names it)
         parser.error(str(exc))
-    ckpt = pretrain.load_checkpoint(args.checkpoint)
-    net = pretrain.build_model(train_args).to(device)
+    ckpt = load_checkpoint(args.checkpoint)
+    net = build_model(train_args).to(device)
     net.load_state_dict(ckpt["model"])
-    corruptor = pretrain.Corruptor(train_args, device, seed=args.seed)
+    corruptor = Corruptor(train_args, device, seed=args.seed)
     out = args.output or str(Path(args.checkpoint).resolve().parent / "vis" / (Path(args.checkpoint).stem + ".png"))
     what = "method folk" if getattr(train_args, "method", "mfm") == "folk" else f"task {train_args.task}"
-    path = pretrain.render(net, corruptor, x, out, title=f"{train_args.model}, step {ckpt['step']}, {what}")
+    path = render(net, corruptor, x, out, title=f"{train_args.model}, step {ckpt['step']}, {what}")
     print(f"wrote {path}")
     return path
 
