@@ -1,0 +1,79 @@
+"""The one timer of the benchmarks: triton.testing.do_bench on CUDA, torch.utils.benchmark.Timer on CPU.
+
+    samples = time_ms(fn, device, reps=50, warmup=5, budget_s=0.5)      # ms per call of fn()
+    med, p20, p80 = summary(samples)
+    rounds = interleaved({"a": fa, "b": fb}, device, rounds=5, reps=20)  # {name: [median ms per round]}
+
+CUDA: do_bench(fn, return_mode="all") times every call between CUDA events and clears the L2 cache
+(a write of a buffer bigger than L2) before each one. CPU: Timer.blocked_autorange runs fn() in blocks
+long enough that the timer's own overhead is under 1e-4 of a block; a sample is one block's time / its
+calls (one call per block for anything slower than about 10 ms).
+Both aim at about `reps` timed calls, fewer (at least 3) when they would take over `budget_s`, sized
+from one first timed call; `warmup` untimed calls run before them (the timers run a few of their own).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# Timer sizes a block so that its own overhead is under 1e-4 of it (>= ~10 ms for a fast fn): a CPU run
+# lasts at least this long (budget permitting), so a fast fn gets one or a few blocks, not a stray call.
+CPU_MIN_RUN_S = 0.05
+
+
+def _run_ms(first_ms: float, reps: int, budget_s: float) -> float:
+    """Timed run length for about `reps` calls of first_ms each, fewer (at least 3) past budget_s."""
+    first_ms = max(first_ms, 1e-6)
+    return first_ms * min(reps, max(3, budget_s * 1e3 / first_ms))
+
+
+def _cuda_ms(fn, reps, warmup, budget_s):
+    from triton.testing import do_bench
+
+    first = do_bench(fn, warmup=0, rep=0, return_mode="min")
+    return do_bench(fn, warmup=warmup * first, rep=_run_ms(first, reps, budget_s), return_mode="all")[:reps]
+
+
+def _cpu_ms(fn, reps, warmup, budget_s):
+    from torch.utils.benchmark import Timer
+
+    for _ in range(warmup):
+        fn()
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    first = timer.blocked_autorange(min_run_time=0).median * 1e3  # one block of one call
+    run_s = min(budget_s, max(_run_ms(first, reps, budget_s) / 1e3, CPU_MIN_RUN_S))
+    measured = timer.blocked_autorange(min_run_time=run_s)
+    return [t * 1e3 for t in measured.times][:reps]
+
+
+def time_ms(fn, device, reps: int, warmup: int = 0, budget_s: float = math.inf) -> list[float]:
+    """Milliseconds per call of fn() on `device` (a torch.device or its type): at most `reps` samples."""
+    kind = device if isinstance(device, str) else device.type
+    return (_cuda_ms if kind == "cuda" else _cpu_ms)(fn, reps, warmup, budget_s)
+
+
+def summary(samples) -> tuple[float, float, float]:
+    """(median, p20, p80) of the samples (linear interpolation between the closest ranks)."""
+    q = torch.quantile(torch.tensor(samples, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(q.tolist())
+
+
+def interleaved(fns: dict, device, rounds: int, reps: int, warmup: int = 0, budget_s: float = math.inf) -> dict:
+    """{name: [median ms of each round]}: every round times each fn in turn (time_ms), the first to go
+    rotating from round to round, so a drift of the machine (clocks, other load) reaches all of them."""
+    names, per_round = list(fns), {name: [] for name in fns}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            samples = time_ms(fns[name], device, reps, warmup if r == 0 else 0, budget_s)
+            per_round[name].append(summary(samples)[0])
+    return per_round
+
+
+def timer_name(device) -> str:
+    """What time_ms uses on `device`, for the bench headers and JSON."""
+    kind = device if isinstance(device, str) else device.type
+    return ("triton.testing.do_bench (CUDA events, L2 cleared per call)" if kind == "cuda"
+            else "torch.utils.benchmark.Timer.blocked_autorange")
