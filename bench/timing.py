@@ -2,7 +2,7 @@
 
     samples = time_ms(fn, device, reps=50, warmup=5, budget_s=0.5)      # ms per call of fn()
     med, p20, p80 = summary(samples)
-    rounds = interleaved({"a": fa, "b": fb}, device, rounds=5, reps=20)  # {name: [median ms per round]}
+    rounds = interleaved({"a": fa, "b": fb}, device, rounds=5, reps=20)  # {name: [samples of each round]}
 
 CUDA: do_bench(fn, return_mode="all") times every call between CUDA events and clears the L2 cache
 (a write of a buffer bigger than L2) before each one. CPU: Timer.blocked_autorange runs fn() in blocks
@@ -62,13 +62,13 @@ def summary(samples) -> tuple[float, float, float]:
 
 
 def interleaved(fns: dict, device, rounds: int, reps: int, warmup: int = 0, budget_s: float = math.inf) -> dict:
-    """{name: [median ms of each round]}: every round times each fn in turn (time_ms), the first to go
-    rotating from round to round, so a drift of the machine (clocks, other load) reaches all of them."""
+    """{name: [[ms samples] of each round]}: every round times each fn in turn (time_ms), the first to go
+    rotating from round to round, so a drift of the machine (clocks, other load) reaches all of them
+    and round r of one fn pairs with round r of another."""
     names, per_round = list(fns), {name: [] for name in fns}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            samples = time_ms(fns[name], device, reps, warmup if r == 0 else 0, budget_s)
-            per_round[name].append(summary(samples)[0])
+            per_round[name].append(time_ms(fns[name], device, reps, warmup if r == 0 else 0, budget_s))
     return per_round
 
 
