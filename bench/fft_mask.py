@@ -22,7 +22,8 @@ Providers:
                  two ortho transforms and torch.stack in the loss), written below from MFM_SPEC.md.
   torch_compile  torch.compile of the torch backend's math (rfft2 half spectrum, symmetrised half
                  mask), written below in plain differentiable torch ops: the backend's own custom ops
-                 are opaque to the compiler. One compile per shape (dynamic=False); --compile-mode.
+                 are opaque to the compiler. One compile per shape (dynamic=False); --compile-mode;
+                 AOTAutograd's donated buffers off (loss bwd repeats backward(retain_graph=True)).
   reference, torch, triton, cuda
                  mfm_fast with that backend. A backend that cannot run an op on the device is listed
                  as skipped with the reason from mfm_fast.available_backends(device, op).
@@ -135,6 +136,11 @@ _compile_mode = None  # set by run() from --compile-mode
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str, mode):
+    """torch.compile of careful_corrupt / careful_loss. AOTAutograd's donated buffers (a backward that reuses
+    its saved tensors' memory) are off: they forbid the backward(retain_graph=True) that loss bwd repeats."""
+    import torch._functorch.config as aot_config
+    if hasattr(aot_config, "donated_buffer"):
+        aot_config.donated_buffer = False
     return torch.compile({"corrupt": careful_corrupt, "loss": careful_loss}[name], mode=mode, dynamic=False)
 
 
