@@ -2,6 +2,7 @@
 
     samples = time_ms(fn, device, reps=50, warmup=5, budget_s=0.5)      # ms per call of fn()
     med, p20, p80 = summary(samples)
+    ms = median_ms(fn)                                                   # a sweep's one figure (CUDA)
     rounds = interleaved({"a": fa, "b": fb}, device, rounds=5, reps=20)  # {name: [samples of each round]}
 
 CUDA: do_bench(fn, return_mode="all") times every call between CUDA events and clears the L2 cache
@@ -53,6 +54,11 @@ def time_ms(fn, device, reps: int, warmup: int = 0, budget_s: float = math.inf) 
     """Milliseconds per call of fn() on `device` (a torch.device or its type): at most `reps` samples."""
     kind = device if isinstance(device, str) else device.type
     return (_cuda_ms if kind == "cuda" else _cpu_ms)(fn, reps, warmup, budget_s)
+
+
+def median_ms(fn, device="cuda", reps: int = 100, warmup: int = 10, budget_s: float = 0.1) -> float:
+    """The median of time_ms(fn, ...): one figure per configuration, for the tuning sweeps (on a GPU)."""
+    return summary(time_ms(fn, device, reps, warmup, budget_s))[0]
 
 
 def summary(samples) -> tuple[float, float, float]:
