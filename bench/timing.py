@@ -9,8 +9,10 @@ CUDA: do_bench(fn, return_mode="all") times every call between CUDA events and c
 (a write of a buffer bigger than L2) before each one. CPU: Timer.blocked_autorange runs fn() in blocks
 long enough that the timer's own overhead is under 1e-4 of a block; a sample is one block's time / its
 calls (one call per block for anything slower than about 10 ms).
-Both aim at about `reps` timed calls, fewer (at least 3) when they would take over `budget_s`, sized
-from one first timed call; `warmup` untimed calls run before them (the timers run a few of their own).
+The run is sized from one first timed call: about `reps` calls, fewer (at least 3) when they would take
+over `budget_s`; on CPU at least CPU_MIN_RUN_S (budget permitting), so a fast fn runs one or a few
+blocks of many calls. At most `reps` samples come back. `warmup` untimed calls run first (the timers
+run a few of their own).
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import math
 import torch
 
 
-# Timer sizes a block so that its own overhead is under 1e-4 of it (>= ~10 ms for a fast fn): a CPU run
-# lasts at least this long (budget permitting), so a fast fn gets one or a few blocks, not a stray call.
+# Timer sizes a block so that its own overhead is under 1e-4 of it (>= ~10 ms for a fast fn), or longer
+# than the run asked for: a CPU run lasts at least this long, so a fast fn is timed over many calls.
 CPU_MIN_RUN_S = 0.05
+
+
+def _kind(device) -> str:
+    return device if isinstance(device, str) else device.type
 
 
 def _run_ms(first_ms: float, reps: int, budget_s: float) -> float:
@@ -52,8 +58,7 @@ def _cpu_ms(fn, reps, warmup, budget_s):
 
 def time_ms(fn, device, reps: int, warmup: int = 0, budget_s: float = math.inf) -> list[float]:
     """Milliseconds per call of fn() on `device` (a torch.device or its type): at most `reps` samples."""
-    kind = device if isinstance(device, str) else device.type
-    return (_cuda_ms if kind == "cuda" else _cpu_ms)(fn, reps, warmup, budget_s)
+    return (_cuda_ms if _kind(device) == "cuda" else _cpu_ms)(fn, reps, warmup, budget_s)
 
 
 def median_ms(fn, device="cuda", reps: int = 100, warmup: int = 10, budget_s: float = 0.1) -> float:
@@ -80,6 +85,5 @@ def interleaved(fns: dict, device, rounds: int, reps: int, warmup: int = 0, budg
 
 def timer_name(device) -> str:
     """What time_ms uses on `device`, for the bench headers and JSON."""
-    kind = device if isinstance(device, str) else device.type
-    return ("triton.testing.do_bench (CUDA events, L2 cleared per call)" if kind == "cuda"
+    return ("triton.testing.do_bench (CUDA events, L2 cleared per call)" if _kind(device) == "cuda"
             else "torch.utils.benchmark.Timer.blocked_autorange")
