@@ -191,3 +191,21 @@ def test_timing_summary_and_the_cpu_timer():
     assert set(rounds) == set("abc") and all(len(r) == 3 and all(r) for r in rounds.values())
     firsts = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]  # who ran, run after run
     assert firsts == list("abc" "bca" "cab")
+
+
+def test_timing_cuda_path_sizes_do_bench_from_a_first_call(monkeypatch):
+    """time_ms on CUDA: one do_bench call of one timed rep sizes the run (warm-up and rep in ms, as do_bench
+    takes them), then do_bench(return_mode="all") with its L2 clear; at most `reps` samples come back."""
+    triton_testing = pytest.importorskip("triton.testing")
+    timing = load("timing")
+    calls = []
+
+    def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        calls.append(dict(warmup=warmup, rep=rep, return_mode=return_mode))
+        return 2.0 if return_mode == "min" else [2.0] * 9
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    assert timing.time_ms(lambda: None, "cuda", reps=4, warmup=5, budget_s=1.0) == [2.0] * 4
+    assert calls == [dict(warmup=0, rep=0, return_mode="min"), dict(warmup=10.0, rep=8.0, return_mode="all")]
+    calls.clear()
+    timing.time_ms(lambda: None, "cuda", reps=50, warmup=0, budget_s=0.01)  # 5 calls of 2 ms fit 10 ms
+    assert calls[1]["rep"] == pytest.approx(10.0)
