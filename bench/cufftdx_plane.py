@@ -13,7 +13,8 @@ it) and loaded with ctypes. Nothing here is part of the installed package.
 
 On a GPU it first checks, on fresh random planes, that the round trip returns its input and that the
 forward half spectrum and the masked round trip (MFM disc masks) match torch.fft; then it times, in
-interleaved rounds (CUDA events, the median of each round's reps, then the median over rounds):
+interleaved rounds (bench/timing.py: triton.testing.do_bench, L2 cleared per call; the median of each
+round's reps, then the median over rounds):
   copy         out.copy_(x): read + write the batch once (the floor)
   cuda         torch.ops.mfm_fast.corrupt_cuda with an all-ones mask: our plane round trip (it also reads the mask)
   cufftdx      the cuFFTDx kernel without the mask step
@@ -46,6 +47,7 @@ import mfm_fast  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from sass_model import parse_ptxas  # noqa: E402
+from timing import interleaved, summary  # noqa: E402  (bench/timing.py: the benchmarks' one timer)
 
 SOURCE = ROOT / "bench" / "cufftdx" / "plane_roundtrip.cu"
 SIDES = (224, 112)
@@ -239,27 +241,6 @@ def check_side(impl, side: int, device, n: int = 4, seed: int = 0) -> dict:
 
 # ---- timing ------------------------------------------------------------------------------------------
 
-def time_interleaved(fns: dict, rounds: int, reps: int, warmup: int = 3) -> dict:
-    """{name: [median ms of each round]}: every round times each fn `reps` times (CUDA events), in turn."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    per_round = {name: [] for name in fns}
-    for r in range(rounds):
-        names = list(fns)
-        names = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
-        for name in names:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-            for begin, end in events:
-                begin.record()
-                fns[name]()
-                end.record()
-            torch.cuda.synchronize()
-            per_round[name].append(statistics.median(b.elapsed_time(e) for b, e in events))
-    return per_round
-
-
 def bench_side(impl, side: int, batch: int, rounds: int, reps: int) -> dict:
     from mfm_fast import cuda_backend
 
@@ -281,7 +262,7 @@ def bench_side(impl, side: int, batch: int, rounds: int, reps: int) -> dict:
         agree = rel_err(ours, theirs.double())
     else:
         agree = None
-    per_round = time_interleaved(fns, rounds, reps)
+    per_round = {name: [summary(r)[0] for r in rs] for name, rs in interleaved(fns, "cuda", rounds, reps, 3).items()}
     return {"side": side, "batch": batch, "planes": batch * 3, "rounds": rounds, "reps": reps,
             "cuda_unavailable": why_not, "cuda_vs_cufftdx_roundtrip_err": agree,
             "ms": {k: statistics.median(v) for k, v in per_round.items()},

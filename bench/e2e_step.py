@@ -12,10 +12,13 @@ spectral loss, backward, gradient clipping at 3.0, AdamW step (MFM_SPEC.md §4).
 Models: vit_t16, vit_s16, vit_b16 (timm ViT-*/16 at 224) and resnet50 (channels_last), or any
 timm name; on CPU the default is timm's tiny test models (test_vit, test_resnet at 160).
 p_low is 0.5 for ViTs and 0.3 for CNNs, r1 = min(16, size // 8).
-Reported: ms per step (median, p20, p80; CUDA events or perf_counter), images/s, the MFM
-frequency work (corrupt + loss forward + backward on the step's shapes, timed alone as in
-bench/fft_mask.py) and its share of the step, the peak memory of the steps (CUDA), and the
-speed-up of mfm_fast over official. JSON goes to bench/results/e2e_step-<device>-<stamp>.json.
+The two pipelines' steps are timed in --rounds interleaved rounds (who goes first alternates), each
+round about --steps steps of each (bench/timing.py: triton.testing.do_bench on CUDA, torch.utils.benchmark
+on CPU). Reported: ms per step (median, p20, p80 of all rounds' samples), images/s, the MFM frequency
+work (corrupt + loss forward + backward on the step's shapes, timed alone as in bench/fft_mask.py) and
+its share of the step, the peak memory of one step (CUDA), and the speed-up of mfm_fast over official:
+the median of the paired per-round ratios (official's round median / mfm_fast's), with their min..max.
+JSON goes to bench/results/e2e_step-<device>-<stamp>.json.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fft_mask  # noqa: E402  (bench/fft_mask.py: the official replica, timing helpers)
+import fft_mask  # noqa: E402  (bench/fft_mask.py: the official replica, versions, device names)
+from timing import interleaved, summary, time_ms, timer_name  # noqa: E402  (bench/timing.py)
 
 import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, library_check  # noqa: E402
@@ -105,6 +109,17 @@ def mfm_work(corrupt, loss_fn, x):
     return work
 
 
+def peak_step_mib(step, device):
+    """MiB allocated at the peak of one step (model, optimiser state and activations; CUDA only, else None)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
 def parse_args(argv):
     p = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -113,13 +128,16 @@ def parse_args(argv):
                    "(default: all four on CUDA; test_vit test_resnet on CPU)")
     p.add_argument("--batch", type=int, help="images per step (default 128 on CUDA, 2 on CPU)")
     p.add_argument("--backend", default="auto", help="mfm_fast backend for the mfm_fast pipeline (default auto)")
-    p.add_argument("--steps", type=int, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--steps", type=int, help="timed steps per pipeline per round (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds of official / mfm_fast steps (default 5 on CUDA, "
+                   "2 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    check_bench_args(p, args, ints={"batch": 1, "steps": 1, "warmup": 0, "threads": 1}, out_dirs=("out_dir",))
+    check_bench_args(p, args, ints={"batch": 1, "steps": 1, "rounds": 1, "warmup": 0, "threads": 1},
+                     out_dirs=("out_dir",))
     library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
     import timm
     for m in args.models or ():
@@ -152,14 +170,15 @@ def run(args):
     models = [MODELS.get(m, m) for m in (args.models or (list(MODELS) if gpu else ["test_vit", "test_resnet"]))]
     batch = args.batch or (128 if gpu else 2)
     steps = args.steps or (20 if gpu else 3)
+    rounds = args.rounds or (5 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     vers = dict(fft_mask.versions(), timm=timm.__version__)
     print(f"e2e_step bench | {fft_mask.device_name(device)} | torch {vers['torch']} | timm {vers['timm']} | "
           f"triton {vers['triton']} | mfm_fast {vers['mfm_fast']} | git {fft_mask.git_sha()}")
-    print(f"config: B={batch}, bf16 autocast, AdamW + clip 3.0, warm-up {warmup}, {steps} timed steps; "
-          f"mfm_fast --backend {args.backend}")
+    print(f"config: B={batch}, bf16 autocast, AdamW + clip 3.0, warm-up {warmup}, {rounds} interleaved rounds of "
+          f"about {steps} timed steps per pipeline ({timer_name(device)}); mfm_fast --backend {args.backend}")
     print(f"{'model':<22} {'pipeline':<9} {'backends':<16} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>8} "
-          f"{'MFM ms':>8} {'MFM share':>9} {'peak MiB':>9} {'speed-up':>8}")
+          f"{'MFM ms':>8} {'MFM share':>9} {'peak MiB':>9} {'speed-up (rounds)':>20}")
     records, ok = [], True
     for name in models:
         try:
@@ -171,44 +190,54 @@ def run(args):
             ok = False
             continue
         r1, p_low = min(16, size // 8), (0.3 if cnn else 0.5)
-        step_ms = {}
-        for pipeline in PIPELINES:
+        steps_of, used_of, peak_of, mfm_of = {}, {}, {}, {}
+        for pipeline in PIPELINES:  # build, warm up, peak memory of one step, the MFM work alone
             try:
                 corrupt, loss_fn = pipeline_fns(pipeline, r1, p_low, args.backend)
-                used = backends_used(args.backend, device) if pipeline == "mfm_fast" else {}
+                used_of[pipeline] = backends_used(args.backend, device) if pipeline == "mfm_fast" else {}
                 step = make_step(model, head, opt, corrupt, loss_fn, x, cnn)
                 for _ in range(warmup):
                     step()
-                if gpu:
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                samples = fft_mask.time_fn(step, device, 0, steps, budget_s=float("inf"))
-                peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if gpu else None
-                mfm = fft_mask.time_fn(mfm_work(corrupt, loss_fn, x), device, 2, max(steps, 5), budget_s=5.0)
+                peak_of[pipeline] = peak_step_mib(step, device)
+                mfm_of[pipeline] = time_ms(mfm_work(corrupt, loss_fn, x), device, max(steps, 5), 2, budget_s=5.0)
+                steps_of[pipeline] = step
             except Exception as exc:  # report and go on with the other pipelines and models
                 print(f"{name:<22} {pipeline:<9} raised {type(exc).__name__}: {exc}")
                 ok = False
                 if gpu:
                     torch.cuda.empty_cache()
-                continue
-            med, mfm_med = fft_mask.percentile(samples, 50), fft_mask.percentile(mfm, 50)
-            step_ms[pipeline] = med
-            speedup = step_ms["official"] / med if "official" in step_ms else None
+        try:
+            rounds_of = interleaved(steps_of, device, rounds, steps)
+        except Exception as exc:
+            print(f"{name:<22} timing the steps raised {type(exc).__name__}: {exc}")
+            ok, rounds_of = False, {}
+        round_med = {p: [summary(r)[0] for r in rounds] for p, rounds in rounds_of.items()}
+        for pipeline, rounds_ms in rounds_of.items():
+            samples = [t for r in rounds_ms for t in r]
+            med, p20, p80 = summary(samples)
+            mfm, used, peak = mfm_of[pipeline], used_of[pipeline], peak_of[pipeline]
+            mfm_med = summary(mfm)[0]
+            paired = ([o / m for o, m in zip(round_med["official"], round_med[pipeline])]
+                      if "official" in round_med else None)  # round r of official over round r of this
+            speedup = summary(paired)[0] if paired else None
             label = "/".join(dict.fromkeys(used.values())) if used else "eager"
             rec = {"model": name, "pipeline": pipeline, "backends": used, "batch": batch, "size": size, "r1": r1,
-                   "p_low": p_low, "median_ms": med, "p20_ms": fft_mask.percentile(samples, 20),
-                   "p80_ms": fft_mask.percentile(samples, 80), "images_per_s": batch / med * 1e3,
+                   "p_low": p_low, "median_ms": med, "p20_ms": p20, "p80_ms": p80, "images_per_s": batch / med * 1e3,
                    "mfm_ms": mfm_med, "mfm_share": mfm_med / med, "peak_mib": peak,
-                   "speedup_vs_official": speedup, "samples_ms": samples, "mfm_samples_ms": mfm}
+                   "speedup_vs_official": speedup, "speedup_rounds": paired,
+                   "speedup_min": min(paired) if paired else None, "speedup_max": max(paired) if paired else None,
+                   "round_median_ms": round_med[pipeline], "samples_ms": samples, "mfm_samples_ms": mfm}
             records.append(rec)
-            print(f"{name:<22} {pipeline:<9} {label:<16} {med:>9.2f} {rec['p20_ms']:>8.2f} {rec['p80_ms']:>8.2f} "
+            spread = (f"{fft_mask._ratio(speedup)} ({min(paired):.3g}..{max(paired):.3g})" if paired else "-")
+            print(f"{name:<22} {pipeline:<9} {label:<16} {med:>9.2f} {p20:>8.2f} {p80:>8.2f} "
                   f"{rec['images_per_s']:>8.1f} {mfm_med:>8.2f} {rec['mfm_share']:>8.1%} "
-                  f"{'-' if peak is None else f'{peak:.0f}':>9} {fft_mask._ratio(speedup):>8}")
+                  f"{'-' if peak is None else f'{peak:.0f}':>9} {spread:>20}")
         del model, head, opt, x
         if gpu:
             torch.cuda.empty_cache()
     print("MFM ms: corrupt + loss fwd + bwd alone on the step's shapes (bf16 pred); share = MFM ms / ms per step; "
-          "speed-up = official ms per step / this.")
+          f"speed-up = median over {rounds} interleaved rounds of official's round median / this pipeline's "
+          "(min..max of the rounds).")
     if not args.no_json:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
@@ -217,8 +246,9 @@ def run(args):
         path.write_text(json.dumps({"device": fft_mask.device_name(device), "device_type": device.type, **vers,
                                     "git_sha": fft_mask.git_sha(), "date": datetime.datetime.now().isoformat(
                                         timespec="seconds"), "command": sys.argv,
-                                    "config": {"models": models, "batch": batch, "steps": steps, "warmup": warmup,
-                                               "backend": args.backend, "autocast": "bf16"},
+                                    "timer": timer_name(device),
+                                    "config": {"models": models, "batch": batch, "steps": steps, "rounds": rounds,
+                                               "warmup": warmup, "backend": args.backend, "autocast": "bf16"},
                                     "all_ok": ok, "samples": records}, indent=1))
         print(f"wrote {path}")
     if not ok:

@@ -22,15 +22,18 @@ Providers:
                  two ortho transforms and torch.stack in the loss), written below from MFM_SPEC.md.
   torch_compile  torch.compile of the torch backend's math (rfft2 half spectrum, symmetrised half
                  mask), written below in plain differentiable torch ops: the backend's own custom ops
-                 are opaque to the compiler. One compile per shape (dynamic=False); --compile-mode.
+                 are opaque to the compiler. One compile per shape (dynamic=False); --compile-mode;
+                 AOTAutograd's donated buffers off (loss bwd repeats backward(retain_graph=True)).
   reference, torch, triton, cuda
                  mfm_fast with that backend. A backend that cannot run an op on the device is listed
                  as skipped with the reason from mfm_fast.available_backends(device, op).
 On CPU, torch_compile (slow to compile) and triton (only under TRITON_INTERPRET=1) are left out
 unless named in --providers.
-Timing: as triton.testing.do_bench, CUDA events with an L2 flush before every rep on CUDA
-(time.perf_counter on CPU); --warmup runs, then --reps timed reps, fewer (at least 3) when the
-fastest warm-up run says they would take over --budget seconds: median, p20, p80. Peak memory
+Timing (bench/timing.py): triton.testing.do_bench on CUDA (CUDA events, L2 cleared before every call),
+torch.utils.benchmark.Timer.blocked_autorange on CPU (a sample is the mean call of one of its blocks);
+--warmup untimed runs, then about --reps timed calls, fewer (at least 3) when the first timed call says
+they would take over --budget seconds: median, p20, p80. loss bwd times backward(retain_graph=True)
+of one untimed forward. Peak memory
 (CUDA): the most one call allocates beyond what was allocated before it. Every figure is also a
 ratio to the floor measured in the same run (x-floor) and a speed-up over official and torch_compile.
 A provider that raises or fails --check is reported and left out; the others still run (exit 1).
@@ -63,6 +66,9 @@ from mfm_fast import _official  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 from mfm_fast.dispatch import triton_interpreted  # noqa: E402
 from mfm_fast.masks import disc_band  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import summary, time_ms, timer_name  # noqa: E402  (bench/timing.py: the benchmarks' one timer)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WORKS = ("corrupt", "loss_fwd", "loss_bwd", "loss", "step")
@@ -130,6 +136,11 @@ _compile_mode = None  # set by run() from --compile-mode
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str, mode):
+    """torch.compile of careful_corrupt / careful_loss. AOTAutograd's donated buffers (a backward that reuses
+    its saved tensors' memory) are off: they forbid the backward(retain_graph=True) that loss bwd repeats."""
+    import torch._functorch.config as aot_config
+    if hasattr(aot_config, "donated_buffer"):
+        aot_config.donated_buffer = False
     return torch.compile({"corrupt": careful_corrupt, "loss": careful_loss}[name], mode=mode, dynamic=False)
 
 
@@ -179,7 +190,7 @@ def unavailable(provider: str, work: str, device_type: str):
     return None
 
 
-# ---- inputs, work items and timing ------------------------------------------------------------
+# ---- inputs and work items ------------------------------------------------------------
 
 def make_inputs(batch, size, r1, p_low, dtype, device):
     gen = torch.Generator(device).manual_seed(0)
@@ -194,91 +205,41 @@ def mask_band(r1, size):
     return disc_band(size, size, r1, 999) if HAS_MASK_BAND else None
 
 
-def work_fns(provider, work, x, mask, pred, band):
-    """(setup, fn): setup() runs untimed before every timed fn() (None if not needed)."""
+def work_fn(provider, work, x, mask, pred, band):
+    """The timed call of `work` (it sets pred.grad = None before a backward). loss_bwd runs the forward
+    once, here, and times loss.backward(retain_graph=True) of that one graph."""
     corrupt, loss_fn = PROVIDERS[provider]["corrupt"], PROVIDERS[provider]["loss"]
     if work == "corrupt":
-        return None, lambda: corrupt(x, mask, band=band)
+        return lambda: corrupt(x, mask, band=band)
     if work == "loss_fwd":
-        return None, lambda: loss_fn(pred, x, mask, band=band)
+        return lambda: loss_fn(pred, x, mask, band=band)
     if work == "loss_bwd":
-        state = {}
+        loss = loss_fn(pred, x, mask, band=band)
 
-        def forward():
+        def backward():
             pred.grad = None
-            state["loss"] = loss_fn(pred, x, mask, band=band)
-        return forward, lambda: state.pop("loss").backward()
+            loss.backward(retain_graph=True)
+        return backward
 
     def step():
         if work == "step":
             corrupt(x, mask, band=band)
         pred.grad = None
         loss_fn(pred, x, mask, band=band).backward()
-    return None, step
+    return step
 
 
-@functools.lru_cache(maxsize=4)
-def _l2_flush_buffer(device):
-    return torch.empty(256 * 2 ** 20, dtype=torch.int8, device=device)  # bigger than any L2
-
-
-def time_fn(fn, device, warmup, reps, budget_s, setup=None):
-    """Milliseconds per call of fn(): `warmup` untimed calls, then `reps` timed ones (setup() before each,
-    untimed), fewer (at least 3) when the fastest warm-up call says they would take over budget_s."""
-    setup = setup or (lambda: None)
-    cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    fastest = math.inf
-    for _ in range(warmup):
-        setup()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        fastest = min(fastest, time.perf_counter() - t0)
-    n = min(reps, max(3, int(budget_s / fastest))) if fastest < math.inf else reps
-    timed = []
-    for _ in range(n):
-        setup()
-        if cuda:
-            _l2_flush_buffer(device).zero_()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            timed.append((begin, end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            timed.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        torch.cuda.synchronize(device)
-        return [b.elapsed_time(e) for b, e in timed]
-    return timed
-
-
-def peak_mib(fn, device, pred, setup=None):
+def peak_mib(fn, device, pred):
     """MiB one call of fn() allocates beyond what was allocated before it (CUDA only, else None)."""
     if device.type != "cuda":
         return None
     pred.grad = None
-    if setup:
-        setup()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-
-
-def percentile(values, q):
-    """Linear-interpolation percentile, q in [0, 100]."""
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 # ---- --check: every provider against the reference backend ----------------------------------
@@ -335,7 +296,7 @@ def bench_block(providers, works, inputs, device, opts, failed, meta):
     """Time every runnable (work, provider); print the table; return (records, no provider raised)."""
     x, mask, pred, band = inputs
     out = torch.empty_like(x)
-    copy_ms = time_fn(lambda: out.copy_(x), device, opts.warmup, opts.reps, opts.budget)
+    copy_ms = time_ms(lambda: out.copy_(x), device, opts.reps, opts.warmup, opts.budget)
     del out
     print(f"{'work':<13} {'provider':<14} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'x-floor':>8} "
           f"{'vs official':>12} {'vs compile':>11} {'peak MiB':>9}")
@@ -350,19 +311,21 @@ def bench_block(providers, works, inputs, device, opts, failed, meta):
                 print(f"  {name} {WORK_TITLES[work]}: not timed (failed --check)")
                 continue
             try:
-                setup, fn = work_fns(name, work, x, mask, pred, band)
-                samples = time_fn(fn, device, opts.warmup, opts.reps, opts.budget, setup)
-                rows[name] = (samples, peak_mib(fn, device, pred, setup))
+                pred.grad = None
+                fn = work_fn(name, work, x, mask, pred, band)
+                samples = time_ms(fn, device, opts.reps, opts.warmup, opts.budget)
+                rows[name] = (samples, peak_mib(fn, device, pred))
             except Exception as exc:  # report and go on with the other providers
                 print(f"  {name} {WORK_TITLES[work]}: raised {type(exc).__name__}: {exc}")
                 ok = False
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             pred.grad = None
-        med = {name: percentile(s, 50) for name, (s, _) in rows.items()}
+        stats = {name: summary(s) for name, (s, _) in rows.items()}
+        med = {name: m for name, (m, _, _) in stats.items()}
         for name, (samples, peak) in rows.items():
-            rec = dict(meta, work=work, provider=name, median_ms=med[name], p20_ms=percentile(samples, 20),
-                       p80_ms=percentile(samples, 80), x_floor=med[name] / med["copy"],
+            rec = dict(meta, work=work, provider=name, median_ms=med[name], p20_ms=stats[name][1],
+                       p80_ms=stats[name][2], x_floor=med[name] / med["copy"],
                        speedup_vs_official=med["official"] / med[name] if "official" in med else None,
                        speedup_vs_torch_compile=med["torch_compile"] / med[name] if "torch_compile" in med else None,
                        peak_mib=peak, samples_ms=samples)
@@ -593,7 +556,7 @@ def run(args):
     providers = sorted((p for p in providers if any(unavailable(p, w, device.type) is None for w in works)),
                        key=PROVIDER_ORDER.index)
 
-    timer = "CUDA events, L2 flushed per rep" if gpu else "time.perf_counter"
+    timer = timer_name(device)
     vers = versions()
     print(f"fft_mask bench | {device_name(device)} | torch {vers['torch']} | triton {vers['triton']} | "
           f"python {vers['python']} | mfm_fast {vers['mfm_fast']} | git {git_sha()}")

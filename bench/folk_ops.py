@@ -10,7 +10,8 @@ Work items (per provider: reference = fp64 oracle, torch = the torch backend; co
   loss         the default complex MaskedFreqLoss forward + backward, for comparison with mp_loss
 Each median is also a ratio to a copy of the same bytes measured in the same run (x-floor: the fp32 copy
 out.copy_(x) times 1 for masks / folk_corrupt and 1.5 for the losses: read pred + x, write the grad).
-Timing as bench/fft_mask.py (CUDA events with an L2 flush per rep; perf_counter on CPU). Results go to
+Timing as bench/fft_mask.py (bench/timing.py: triton.testing.do_bench on CUDA, torch.utils.benchmark on
+CPU). Results go to
 bench/results/folk_ops-<device>-<timestamp>.json unless --no-json.
 """
 
@@ -28,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fft_mask  # noqa: E402  (timing, percentiles, versions)
+import fft_mask  # noqa: E402  (versions, device names, relative errors)
+from timing import summary, time_ms, timer_name  # noqa: E402  (bench/timing.py: the benchmarks' one timer)
 import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
@@ -121,7 +123,7 @@ def run(args) -> int:
         torch.set_num_threads(max(1, args.threads))
     vers = fft_mask.versions()
     print(f"folk_ops bench | {fft_mask.device_name(device)} | torch {vers['torch']} | git {fft_mask.git_sha()} | "
-          f"3x{size}x{size}, keep_ratio {args.keep_ratio:g}, fp32")
+          f"3x{size}x{size}, keep_ratio {args.keep_ratio:g}, fp32 | {timer_name(device)}")
     records = []
     for batch in batches:
         gen = torch.Generator(device).manual_seed(0)
@@ -132,18 +134,17 @@ def run(args) -> int:
             for name, err in check(x, pred, args.keep_ratio).items():
                 print(f"  check {name}: {err:.2e}")
         out = torch.empty_like(x)
-        copy_ms = fft_mask.time_fn(lambda: out.copy_(x), device, args.warmup, args.reps, args.budget)
-        copy = fft_mask.percentile(copy_ms, 50)
+        copy = summary(time_ms(lambda: out.copy_(x), device, args.reps, args.warmup, args.budget))[0]
         print(f"{'work':<13} {'provider':<10} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'x-floor':>8}")
         for work in WORKS:
             floor = copy * FLOOR[work]
             print(f"{work:<13} {'copy':<10} {floor:>10.3f} {'':>9} {'':>9} {1.0:>8.2f}")
             for backend in providers:
-                samples = fft_mask.time_fn(work_fn(work, backend, x, pred, args.keep_ratio), device, args.warmup,
-                                           args.reps, args.budget)
-                med = fft_mask.percentile(samples, 50)
+                samples = time_ms(work_fn(work, backend, x, pred, args.keep_ratio), device, args.reps, args.warmup,
+                                  args.budget)
+                med, p20, p80 = summary(samples)
                 rec = {"batch": batch, "size": size, "work": work, "provider": backend, "median_ms": med,
-                       "p20_ms": fft_mask.percentile(samples, 20), "p80_ms": fft_mask.percentile(samples, 80),
+                       "p20_ms": p20, "p80_ms": p80,
                        "floor_ms": floor, "x_floor": med / floor, "samples_ms": samples}
                 records.append(rec)
                 print(f"{work:<13} {backend:<10} {med:>10.3f} {rec['p20_ms']:>9.3f} {rec['p80_ms']:>9.3f} "
@@ -154,7 +155,8 @@ def run(args) -> int:
         path = Path(args.out_dir) / f"folk_ops-{dev_tag}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": fft_mask.device_name(device), **vers, "git_sha": fft_mask.git_sha(),
-                                    "command": sys.argv, "keep_ratio": args.keep_ratio, "samples": records},
+                                    "command": sys.argv, "timer": timer_name(device), "keep_ratio": args.keep_ratio,
+                                    "samples": records},
                                    indent=1))
         print(f"wrote {path}")
     return 0

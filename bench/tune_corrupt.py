@@ -3,9 +3,9 @@
     python bench/tune_corrupt.py                 # B=256, 3x224x224, r1=16, band and general paths
 
 For every (path, input -> output dtype, block_rows, block_cols, num_warps) it checks the result
-against the torch backend (max |err| / max |ref|) and times it with triton.testing.do_bench
-(L2 cleared before each rep), next to a copy of the same bytes (read x, write the output) measured
-in the same run. Prints a table sorted by time per case; use the winners as launch() defaults.
+against the torch backend (max |err| / max |ref|) and times it (bench/timing.py: the median of
+triton.testing.do_bench, L2 cleared before each rep), next to a copy of the same bytes (read x, write
+the output) measured in the same run. Prints a table sorted by time per case; use the winners as launch() defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_corrupt.py needs a CUDA device")
         return 0
-    import triton.testing
+    from timing import median_ms  # bench/timing.py: the benchmarks' one timer (do_bench on CUDA)
     from mfm_fast.kernels import corrupt as kc
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -54,9 +55,9 @@ def main(argv=None) -> int:
     rows = []
     for (label, x, out_dtype), band in itertools.product(cases, (args.r1, 0)):
         out = torch.empty(x.shape, dtype=out_dtype, device="cuda")
-        copy_ms = triton.testing.do_bench(lambda: out.copy_(x))
+        copy_ms = median_ms(lambda: out.copy_(x))
         ref = mfm_fast.corrupt(x, mask, out_dtype=torch.float32, backend="torch")
-        torch_ms = triton.testing.do_bench(lambda: mfm_fast.corrupt(x, mask, out_dtype=out_dtype, backend="torch"))
+        torch_ms = median_ms(lambda: mfm_fast.corrupt(x, mask, out_dtype=out_dtype, backend="torch"))
         path = "band" if band else "general"
         print(f"\n{path} {label}: copy {copy_ms:.4f} ms, torch backend {torch_ms:.4f} ms ({torch_ms / copy_ms:.1f}x copy)")
         # None: the launcher's defaults (on the band path per phase: kc.BAND_COEF_TILES, kc.BAND_OUT_TILES);
@@ -75,8 +76,7 @@ def main(argv=None) -> int:
                 resources = " | ".join(f"regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
                                        f"smem {getattr(getattr(k, 'metadata', None), 'shared', '?')}" for k in kernels)
                 err = float((out.float() - ref).abs().max() / ref.abs().max())
-                ms = triton.testing.do_bench(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps,
-                                                               stages))
+                ms = median_ms(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages))
             except Exception as exc:  # a config that does not compile (shared memory, registers) is skipped
                 print(f"  bm={bm!s:<4} bk={bk!s:<4} warps={warps} stages={stages}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         for band in (args.r1, 0):
             o = mfm_fast.corrupt(x, mask, backend="triton", mask_band=band or None, precision=precision)
             err = float((o - ref).abs().max() / ref.abs().max())
-            ms = triton.testing.do_bench(lambda: mfm_fast.corrupt(x, mask, backend="triton", mask_band=band or None,
-                                                                  precision=precision))
+            ms = median_ms(lambda: mfm_fast.corrupt(x, mask, backend="triton", mask_band=band or None,
+                                                    precision=precision))
             print(f"precision {precision:<6} {'band' if band else 'general'}: {ms:.4f} ms, err {err:.1e}")
             rows.append(dict(path="band" if band else "general", case=f"precision {precision}", ms=ms, err=err))
     if args.json:

@@ -2,10 +2,11 @@
 
     python bench/tune_loss.py            # B=256, 3x224x224, r1=16, fp32 pred, normalize_target
 
-Times loss forward + backward (triton.testing.do_bench, L2 cleared per rep) for the torch backend,
-the Triton backend with the transforms along H and W factored (7 x 2^k sizes) or direct, with and without the
-mask_band promise, in each precision mode, and a few block configurations of the full path, next to 1.5 copies of the batch (read pred, read x, write grad)
-measured in the same run. Every variant's loss and gradient are compared with the torch backend.
+Times loss forward + backward (bench/timing.py: median of triton.testing.do_bench, L2 cleared per rep)
+for the torch backend, the Triton backend with the transforms along H and W factored (7 x 2^k sizes) or
+direct, with and without the mask_band promise, in each precision mode, and a few block configurations
+of the full path, next to 1.5 copies of the batch (read pred, read x, write grad) measured in the same
+run. Every variant's loss and gradient are compared with the torch backend.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_loss.py needs a CUDA device")
         return 0
-    import triton.testing
+    from timing import median_ms  # bench/timing.py: the benchmarks' one timer (do_bench on CUDA)
     import mfm_fast.kernels.masked_freq_loss as K
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     x = torch.rand(n, 3, s, s, device="cuda", generator=g)
     pred = torch.randn(n, 3, s, s, device="cuda", generator=g).requires_grad_(True)
     mask = mfm_fast.make_masks(n, s, s, r1=args.r1, generator=g, device="cuda")
-    floor = 1.5 * triton.testing.do_bench(lambda: x.clone())
+    floor = 1.5 * median_ms(lambda: x.clone())
     print(f"1.5-copy floor {floor:.4f} ms  ({torch.cuda.get_device_name()}, B={n}, 3x{s}x{s}, fp32)")
 
     def run(**kw):
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             loss, grad = run(**kw)
             err = max(float((loss - ref_loss).abs() / ref_loss.abs()),
                       float((grad - ref_grad).abs().max() / ref_grad.abs().max()))
-            ms = triton.testing.do_bench(lambda: run(**kw))
+            ms = median_ms(lambda: run(**kw))
             print(f"{label:<56} {ms:8.4f} ms  {ms / floor:6.2f}x floor  max rel err vs torch {err:.1e}")
         except Exception as exc:  # report and go on: one failing variant must not hide the others
             print(f"{label:<56} failed: {type(exc).__name__}: {str(exc)[:100]}")

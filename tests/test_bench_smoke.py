@@ -123,7 +123,8 @@ def test_bench_torch_compile_provider_passes_check(bench, capsys):
 
 def test_e2e_step_runs_on_cpu_with_tiny_models(tmp_path, capsys):
     e2e = load("e2e_step")
-    args = ["--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+    args = ["--device", "cpu", "--batch", "2", "--steps", "1", "--rounds", "3", "--warmup", "0", "--out-dir",
+            str(tmp_path)]
     assert e2e.main(args) == 0
     out = capsys.readouterr().out
     for model in ("test_vit", "test_resnet"):
@@ -135,6 +136,14 @@ def test_e2e_step_runs_on_cpu_with_tiny_models(tmp_path, capsys):
     for rec in data["samples"]:
         assert rec["median_ms"] > 0 and rec["images_per_s"] > 0 and 0 < rec["mfm_ms"]
     assert data["samples"][1]["backends"]["corrupt"] in ("torch", "triton", "cuda")
+    assert data["config"]["rounds"] == 3 and data["timer"]
+    by = {(r["model"], r["pipeline"]): r for r in data["samples"]}
+    for model in ("test_vit", "test_resnet"):  # the speed-up pairs round r of official with round r of mfm_fast
+        off, mfm = by[model, "official"], by[model, "mfm_fast"]
+        ratios = [o / m for o, m in zip(off["round_median_ms"], mfm["round_median_ms"])]
+        assert len(ratios) == 3 and mfm["speedup_rounds"] == pytest.approx(ratios)
+        assert mfm["speedup_vs_official"] == pytest.approx(sorted(ratios)[1])
+        assert mfm["speedup_min"] == min(ratios) and mfm["speedup_max"] == max(ratios)
 
 
 def test_folk_ops_bench_checks_and_prints_every_work(capsys, tmp_path):
@@ -163,3 +172,40 @@ def test_smem_bank_model_runs_and_sees_the_old_conflicts(capsys):
     gather = re.search(r"224 x 224.*?unpack gather\s+([\d.]+)\s+\(before: ([\d.]+)\)", out, re.S)
     assert gather and float(gather.group(1)) <= 2.0 and float(gather.group(2)) > 10.0, out
     assert mod.freq_pos(1, 224) == 32 and mod.freq_pos(7, 224) == 16  # k = 7 -> q = 1 -> bitrev_5(1) = 16
+
+
+def test_timing_summary_and_the_cpu_timer():
+    """bench/timing.py: median / p20 / p80 by linear interpolation; the CPU timer returns at most `reps`
+    positive samples; interleaved rounds rotate who goes first."""
+    timing = load("timing")
+    assert timing.summary([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx((3.0, 1.8, 4.2))  # ranks 2, 0.8, 3.2
+    assert timing.summary([7.0]) == (7.0, 7.0, 7.0)
+    assert timing._run_ms(2.0, reps=50, budget_s=0.004) == pytest.approx(6.0)  # 2 calls in budget: 3
+    assert timing._run_ms(2.0, reps=50, budget_s=0.01) == pytest.approx(10.0)  # 5 calls fit the budget
+    assert timing._run_ms(2.0, reps=10, budget_s=1.0) == pytest.approx(20.0)
+    calls = []
+    samples = timing.time_ms(lambda: calls.append(1), "cpu", reps=4, warmup=2)
+    assert 1 <= len(samples) <= 4 and all(t > 0 for t in samples) and len(calls) >= 2 + len(samples)
+    order = []
+    rounds = timing.interleaved({n: (lambda n=n: order.append(n)) for n in "abc"}, "cpu", rounds=3, reps=2)
+    assert set(rounds) == set("abc") and all(len(r) == 3 and all(r) for r in rounds.values())
+    firsts = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]  # who ran, run after run
+    assert firsts == list("abc" "bca" "cab")
+
+
+def test_timing_cuda_path_sizes_do_bench_from_a_first_call(monkeypatch):
+    """time_ms on CUDA: one do_bench call of one timed rep sizes the run (warm-up and rep in ms, as do_bench
+    takes them), then do_bench(return_mode="all") with its L2 clear; at most `reps` samples come back."""
+    triton_testing = pytest.importorskip("triton.testing")
+    timing = load("timing")
+    calls = []
+
+    def fake_do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        calls.append(dict(warmup=warmup, rep=rep, return_mode=return_mode))
+        return 2.0 if return_mode == "min" else [2.0] * 9
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    assert timing.time_ms(lambda: None, "cuda", reps=4, warmup=5, budget_s=1.0) == [2.0] * 4
+    assert calls == [dict(warmup=0, rep=0, return_mode="min"), dict(warmup=10.0, rep=8.0, return_mode="all")]
+    calls.clear()
+    timing.time_ms(lambda: None, "cuda", reps=50, warmup=0, budget_s=0.01)  # 5 calls of 2 ms fit 10 ms
+    assert calls[1]["rep"] == pytest.approx(10.0)

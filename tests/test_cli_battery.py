@@ -191,6 +191,7 @@ BENCH_CASES = [
     ("e2e_step", ["--models", "no_such_model"], "--models"),
     ("e2e_step", ["--backend", "numpy"], "--backend"),
     ("e2e_step", ["--steps", "0"], "--steps"),
+    ("e2e_step", ["--rounds", "0"], "--rounds"),
     ("e2e_step", ["--warmup", "-1"], "--warmup"),
     ("folk_ops", ["--keep-ratio", "2"], "--keep-ratio"),
     ("folk_ops", ["--size", "7"], "--size"),

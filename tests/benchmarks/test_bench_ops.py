@@ -80,11 +80,8 @@ def test_work(benchmark, inputs, work, provider):
         out = torch.empty_like(x)
         benchmark(synced(lambda: out.copy_(x)))
         return
-    setup, fn = fft.work_fns(provider, work, x, mask, pred, band)
+    fn = fft.work_fn(provider, work, x, mask, pred, band)  # loss_bwd: backward of one untimed forward
     try:
-        if setup is None:
-            benchmark(synced(fn))
-        else:  # loss_bwd: the forward runs untimed before every round
-            benchmark.pedantic(synced(fn), setup=setup, rounds=20, warmup_rounds=3)
+        benchmark(synced(fn))
     finally:
         pred.grad = None
