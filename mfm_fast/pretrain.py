@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import _official
 from . import data as D
+from ._common import imagenet_normalize
 from .cli import OneLineParser
 from .adaptive_masks import make_adaptive_masks
 from .corruption import FrequencyCorruption, corrupt
@@ -585,9 +585,10 @@ class Corruptor:
             mask = make_masks(n, h, w, a.r1, a.r2, self.corruption.p_low, low=low, generator=self.gen,
                               device=x.device)
             x01 = x.float() / 255
+            from . import _official  # the released code's op sequence: the --pipeline official baseline only
             return _official.corrupt(x01, mask), x01, mask
         x01 = x.float() / 255
-        return _official.normalize(degrade(x01, a, self.gen)), (x01 if self.official else x), None
+        return imagenet_normalize(degrade(x01, a, self.gen)), (x01 if self.official else x), None
 
     def labels(self, low: torch.Tensor) -> Optional[list]:
         """Picture row names for masks forced by ``low`` (bool (N,)); None: the picture's own low/high-pass guess."""
@@ -605,6 +606,7 @@ class Corruptor:
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.official:
+            from . import _official  # the --pipeline official baseline only
             return _official.loss(pred, target, mask, self.args.loss_gamma)
         return self.criterion(pred, target, mask)
 
@@ -1097,7 +1099,7 @@ def _train(args, rank: int, world: int, device: torch.device, resume: Optional[s
                     out = model(inp)
                 loss = corruptor.loss(prediction(out), target, mask)
                 if folk:
-                    clean = _official.normalize(x.float() / 255)
+                    clean = imagenet_normalize(x.float() / 255)
                     with autocast:
                         teacher_logits = distiller.teacher_logits(
                             clean.contiguous(memory_format=torch.channels_last) if args.channels_last else clean)
