@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import sys
-from typing import Optional
 
 import torch
 
