@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mfm_fast.dispatch import triton_interpreted
+from mfm_fast._common import triton_interpreted
+from mfm_fast._options import CorruptOptions, op_kwargs, schema_names
 
 from ._dft import channel_stats, dft_table, next_pow2
 
@@ -428,3 +429,25 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[fl
 def _(x, mask, mean, std, out_dtype, mask_band, precision):
     return x.new_empty(x.shape, dtype=out_dtype)
 
+
+
+_CORRUPT_ARGS = schema_names(corrupt)[2:]  # after x, mask
+
+
+def unsupported_reason(x: torch.Tensor, mask: torch.Tensor, options: CorruptOptions) -> Optional[str]:
+    """None if these kernels run these images with these options (the band path when the mask_band promise
+    fits, else the general path), else why not (dispatch then runs the torch backend)."""
+    height, width = x.shape[-2:]
+    if x.dtype == torch.float64:
+        return "float64 images are computed in float64 by the torch backend"
+    if not band_fits(options.mask_band, height, width) and not general_fits(height, width):
+        return (f"{height} x {width} images without a mask_band <= {BAND_MAX} need the general path, whose tiles "
+                f"do not fit shared memory above {GENERAL_MAX_SIDE} per side")
+    return None
+
+
+def run(x: torch.Tensor, mask: torch.Tensor, options: CorruptOptions) -> torch.Tensor:
+    """The op on validated inputs: the band path when options.mask_band fits (:func:`band_fits`), else the
+    general path."""
+    band = options.mask_band if band_fits(options.mask_band, *x.shape[-2:]) else 0
+    return corrupt(x, mask, **op_kwargs(options, _CORRUPT_ARGS, mask_band=band))

@@ -53,9 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mfm_fast._common import compute_dtype
-from mfm_fast.dispatch import triton_interpreted
-from mfm_fast.torch_backend.masked_freq_loss import loss_value, register_saved_grad_autograd
+from mfm_fast._common import compute_dtype, needs_grad, triton_interpreted
+from mfm_fast._options import LossOptions, op_kwargs, schema_names
+from mfm_fast.torch_backend.masked_freq_loss import loss_value_of_op_args, register_saved_grad_autograd
 
 from ._dft import channel_stats, dft_table, next_pow2
 
@@ -535,18 +535,21 @@ def _mfl_band_kernel(
 # ---------------------------------------------------------------- launcher
 
 
-def unsupported_reason(pred: torch.Tensor, reduction: str, with_matrix: bool, ave_spectrum: bool,
-                       patch_factor: int = 1) -> Optional[str]:
-    """None if the fused Triton loss handles these options, else why the torch backend is used instead."""
-    h, w = pred.shape[-2] // patch_factor, pred.shape[-1] // patch_factor
+def unsupported_reason(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+                       options: LossOptions) -> Optional[str]:
+    """None if the fused Triton loss handles these inputs and options, else why the torch backend is used
+    instead."""
+    if options.distance == "magnitude_phase":
+        return "distance='magnitude_phase' is not fused; it runs as plain torch ops (autograd through rfft2)"
+    h, w = pred.shape[-2] // options.patch_factor, pred.shape[-1] // options.patch_factor
     if max(h, w) > MAX_SIDE:
         return (f"planes of {h} x {w} (more than {MAX_SIDE} per side) do not fit the kernels' shared memory "
                 f"on sm_90")
-    if reduction == "none":
+    if options.reduction == "none":
         return "reduction='none' (the per-frequency map) is not fused"
-    if with_matrix:
+    if options.with_matrix:
         return "with_matrix=True (the focal matrix needs a max over each whole spectrum) is not fused"
-    if ave_spectrum:
+    if options.ave_spectrum:
         return "ave_spectrum=True (a batch-average spectrum) is not fused"
     if pred.dtype == torch.float64:
         return "float64 pred is computed in float64, which the Triton kernels do not do"
@@ -707,12 +710,13 @@ def _(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, targ
     return loss, (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
 
 
-def _loss_value(pred, target, mask, loss_gamma, reduction, patch_factor, loss_weight, target_mean, target_std,
-                mask_band, precision, need_grad):
-    """The same loss as differentiable torch ops: the double-backward (create_graph=True) path."""
-    return loss_value(pred, target, mask, loss_gamma, reduction, with_matrix=False, alpha=1.0, log_matrix=False,
-                      batch_matrix=False, ave_spectrum=False, patch_factor=patch_factor, loss_weight=loss_weight,
-                      target_mean=target_mean, target_std=target_std)
+register_saved_grad_autograd(masked_freq_loss, recompute=loss_value_of_op_args)
+_LOSS_ARGS = schema_names(masked_freq_loss)[3:]  # after pred, target, mask
 
 
-register_saved_grad_autograd(masked_freq_loss, num_inputs=12, target_std_index=8, recompute=_loss_value)
+def run(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], options: LossOptions) -> torch.Tensor:
+    """The scalar loss of validated inputs (:func:`unsupported_reason` is None for them) through the
+    autograd-registered op."""
+    loss, _ = masked_freq_loss(pred, target, mask, **op_kwargs(options, _LOSS_ARGS,
+                                                               need_grad=needs_grad(pred, target)))
+    return loss

@@ -1,11 +1,41 @@
-"""Small tensor helpers shared by the reference and torch backends."""
+"""Small helpers shared by every backend (reference, torch, kernels/, the CUDA extension) and the front-ends.
+
+Low level: imports nothing from mfm_fast.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run under the interpreter (TRITON_INTERPRET=1, CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want a gradient for any of `tensors` (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@functools.lru_cache(maxsize=8)
+def _imagenet_stats(device: torch.device, dtype: torch.dtype):
+    """(1, 3, 1, 1) mean and std on the device, cached: no host-to-device copy (and sync) per call."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
+def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
+    """(x - ImageNet mean) / std on (N, 3, H, W) pixels in [0, 1], in x's dtype."""
+    mean, std = _imagenet_stats(x.device, x.dtype)
+    return (x - mean) / std
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -8,25 +8,9 @@ second, independent reading of MFM_SPEC.md §2-3 (tests compare it with mfm_fast
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._common import IMAGENET_MEAN, IMAGENET_STD
-
-
-@functools.lru_cache(maxsize=8)
-def _imagenet_stats(device: torch.device, dtype: torch.dtype):
-    """(1, 3, 1, 1) mean and std on the device, cached: no host-to-device copy (and sync) per call."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(1, 3, 1, 1)
-    return mean, std
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(x - ImageNet mean) / std on (N, 3, H, W)."""
-    mean, std = _imagenet_stats(x.device, x.dtype)
-    return (x - mean) / std
+from ._common import imagenet_normalize as normalize  # (x - ImageNet mean) / std, as the released code
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,8 @@ from typing import Optional
 import torch
 
 from . import _validate as V
-from . import reference
-from ._common import compute_dtype
-from .dispatch import choose_backend
-from .reference.adaptive_masks import grey, keep_count
+from . import dispatch
+from ._options import AdaptiveMaskOptions
 
 MODES = ("mixed", "com", "rcom")
 MAGNITUDES = ("mean", "luminance")
@@ -82,30 +80,10 @@ def make_adaptive_masks(x: torch.Tensor, mode: str = "mixed", keep_ratio: float 
             raise ValueError(f"com: expected shape ({n},), got {tuple(com.shape)}")
         if com.device != x.device:
             raise ValueError(f"com: is on {com.device} but the images are on {x.device}")
-    name = choose_backend(backend, "adaptive_masks", x.device)
+    name = dispatch.choose_backend(backend, "adaptive_masks", x.device)  # before the draw: no input decides it
     if mode != "mixed":
         com = torch.full((n,), mode == "com", dtype=torch.bool, device=x.device)
     elif com is None:
         com = torch.rand(n, generator=generator, device=x.device) < p_com
-    if name == "reference":
-        return reference.make_adaptive_masks(x, com, keep_ratio, magnitude, dc)
-    return _masks_torch(x, com, keep_ratio, magnitude, dc)
-
-
-def _masks_torch(x: torch.Tensor, com: torch.Tensor, keep_ratio: float, magnitude: str,
-                 dc: Optional[str]) -> torch.Tensor:
-    """The torch backend: one rfft2 of g, the full symmetric |spectrum| rebuilt from the half, a top-k."""
-    n, _, height, width = x.shape
-    half = torch.fft.rfft2(grey(x, magnitude, compute_dtype(x))).abs()  # (N, H, W/2 + 1), unshifted
-    neg = lambda a: torch.roll(torch.flip(a, dims=(-2,)), 1, dims=-2)  # a[(-ky) % H]  # noqa: E731
-    sym = lambda a: (a + neg(a)) / 2  # noqa: E731
-    c = width // 2  # columns 0 and W/2 hold both k and -k: symmetrise them; the others pair with the missing half
-    half = torch.cat([sym(half[..., :1]), half[..., 1:c], sym(half[..., c:])], dim=-1)
-    mag = torch.cat([half, neg(half[..., 1:c]).flip(-1)], dim=-1)  # (N, H, W), M(-k) = M(k) bit for bit
-    k = keep_count(keep_ratio, height, width)
-    thr = torch.topk(mag.reshape(n, -1), k, dim=1, sorted=False).values.amin(1)
-    dominant = torch.fft.fftshift((mag >= thr[:, None, None]) & (mag > 0), dim=(-2, -1))
-    keep = torch.where(com[:, None, None], dominant, ~dominant)
-    if dc is not None:
-        keep[:, height // 2, width // 2] = dc == "keep"
-    return keep.to(torch.float32)
+    options = AdaptiveMaskOptions(keep_ratio=keep_ratio, magnitude=magnitude, dc=dc)
+    return dispatch.backend_module(name).run("adaptive_masks", (x, com), options)

@@ -8,16 +8,11 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from . import reference
+from . import dispatch
 from ._common import IMAGENET_MEAN, IMAGENET_STD, from_blocks, to_blocks
-from .dispatch import backend_unavailable_reason, check_backend_name, choose_backend, log_fallback_once
+from ._options import CorruptOptions
+from .dispatch import check_backend_name
 from .masks import check_patch_factor, check_rings, make_masks, mask_band_for
-from .torch_backend.corrupt import corrupt as _corrupt_torch
-
-def _triton_corrupt_module():
-    """mfm_fast.kernels.corrupt, imported on first use (it imports triton, and TRITON_INTERPRET must be set first)."""
-    from .kernels import corrupt as triton_corrupt
-    return triton_corrupt
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
@@ -71,55 +66,14 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
         raise ValueError("x: corrupt is not differentiable with respect to the images; pass x.detach()")
     V.check_finite("x", x)
     V.check_choice("precision", precision, V.PRECISIONS)
-    band = V.check_mask_band(mask_band, mask, pf) or 0
+    options = CorruptOptions(mean=tuple(mean), std=tuple(std), out_dtype=out_dtype,
+                             mask_band=V.check_mask_band(mask_band, mask, pf) or 0, precision=precision)
     if pf == 1:
-        return _corrupt(x, mask, mean, std, out_dtype, backend, band, precision)
+        return dispatch.run("corrupt", backend, (x, mask), options)
     h, w = height // pf, width // pf
     patches = to_blocks(x, pf).movedim(2, 1).reshape(n * pf * pf, channels, h, w)  # (N P, C, h, w)
-    out = _corrupt(patches, to_blocks(mask, pf).reshape(n * pf * pf, h, w), mean, std, out_dtype, backend, band,
-                   precision)
+    out = dispatch.run("corrupt", backend, (patches, to_blocks(mask, pf).reshape(n * pf * pf, h, w)), options)
     return from_blocks(out.reshape(n, pf * pf, channels, h, w).movedim(1, 2), pf).contiguous()
-
-
-def _corrupt(x: torch.Tensor, mask: torch.Tensor, mean: list, std: list, out_dtype: torch.dtype, backend: str,
-             band: int, precision: str) -> torch.Tensor:
-    """corrupt on validated (N, C, H, W) images and (N, H, W) masks: pick the backend and run it."""
-    channels, height, width = x.shape[1:]
-    name = choose_backend(backend, "corrupt", x.device)
-    if name == "triton" and x.dtype == torch.float64:
-        log_fallback_once("corrupt", "triton", "torch", "float64 images are computed in float64 by the torch backend")
-        name = "torch"
-    if name == "reference":
-        return reference.corrupt(x, mask, mean, std, out_dtype)
-    if name == "cuda":
-        from . import cuda_backend
-
-        if x.dtype == torch.float64 or out_dtype == torch.float64:
-            log_fallback_once("corrupt", "cuda", "torch", "float64 is computed in float64 by the torch backend")
-            return _corrupt_torch(x, mask, mean, std, out_dtype)
-        why = backend_unavailable_reason("cuda", x.device.type, "corrupt", (channels, height, width))
-        if why is not None:
-            if backend == "cuda":
-                raise RuntimeError(f"backend='cuda' for corrupt on {x.device.type}: {why}")
-            log_fallback_once("corrupt", "cuda", "torch", why)
-            return _corrupt_torch(x, mask, mean, std, out_dtype)
-        return cuda_backend.corrupt(x, mask, mean, std, out_dtype)
-    if name == "triton":
-        kernels = _triton_corrupt_module()
-        band = band if band and kernels.band_fits(band, height, width) else 0
-        if band:
-            return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
-        if not kernels.general_fits(height, width):
-            log_fallback_once("corrupt", "triton", "torch", f"{height} x {width} images without a mask_band <= "
-                              f"{kernels.BAND_MAX} need the general path, whose tiles do not fit shared memory "
-                              f"above {kernels.GENERAL_MAX_SIDE} per side")
-        elif backend == "triton":
-            return kernels.corrupt(x, mask, mean, std, out_dtype, band, precision)
-        else:
-            log_fallback_once("corrupt", "triton", "torch", "masks without a mask_band promise take the general "
-                              "DFT-as-GEMM path, which is slower than cuFFT (ask for backend='triton' to force "
-                              "it)")
-    return _corrupt_torch(x, mask, mean, std, out_dtype)
 
 
 class FrequencyCorruption(nn.Module):

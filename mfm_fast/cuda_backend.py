@@ -19,6 +19,7 @@ as reported by ``python -m mfm_fast.info``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 from typing import Optional
@@ -26,8 +27,11 @@ from typing import Optional
 import torch
 
 from . import _jit_build
+from ._common import needs_grad
+from ._options import op_kwargs
 from .torch_backend.masked_freq_loss import register_saved_grad_autograd
 
+OPS = ("corrupt", "masked_freq_loss")  # backend declaration read by mfm_fast.dispatch (with the functions below)
 SIDES = (224, 112)
 SMEM_PER_BLOCK = 232448  # sm_90's opt-in shared memory per block (csrc/fft.cuh, kHopperSmemPerBlock)
 MAX_CHANNELS = 8
@@ -134,8 +138,9 @@ def how_built(build: bool = False) -> str:
     return _state["how"] if reason is None else f"not loaded: {reason}"
 
 
-def unavailable_reason(device_type: Optional[str] = None, build: bool = True) -> Optional[str]:
-    """None if the extension can run on `device_type` tensors (any when None), else why not.
+def unavailable_reason(device_type: Optional[str] = None, build: bool = True, size=None) -> Optional[str]:
+    """None if the extension can run on `device_type` tensors (any when None) of planes `size` = (C, H, W) (any
+    when None), else why not.
 
     Loads the extension on the first call, compiling it just in time if needed (unless `build` is False)."""
     reason = _load(build)
@@ -146,6 +151,8 @@ def unavailable_reason(device_type: Optional[str] = None, build: bool = True) ->
                 "torch.ops.mfm_fast.*_cuda on CPU tensors, are a slow host build for tests); use backend='torch'")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
+    if size is not None:
+        return size_reason(size[1], size[2], size[0])
     return None
 
 
@@ -164,27 +171,45 @@ def size_reason(height: int, width: int, channels: int) -> Optional[str]:
     return None
 
 
-def loss_options_reason(pred: torch.Tensor, target: torch.Tensor, reduction: str, with_matrix: bool, ave_spectrum: bool,
-                        patch_factor: int) -> Optional[str]:
-    """None if the CUDA loss kernel implements these options, else why not (the caller falls back)."""
-    if reduction == "none":
+def unsupported_reason(op: str, inputs: tuple, options) -> Optional[str]:
+    """None if the CUDA kernel of `op` implements these inputs and options, else why not (dispatch then runs
+    the torch backend)."""
+    if op == "corrupt":
+        x, _ = inputs
+        if torch.float64 in (x.dtype, options.out_dtype):
+            return "float64 is computed in float64 by the torch backend"
+        return None
+    pred, target, _ = inputs
+    if options.distance == "magnitude_phase":
+        return "distance='magnitude_phase' is not fused; it runs as plain torch ops (autograd through rfft2)"
+    if options.reduction == "none":
         return "reduction='none' (the per-frequency map) is not in the CUDA kernel"
-    if with_matrix:
+    if options.with_matrix:
         return "with_matrix=True (focal matrix) is not in the CUDA kernel"
-    if ave_spectrum:
+    if options.ave_spectrum:
         return "ave_spectrum=True is not in the CUDA kernel"
-    if patch_factor != 1:
+    if options.patch_factor != 1:
         return "patch_factor > 1 is not in the CUDA kernel"
     if torch.float64 in (pred.dtype, target.dtype):
         return "float64 pred / target are computed in float64, which the CUDA kernel does not do"
     return None
 
 
+def run(op: str, inputs: tuple, options):
+    """Run `op` on validated `inputs` (:func:`unsupported_reason` None for them) with its options object: the
+    entry points below, their arguments filled by name."""
+    if op == "corrupt":
+        x, mask = inputs
+        return corrupt(x, mask, **op_kwargs(options, _CORRUPT_ARGS))
+    pred, target, mask = inputs
+    return masked_freq_loss(pred, target, mask, **op_kwargs(options, _LOSS_ARGS, need_grad=needs_grad(pred, target)))
+
+
 # ------------------------------------------------------------------ registrations (after _C is loaded)
 def _register() -> None:
     torch.library.register_fake("mfm_fast::corrupt_cuda")(_corrupt_fake)
     torch.library.register_fake("mfm_fast::masked_freq_loss_cuda")(_loss_fake)
-    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda", num_inputs=9, target_std_index=7)
+    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda")
 
 
 def _corrupt_fake(x, mask, mean, std, out_dtype):
@@ -219,3 +244,7 @@ def masked_freq_loss(pred, target, mask, loss_gamma, reduction, loss_weight, tar
     loss, _ = torch.ops.mfm_fast.masked_freq_loss_cuda(pred.contiguous(), target.contiguous(), m, float(loss_gamma),
                                                        reduction, float(loss_weight), tm, ts, bool(need_grad))
     return loss
+
+
+_CORRUPT_ARGS = tuple(inspect.signature(corrupt).parameters)[2:]  # after x, mask
+_LOSS_ARGS = tuple(inspect.signature(masked_freq_loss).parameters)[3:]  # after pred, target, mask

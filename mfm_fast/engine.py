@@ -22,7 +22,7 @@ import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from . import _official
+from ._common import imagenet_normalize
 from .checkpoint import CHECKPOINT_NAME, save_checkpoint, save_training_state
 from .folk import SelfDistillation, teacher_momentum
 from .model import prediction
@@ -175,7 +175,7 @@ def forward_backward(run: TrainingRun, x: torch.Tensor, step: int, sync_grads: b
             out = run.model(inp)
         loss = corruptor.loss(prediction(out), target, mask)
         if distiller is not None:
-            clean = _official.normalize(x.float() / 255)
+            clean = imagenet_normalize(x.float() / 255)
             if args.channels_last:
                 clean = clean.contiguous(memory_format=torch.channels_last)
             with autocast:

@@ -11,13 +11,12 @@ import json
 import os
 import platform
 import sys
-from typing import Optional
 
 import torch
 
 from .cli import OneLineParser
 from . import __version__, cuda_backend
-from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, backend_unavailable_reason
+from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, OPS, backend_unavailable_reason
 
 
 def _version(module: str) -> str:
@@ -51,12 +50,6 @@ def install_kind() -> str:
     return f"no pip record of this package (setup.py develop, an egg link or a source checkout on sys.path) at {here}"
 
 
-def _backend_reason(name: str, device_type: str, build: bool) -> Optional[str]:
-    if name == "cuda" and not build:  # report the extension without compiling it
-        return cuda_backend.unavailable_reason(device_type, build=False)
-    return backend_unavailable_reason(name, device_type)
-
-
 def report(build: bool = False) -> str:
     """The report; `build`: compile the CUDA extension just in time if it is not built yet."""
     lines = [
@@ -74,13 +67,16 @@ def report(build: bool = False) -> str:
         lines.append("GPU          none visible (torch.cuda.is_available() is False)")
     lines.append(f"cuda ext     {cuda_backend.how_built(build)}")
     lines.append("ops per backend: " + "; ".join(f"{name} {', '.join(sorted(IMPLEMENTED[name]))}" for name in BACKENDS))
-    lines.append("backends (cpu tensors / cuda tensors):")
-    for name in BACKENDS:
-        for device_type in ("cpu", "cuda"):
-            reason = _backend_reason(name, device_type, build)
-            skips = sorted({why for (b, _), why in AUTO_SKIPS.items() if b == name}) if device_type == "cuda" else []
-            note = f" ({'; '.join(skips)})" if reason is None and skips else ""
-            lines.append(f"  {name:<10} {device_type:<4}  {'available' + note if reason is None else 'unavailable: ' + reason}")
+    lines.append("backends per op (cpu tensors / cuda tensors), from the registry in mfm_fast.dispatch:")
+    for op in OPS:
+        lines.append(f"  {op}")
+        for name in BACKENDS:
+            for device_type in ("cpu", "cuda"):
+                reason = backend_unavailable_reason(name, device_type, op, build=build)
+                skip = AUTO_SKIPS.get((name, op)) if device_type == "cuda" else None
+                note = f" ({skip})" if reason is None and skip else ""
+                status = "available" + note if reason is None else "unavailable: " + reason
+                lines.append(f"    {name:<10} {device_type:<4}  {status}")
     return "\n".join(lines)
 
 

@@ -26,8 +26,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _official
 from . import data as D
+from ._common import imagenet_normalize
 from .checkpoint import check_checkpoint, load_checkpoint
 from .cli import ArgError, OneLineParser, check_bench_args
 from .model import create_encoder
@@ -111,7 +111,7 @@ def features(encoder, data, device, pool: str = "avg", batch_size: int = 128, nu
         batches = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     for x, y in batches:
-        inp = _official.normalize(x.to(device).float() / 255)
+        inp = imagenet_normalize(x.to(device).float() / 255)
         f = encoder.forward_features(inp)
         if f.dim() == 3:  # ViT tokens (N, L, D)
             prefix = getattr(encoder, "num_prefix_tokens", 1)

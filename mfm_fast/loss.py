@@ -8,12 +8,10 @@ import torch
 from torch import nn
 
 from . import _validate as V
-from . import reference
+from . import dispatch
 from ._common import IMAGENET_MEAN, IMAGENET_STD
-from .dispatch import backend_unavailable_reason, check_backend_name, choose_backend, log_fallback_once
-from .torch_backend.magnitude_phase_loss import magnitude_phase_loss as _mp_loss_torch
-from .torch_backend.masked_freq_loss import masked_freq_loss as _loss_torch
-from .torch_backend.masked_freq_loss import masked_freq_loss_map as _loss_map_torch
+from ._options import LossOptions
+from .dispatch import check_backend_name
 
 REDUCTIONS = ("masked", "mean", "sum", "none")
 DISTANCES = ("complex", "magnitude_phase")
@@ -163,50 +161,17 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
     V.check_finite("pred", pred)
     V.check_finite("target", target)
 
-    with_matrix, log_matrix, batch_matrix, ave_spectrum = map(bool, (with_matrix, log_matrix, batch_matrix,
-                                                                     ave_spectrum))
-    name = choose_backend(backend, "masked_freq_loss", pred.device)
-    if name == "reference":
-        return reference.masked_freq_loss(
-            pred, target, mask, loss_gamma=loss_gamma, reduction=reduction, with_matrix=with_matrix, alpha=alpha,
-            log_matrix=log_matrix, batch_matrix=batch_matrix, ave_spectrum=ave_spectrum, patch_factor=patch_factor,
-            loss_weight=loss_weight, target_mean=target_mean, target_std=target_std, distance=distance,
-            phase_weight=phase_weight)
-    if distance == "magnitude_phase":
-        if name != "torch":
-            log_fallback_once("masked_freq_loss", name, "torch", "distance='magnitude_phase' is not fused; "
-                              "it runs as plain torch ops (autograd through rfft2)")
-        return _mp_loss_torch(pred, target, mask, loss_gamma, reduction, phase_weight, with_matrix, alpha,
-                              log_matrix, batch_matrix, ave_spectrum, patch_factor, loss_weight, target_mean,
-                              target_std)
-    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    if name == "cuda":
-        from . import cuda_backend
+    options = LossOptions(
+        loss_gamma=loss_gamma, reduction=reduction, with_matrix=bool(with_matrix), alpha=alpha,
+        log_matrix=bool(log_matrix), batch_matrix=bool(batch_matrix), ave_spectrum=bool(ave_spectrum),
+        patch_factor=patch_factor, loss_weight=loss_weight, target_mean=_as_tuple(target_mean),
+        target_std=_as_tuple(target_std), mask_band=mask_band, precision=precision, distance=distance,
+        phase_weight=phase_weight)
+    return dispatch.run("masked_freq_loss", backend, (pred, target, mask), options)
 
-        why = backend_unavailable_reason("cuda", pred.device.type, "masked_freq_loss", (channels, height, width))
-        if why is not None and backend == "cuda":
-            raise RuntimeError(f"backend='cuda' for masked_freq_loss on {pred.device.type}: {why}")
-        why = why or cuda_backend.loss_options_reason(pred, target, reduction, with_matrix, ave_spectrum, patch_factor)
-        if why is None:
-            return cuda_backend.masked_freq_loss(pred, target, mask, loss_gamma, reduction, loss_weight, target_mean,
-                                                 target_std, need_grad)
-        log_fallback_once("masked_freq_loss", "cuda", "torch", why)
-    if name == "triton":
-        from .kernels import masked_freq_loss as triton_loss  # imports triton: only once the backend is chosen
 
-        why = triton_loss.unsupported_reason(pred, reduction, with_matrix, ave_spectrum, patch_factor)
-        if why is None:
-            loss, _ = triton_loss.masked_freq_loss(pred, target, mask, loss_gamma, reduction, patch_factor,
-                                                   loss_weight, target_mean, target_std, mask_band, precision,
-                                                   need_grad)
-            return loss
-        log_fallback_once("masked_freq_loss", "triton", "torch", why)
-    if reduction == "none":
-        return _loss_map_torch(pred, target, mask, loss_gamma, with_matrix, alpha, log_matrix, batch_matrix,
-                               ave_spectrum, patch_factor, loss_weight, target_mean, target_std)
-    loss, _ = _loss_torch(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
-                          ave_spectrum, patch_factor, loss_weight, target_mean, target_std, need_grad)
-    return loss
+def _as_tuple(values: Optional[Sequence[float]]) -> Optional[Tuple[float, ...]]:
+    return None if values is None else tuple(values)
 
 
 class MaskedFreqLoss(nn.Module):

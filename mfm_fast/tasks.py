@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _official
+from ._common import imagenet_normalize
 from .adaptive_masks import make_adaptive_masks
 from .corruption import FrequencyCorruption, corrupt
 from .loss import MaskedFreqLoss
@@ -84,10 +84,12 @@ class Corruptor:
                 return inp, x, mask
             mask = make_masks(n, h, w, a.r1, a.r2, self.corruption.p_low, low=low, generator=self.gen,
                               device=x.device)
+            from . import _official  # the released code's op sequence, only for --pipeline official
+
             x01 = x.float() / 255
             return _official.corrupt(x01, mask), x01, mask
         x01 = x.float() / 255
-        return _official.normalize(degrade(x01, a, self.gen)), (x01 if self.official else x), None
+        return imagenet_normalize(degrade(x01, a, self.gen)), (x01 if self.official else x), None
 
     def labels(self, low: torch.Tensor) -> Optional[list]:
         """Picture row names for masks forced by ``low`` (bool (N,)); None: the picture's own low/high-pass guess."""
@@ -105,6 +107,8 @@ class Corruptor:
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.official:
+            from . import _official
+
             return _official.loss(pred, target, mask, self.args.loss_gamma)
         return self.criterion(pred, target, mask)
 

@@ -65,7 +65,7 @@ def test_a_backend_without_recomputation_raises_on_double_backward():
     def square(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (pred - target).square().sum(), 2 * (pred - target)
 
-    register_saved_grad_autograd(square, num_inputs=3, target_std_index=2)  # (the mask slot: never a std here)
+    register_saved_grad_autograd(square)  # no target_std argument: the target gradient is -grad
     pred = torch.randn(4, requires_grad=True)
     loss, _ = square(pred, torch.zeros(4), torch.zeros(4))
     (g,) = torch.autograd.grad(loss, pred)  # first order still works

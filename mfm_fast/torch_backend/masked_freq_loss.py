@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .._common import channel_view, compute_dtype, from_blocks, to_blocks, to_unit_float
+from .._options import LossOptions, from_op_args, op_kwargs, schema_names
 from ._halfspec import column_weights, full_from_half, symmetric_half
 
 EPS = 1e-12
@@ -136,11 +137,9 @@ def _loss_terms(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, l
     return loss, D, s, coef * scale
 
 
-def loss_value(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
-               ave_spectrum, patch_factor, loss_weight, target_mean, target_std) -> torch.Tensor:
+def loss_value(pred, target, mask, options: LossOptions) -> torch.Tensor:
     """The scalar loss of :func:`masked_freq_loss` as differentiable torch ops (autograd through rfft2)."""
-    return _loss_terms(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
-                       ave_spectrum, patch_factor, loss_weight, target_mean, target_std)[0]
+    return _loss_terms(pred, target, mask, **op_kwargs(options, _TERMS_OPTIONS))[0]
 
 
 @masked_freq_loss.register_fake
@@ -162,22 +161,26 @@ class DoubleBackwardError(RuntimeError):
     """create_graph=True through a loss op whose backend has no differentiable recomputation."""
 
 
-def register_saved_grad_autograd(op, num_inputs: int, target_std_index: int, recompute=None) -> None:
+def register_saved_grad_autograd(op, recompute=None) -> None:
     """Autograd for a loss op (pred, target, mask, ...) -> (loss, dloss/dpred computed in the forward pass):
     backward scales the saved gradient by grad_output (any strides) and maps it to the target
-    (-grad, divided by the normalisation std when the op normalised the target). Shared by the
-    torch, triton and cuda backends.
+    (-grad, divided by the normalisation std when the op normalised the target: its argument
+    ``target_std``, if the op has one). Shared by the torch, triton and cuda backends. `op`: a custom_op
+    or its "namespace::name"; its inputs are read by their schema names.
 
-    Double backward (backward under create_graph=True): ``recompute(*inputs)`` (the op's inputs) must
-    return the same scalar loss as differentiable torch ops; the gradient is then taken through it with
-    create_graph=True, so it is exact to every order. Without ``recompute`` it raises
-    :class:`DoubleBackwardError` (never a silent zero second derivative)."""
+    Double backward (backward under create_graph=True): ``recompute(pred, target, mask, options)``, with
+    ``options`` the op's other arguments as {name: value}, must return the same scalar loss as
+    differentiable torch ops; the gradient is then taken through it with create_graph=True, so it is exact
+    to every order. Without ``recompute`` it raises :class:`DoubleBackwardError` (never a silent zero
+    second derivative)."""
     name = getattr(op, "_name", str(op))
+    names = schema_names(op)
 
     def setup_context(ctx, inputs, output):
+        args = dict(zip(names, inputs))
         ctx.save_for_backward(output[1], *(inputs[:3] if recompute is not None else ()))
-        ctx.options = inputs[3:] if recompute is not None else None
-        ctx.target_std = inputs[target_std_index]
+        ctx.options = dict(zip(names[3:], inputs[3:]))
+        ctx.target_std = args.get("target_std")
         ctx.target_dtype = inputs[1].dtype
 
     def backward(ctx, grad_loss, _grad_of_grad):
@@ -188,31 +191,34 @@ def register_saved_grad_autograd(op, num_inputs: int, target_std_index: int, rec
                     f"{name}: double backward (create_graph=True) is not supported by this backend (its gradient "
                     "is computed in the forward kernel); use backend='torch' or 'reference' for gradient "
                     "penalties and Hessian-vector products")
-            return _recomputed_grads(ctx, recompute, inputs, grad_loss, num_inputs)
+            return _recomputed_grads(ctx, lambda p, t, m: recompute(p, t, m, ctx.options), inputs, grad_loss,
+                                     len(names))
         scaled = grad * grad_loss.to(grad.dtype)
         grad_pred = scaled if ctx.needs_input_grad[0] else None
         grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
-        return (grad_pred, grad_target) + (None,) * (num_inputs - 2)
+        return (grad_pred, grad_target) + (None,) * (len(names) - 2)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def _recomputed_grads(ctx, recompute, inputs, grad_out, num_inputs):
-    """Gradients of recompute(*inputs, *options) w.r.t. pred / target (those that need one), with create_graph."""
+def _recomputed_grads(ctx, loss_of, inputs, grad_out, num_inputs):
+    """Gradients of loss_of(pred, target, mask) w.r.t. pred / target (those that need one), with create_graph;
+    None for the op's other `num_inputs` - 2 inputs."""
     pred, target, mask = inputs
     wrt = [t for t, need in ((pred, ctx.needs_input_grad[0]), (target, ctx.needs_input_grad[1])) if need]
-    out = recompute(pred, target, mask, *ctx.options)
+    out = loss_of(pred, target, mask)
     grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True, allow_unused=True) if wrt else ())
     return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:2]) + (None,) * (num_inputs - 2)
 
 
-def _loss_value_of_op_inputs(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
-                             ave_spectrum, patch_factor, loss_weight, target_mean, target_std, need_grad):
-    return loss_value(pred, target, mask, loss_gamma, reduction, with_matrix, alpha, log_matrix, batch_matrix,
-                      ave_spectrum, patch_factor, loss_weight, target_mean, target_std)
+def loss_value_of_op_args(pred, target, mask, args: dict) -> torch.Tensor:
+    """The loss of a flat loss op's arguments {name: value} (options it lacks at their defaults) as
+    differentiable torch ops: the double-backward recomputation of every backend's loss op."""
+    return loss_value(pred, target, mask, from_op_args(LossOptions, args))
 
 
-register_saved_grad_autograd(masked_freq_loss, num_inputs=15, target_std_index=13, recompute=_loss_value_of_op_inputs)
+register_saved_grad_autograd(masked_freq_loss, recompute=loss_value_of_op_args)
+_TERMS_OPTIONS = tuple(n for n in schema_names(masked_freq_loss) if n not in ("pred", "target", "mask", "need_grad"))
 
 
 @torch.library.custom_op("mfm_fast::masked_freq_loss_map_torch", mutates_args=())
@@ -250,7 +256,7 @@ def _(pred, target, mask, loss_gamma, with_matrix, alpha, log_matrix, batch_matr
 def _map_setup_context(ctx, inputs, output):
     pred, target, mask = inputs[:3]
     ctx.save_for_backward(pred, target, mask)
-    ctx.options = inputs[3:]
+    ctx.options = dict(zip(_MAP_NAMES[3:], inputs[3:]))
 
 
 @torch.library.custom_op("mfm_fast::masked_freq_loss_map_backward_torch", mutates_args=())
@@ -280,11 +286,13 @@ def _(grad_map, pred, *args):
 def _map_backward(ctx, grad_map):
     pred, target, mask = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiate the map recomputed as plain torch ops
-        return _recomputed_grads(ctx, loss_map_value, (pred, target, mask), grad_map, 13)
-    grad = masked_freq_loss_map_backward(grad_map, pred, target, mask, *ctx.options)
+        return _recomputed_grads(ctx, lambda p, t, m: loss_map_value(p, t, m, **ctx.options), (pred, target, mask),
+                                 grad_map, len(_MAP_NAMES))
+    grad = masked_freq_loss_map_backward(grad_map, pred, target, mask, **ctx.options)
     grad_pred = grad.to(pred.dtype) if ctx.needs_input_grad[0] else None
-    grad_target = _target_grad(grad, ctx.options[-1], target.dtype) if ctx.needs_input_grad[1] else None
-    return (grad_pred, grad_target) + (None,) * 11
+    grad_target = _target_grad(grad, ctx.options["target_std"], target.dtype) if ctx.needs_input_grad[1] else None
+    return (grad_pred, grad_target) + (None,) * (len(_MAP_NAMES) - 2)
 
 
+_MAP_NAMES = schema_names(masked_freq_loss_map)
 masked_freq_loss_map.register_autograd(_map_backward, setup_context=_map_setup_context)
