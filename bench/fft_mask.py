@@ -108,7 +108,7 @@ def _symmetric_half(m):
 
 
 def _normalize_inline(x):
-    """official_normalize with its constants built in the graph (torch.compile does not trace lru_cache)."""
+    """_official.normalize with its constants built in the graph (torch.compile does not trace lru_cache)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -346,7 +346,7 @@ def _ratio(v):
 # ---- output: markdown, plot, JSON -------------------------------------------------------------
 
 def markdown_table(records):
-    """The records as a markdown table (for README.md)."""
+    """The records as a markdown table (for docs/benchmarks.md)."""
     lines = ["| B | size | pred | work | provider | median ms | x-floor | vs official | vs torch_compile |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:

@@ -41,12 +41,12 @@ BACKENDS = ("reference", "torch", "triton", "cuda")
 OPS = ("corrupt", "masked_freq_loss", "adaptive_masks")
 _AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 _WHERE = {"triton": "the Triton backend (kernels/)", "cuda": "the CUDA extension backend (csrc/)"}
-_CUDA_UNVALIDATED = ("auto skips it: the CUDA extension kernels are not yet validated on a GPU (only their host "
+_CUDA_UNVALIDATED = ("auto skips it: the CUDA extension kernels are not validated on a GPU (only their host "
                      "build is tested); ask for backend='cuda' to use it")
 # (backend, op) pairs that work but that ``auto`` does not pick, with the measured reason.
 AUTO_SKIPS = {
     ("triton", "masked_freq_loss"): "auto skips it: measured slower than the torch backend on an H200 "
-                                    "(fwd+bwd 3.7 ms vs 2.4 ms at B=256, 3x224x224); ask for backend='triton' to use it",
+                                    "(fwd+bwd 3.43 ms vs 2.33 ms at B=256, 3x224x224, bench/fft_mask.py); ask for backend='triton' to use it",
     ("cuda", "corrupt"): _CUDA_UNVALIDATED,
     ("cuda", "masked_freq_loss"): _CUDA_UNVALIDATED,
 }
@@ -82,9 +82,9 @@ def backend_module(name: str):
 def _not_implemented(name: str, op: Optional[str]) -> Optional[str]:
     where = _WHERE.get(name, name)
     if op is not None and op not in IMPLEMENTED[name]:
-        return f"{op} is not implemented in {where} in this version of mfm_fast yet"
+        return f"{op} is not implemented in {where}"
     if op is None and not IMPLEMENTED[name]:
-        return f"{where} is not implemented in this version of mfm_fast yet"
+        return f"{where} is not implemented"
     return None
 
 

@@ -1,7 +1,7 @@
 """The Triton kernels compiled for Hopper (sm_90) on a machine without a GPU (bench/aot_sm90.py).
 
-Checks what the interpreter cannot: the kernels compile, fit Hopper's shared memory (this found the
-256-wide loss inverse at 260 KiB and the corruption band path at R > 32 at 320 KiB), and every
+Checks what the interpreter cannot: the kernels compile, fit Hopper's shared memory (e.g. a
+256-wide loss inverse of 260 KiB, the corruption band path at R > 32 of 320 KiB), and every
 3xTF32 group of the loss's and the corruption band path's products still starts from a zero accumulator
 after Triton's passes (a pass that folded the running sum back into the MMA would bring back the H200
 gamma = 0.5 error), and the corruption band path at R = 16 stays within 128 registers without spills."""

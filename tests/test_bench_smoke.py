@@ -1,7 +1,7 @@
 """Smoke tests of bench/fft_mask.py and bench/e2e_step.py: they run on CPU, print their tables, write
 their JSON / PNG, report skipped or failing providers and go on, and --check can fail.
 
-No test here asserts a duration (GUIDE.md §4): timings are judged from the bench output on a GPU.
+No test here asserts a duration (the project's rule): timings are judged from the bench output on a GPU.
 """
 
 import json

@@ -95,7 +95,7 @@ def test_import_needs_no_gpu_and_exports_public_api():
 
 
 def test_auto_policy_on_cuda_skips_unvalidated_and_slower_backends(monkeypatch, caplog):
-    """With every backend runnable, auto on CUDA picks triton for corrupt (cuda is not GPU-validated yet)
+    """With every backend runnable, auto on CUDA picks triton for corrupt (cuda is not validated on a GPU)
     and torch for the loss (the Triton loss measured slower), and says why."""
     monkeypatch.setattr(dispatch, "backend_unavailable_reason", lambda name, device_type=None, op=None, size=None: None)
     dispatch._logged.clear()
@@ -104,4 +104,4 @@ def test_auto_policy_on_cuda_skips_unvalidated_and_slower_backends(monkeypatch, 
         assert dispatch.choose_backend("auto", "masked_freq_loss", torch.device("cuda")) == "torch"
         assert dispatch.choose_backend("triton", "masked_freq_loss", torch.device("cuda")) == "triton"
     text = " ".join(r.getMessage() for r in caplog.records)
-    assert "not yet validated on a GPU" in text and "measured slower than the torch backend" in text
+    assert "not validated on a GPU" in text and "measured slower than the torch backend" in text

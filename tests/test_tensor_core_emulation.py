@@ -2,12 +2,12 @@
 
 The interpreter runs ``tl.dot`` in fp32, which hides the rounding of the GPU's tf32 MMAs; this model
 (operands truncated to tf32, each k-step of 8 rounded toward zero into the fp32 accumulator) reproduces
-the gamma = 0.5 gradient error measured on an H200 for the first tf32x3 kernels (4.2e-5 there, 3.9e-5
-here) and shows the fix: every 3xTF32 product starts from a zero accumulator and is added to the running
+the gamma = 0.5 gradient error measured on an H200 for tf32x3 products accumulated onto the running sum
+(4.2e-5 there, 3.9e-5 here) and shows the fix: every 3xTF32 product starts from a zero accumulator and is added to the running
 sum in fp32 (round to nearest), so the round-toward-zero error never accumulates across the sum. For
 corruption at 224 x 224 the model gives 2.0e-6 (tf32x3) and 4.2e-3 (tf32) on the general path, whose
 kernels the H200 measured at 1.7-2.5e-6 and 5.0e-3, and 1.8e-6 and 3.2e-3 on the band path (hand-split
-tf32x3 like the loss; not yet measured on a GPU), the H200's levels for Triton corruption."""
+tf32x3 like the loss; no GPU measurement), the H200's levels for Triton corruption."""
 
 import numpy as np
 import pytest

@@ -335,8 +335,8 @@ def _reference224(batch, dtype=torch.float32, gamma=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gamma", [1.0, 0.5])
 def test_gpu_parity_224(batch224, band, dtype, gamma):
-    # gamma = 0.5, fp32 failed here on the H200 (4.2e-5) before the 3xTF32 products got their own
-    # zero-started accumulators; tests/test_tensor_core_emulation.py reproduces both on CPU
+    # accumulating the 3xTF32 products onto the running sum gives 4.2e-5 at gamma = 0.5, fp32 on an H200;
+    # each product starts from zero instead (tests/test_tensor_core_emulation.py models both on CPU)
     pred0, x, mask = batch224
     pred = pred0.to(dtype)
     ref_loss, ref_grad = _reference224(batch224, dtype, gamma)
@@ -353,7 +353,7 @@ def test_gpu_parity_224(batch224, band, dtype, gamma):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee", "tf32", "bf16"])
 def test_gpu_precision_modes_224(batch224, precision):
-    """Prints the measured error of every precision mode (README's Triton loss paragraph)."""
+    """Prints the measured error of every precision mode (docs/kernels.md, Triton loss)."""
     pred, x, mask = batch224
     ref_loss, ref_grad = _reference224(batch224)
     for band in (16, None):
