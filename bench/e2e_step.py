@@ -4,7 +4,7 @@
     python bench/e2e_step.py --models vit_s16 --batch 128     # one model on a GPU
 
 A step: draw masks, corrupt the batch, forward backbone + head under bf16 autocast, the masked
-spectral loss, backward, gradient clipping at 3.0, AdamW step (MFM_SPEC.md §4). Pipelines:
+spectral loss, backward, gradient clipping at 3.0, AdamW step (docs/spec.md §4). Pipelines:
   official   masks from mfm_fast.make_masks, then the eager replica of the released code's
              corruption and loss (bench/fft_mask.py: fft2 + fftshift + complex64)
   mfm_fast   mfm_fast.FrequencyCorruption + mfm_fast.MaskedFreqLoss with backend --backend

@@ -19,7 +19,7 @@ Providers:
                  that time scaled by the bytes it must move at least (corrupt 1x; loss fwd+bwd 1.5x
                  for fp32 pred: read pred + read x + write grad; see floor_factor).
   official       an eager replica of the released MFM code's op sequence (fft2 + fftshift + complex64,
-                 two ortho transforms and torch.stack in the loss), written below from MFM_SPEC.md.
+                 two ortho transforms and torch.stack in the loss), written below from docs/spec.md.
   torch_compile  torch.compile of the torch backend's math (rfft2 half spectrum, symmetrised half
                  mask), written below in plain differentiable torch ops: the backend's own custom ops
                  are opaque to the compiler. One compile per shape (dynamic=False); --compile-mode;

@@ -1,4 +1,4 @@
-// Fused frequency corruption (MFM_SPEC.md §2): one CTA per (image, channel) plane; the plane's half
+// Fused frequency corruption (docs/spec.md §2): one CTA per (image, channel) plane; the plane's half
 // spectrum lives in shared memory (224: 224 x 113 complex fp32 = 198 KiB, 204,032 B with the twiddles).
 // Maths in planes.cuh, FFT phases in fft.cuh.
 #include "launch.h"

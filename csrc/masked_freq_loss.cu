@@ -1,4 +1,4 @@
-// Masked spectral loss (MFM_SPEC.md §3), forward and gradient in one pass: one CTA per (image, channel)
+// Masked spectral loss (docs/spec.md §3), forward and gradient in one pass: one CTA per (image, channel)
 // plane computes D = rfft2_ortho(pred - normalise(target)) in shared memory, its partial sum of
 // colw * w * d, and (when asked) the gradient scale * irfft2_ortho(w gamma s^(gamma-2) D) in pred's dtype.
 // Deterministic: per-plane partials reduced by a fixed tree, then summed by a fixed tree over the planes.

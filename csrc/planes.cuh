@@ -1,4 +1,4 @@
-// The two ops' per-plane maths (MFM_SPEC.md §2 corruption, §3 masked spectral loss, half-spectrum form),
+// The two ops' per-plane maths (docs/spec.md §2 corruption, §3 masked spectral loss, half-spectrum form),
 // shared verbatim by the CUDA kernels (csrc/corrupt.cu, csrc/masked_freq_loss.cu) and the CPU kernels
 // of the same ops (csrc/ops.cpp). Torch-free apart from c10's Half / BFloat16 conversions.
 #pragma once

@@ -1,4 +1,4 @@
-"""Triton masked spectral loss (MFM_SPEC.md §3): the loss and dloss/dpred in the forward launches.
+"""Triton masked spectral loss (docs/spec.md §3): the loss and dloss/dpred in the forward launches.
 
 Same half-spectrum maths as mfm_fast/torch_backend/masked_freq_loss.py, with every DFT a GEMM on
 ``tl.dot`` (split re/im, tables from kernels/_dft.py). Per image plane (per patch when

@@ -3,7 +3,7 @@
 The same op sequence as ``models/mfm.py`` / ``models/frequency_loss.py`` of Jiahao000/MFM: full
 complex fft2 + fftshift, complex64, two ortho spectra stacked as (re, im). It is the baseline
 that ``python -m mfm_fast.pretrain --pipeline official`` and ``bench/`` time against mfm_fast; it is also a
-second, independent reading of MFM_SPEC.md §2-3 (tests compare it with mfm_fast).
+second, independent reading of docs/spec.md §2-3 (tests compare it with mfm_fast).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FOLK image-adaptive masks (MFM_SPEC.md §6): Com keeps each image's dominant frequencies, RCom removes them.
+"""FOLK image-adaptive masks (docs/spec.md §6): Com keeps each image's dominant frequencies, RCom removes them.
 
 Same convention as :mod:`mfm_fast.masks`: an fftshift-ed **keep** mask (N, H, W) float32, 1 = kept,
 DC at (H // 2, W // 2), one mask per image shared by its channels.

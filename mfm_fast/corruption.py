@@ -1,4 +1,4 @@
-"""Frequency corruption of the encoder input (MFM_SPEC.md §2): the public functional and module."""
+"""Frequency corruption of the encoder input (docs/spec.md §2): the public functional and module."""
 
 from __future__ import annotations
 

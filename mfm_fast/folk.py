@@ -1,4 +1,4 @@
-"""FOLK self-distillation (MFM_SPEC.md §6): the student, the DINO-style projection head and loss, the EMA teacher.
+"""FOLK self-distillation (docs/spec.md §6): the student, the DINO-style projection head and loss, the EMA teacher.
 
 FOLK (Monsefi et al., ICLR 2025) trains on two augmented views u, v of each image. The student sees
 frequency-filtered views u~, v~ (image-adaptive Com / RCom masks, :func:`mfm_fast.make_adaptive_masks`)

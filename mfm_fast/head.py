@@ -1,4 +1,4 @@
-"""The MFM prediction head (MFM_SPEC.md §4): 1x1 conv to stride^2 * C channels, then PixelShuffle."""
+"""The MFM prediction head (docs/spec.md §4): 1x1 conv to stride^2 * C channels, then PixelShuffle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The masked spectral loss (MFM_SPEC.md §3): the public functional and nn.Module."""
+"""The masked spectral loss (docs/spec.md §3): the public functional and nn.Module."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MFM frequency masks (MFM_SPEC.md §1), with band-pass rings, radius jitter and per-patch tiles.
+"""MFM frequency masks (docs/spec.md §1), with band-pass rings, radius jitter and per-patch tiles.
 
 Convention used everywhere in mfm_fast: a mask is an fftshift-ed **keep** mask of shape
 (N, H, W), float32, 1 = frequency kept (visible to the encoder), 0 = removed (to be predicted).

@@ -9,10 +9,10 @@
 Shape of the code (MAE / SimMIM style): this script goes args -> data -> model -> optimiser / schedule, then
 mfm_fast.engine runs the loop (mfm_fast.checkpoint saves and resumes it).
 Per step: uint8 batch -> device -> per-image masks + corruption + normalisation on the device
-(``--task mfm``) or a restoration degradation (sr / deblur / denoise, MFM_SPEC.md §5) ->
+(``--task mfm``) or a restoration degradation (sr / deblur / denoise, docs/spec.md §5) ->
 encoder.forward_features -> MFMHead -> MaskedFreqLoss("masked", or "mean" for restoration).
-The recipe (MFM_SPEC.md §4, the released configs) is the default; see ``--help``.
-``--method folk`` (MFM_SPEC.md §6, mfm_fast.folk): each sample is two augmented views; the student sees
+The recipe (docs/spec.md §4, the released configs) is the default; see ``--help``.
+``--method folk`` (docs/spec.md §6, mfm_fast.folk): each sample is two augmented views; the student sees
 them filtered by per-image Com / RCom masks and is trained on rec_weight x the masked spectral loss +
 distill_weight x the DINO loss against an EMA teacher that sees the other view unfiltered.
 Without --data-path or --synthetic the data are random crops of the photographs bundled in
@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("task and loss")
     g.add_argument("--task", choices=TASKS, default="mfm",
                    help="mfm: frequency masking (masked loss); sr / deblur / denoise: the restoration baselines "
-                        "of MFM_SPEC.md §5 (loss with the 'mean' reduction)")
+                        "of docs/spec.md §5 (loss with the 'mean' reduction)")
     g.add_argument("--p-low", type=float, default=None,
                    help="probability of a low-pass mask per image (default 0.5 for ViTs, 0.3 for CNNs)")
     g.add_argument("--r1", type=float, default=None,

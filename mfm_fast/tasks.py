@@ -18,7 +18,7 @@ from .masks import disc_band, make_masks
 
 
 def degrade(x: torch.Tensor, args, gen: torch.Generator) -> torch.Tensor:
-    """Restoration input from clean x (N, 3, H, W) in [0, 1] (MFM_SPEC.md §5; not normalised).
+    """Restoration input from clean x (N, 3, H, W) in [0, 1] (docs/spec.md §5; not normalised).
 
     sr: bicubic to (H/f, W/f), clamp, bicubic back, clamp. deblur: per image an isotropic Gaussian
     (sigma, kernel size drawn from --blur-sizes) with reflect-101 borders (cv2.filter2D's). denoise:

@@ -1,4 +1,4 @@
-"""MFM_SPEC.md §6: FOLK image-adaptive Com / RCom masks (mfm_fast.adaptive_masks) and their picture."""
+"""docs/spec.md §6: FOLK image-adaptive Com / RCom masks (mfm_fast.adaptive_masks) and their picture."""
 
 import logging
 import math

@@ -1,4 +1,4 @@
-"""MFM_SPEC.md §2: frequency corruption, every backend against the fp64 reference."""
+"""docs/spec.md §2: frequency corruption, every backend against the fp64 reference."""
 
 import numpy as np
 import pytest

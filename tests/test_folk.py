@@ -1,4 +1,4 @@
-"""FOLK self-distillation (MFM_SPEC.md §6): the DINO head and loss, the EMA teacher, and `pretrain --method folk`.
+"""FOLK self-distillation (docs/spec.md §6): the DINO head and loss, the EMA teacher, and `pretrain --method folk`.
 
 Runs on the CPU with timm's test_vit at 32 px, a small projection head and a handful of steps.
 """

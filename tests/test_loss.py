@@ -1,4 +1,4 @@
-"""MFM_SPEC.md §3: the masked spectral loss, every backend against the fp64 reference."""
+"""docs/spec.md §3: the masked spectral loss, every backend against the fp64 reference."""
 
 import itertools
 

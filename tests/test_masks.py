@@ -1,4 +1,4 @@
-"""MFM_SPEC.md §1: the masks."""
+"""docs/spec.md §1: the masks."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Reference FOLK image-adaptive masks (MFM_SPEC.md §6), computed in float64 on the full spectrum."""
+"""Reference FOLK image-adaptive masks (docs/spec.md §6), computed in float64 on the full spectrum."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference frequency corruption (MFM_SPEC.md §2), computed in float64."""
+"""Reference frequency corruption (docs/spec.md §2), computed in float64."""
 
 from __future__ import annotations
 

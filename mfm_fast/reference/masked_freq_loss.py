@@ -1,4 +1,4 @@
-"""Reference masked spectral loss (MFM_SPEC.md §3), computed in float64, differentiated by autograd."""
+"""Reference masked spectral loss (docs/spec.md §3), computed in float64, differentiated by autograd."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
                      ave_spectrum: bool = False, patch_factor: int = 1, loss_weight: float = 1.0,
                      target_mean: Optional[list] = None, target_std: Optional[list] = None,
                      distance: str = "complex", phase_weight: float = 1.0) -> torch.Tensor:
-    """The loss of MFM_SPEC.md §3 on the full fftshift-ed grid, in float64.
+    """The loss of docs/spec.md §3 on the full fftshift-ed grid, in float64.
 
     pred, target: (N, C, H, W); target is normalised by (target_mean, target_std) first when
     given. mask: (N, H, W) keep mask (1 = kept) or None (every frequency weighted 1).

@@ -1,4 +1,4 @@
-"""Reference MFM masks (MFM_SPEC.md §1): the released code's double loop, per patch tile, in plain Python."""
+"""Reference MFM masks (docs/spec.md §1): the released code's double loop, per patch tile, in plain Python."""
 
 from __future__ import annotations
 

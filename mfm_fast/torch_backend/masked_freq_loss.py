@@ -1,6 +1,6 @@
 """Torch backend for the masked spectral loss: one rfft2 of (pred - target), analytic gradient.
 
-Half-spectrum form of MFM_SPEC.md §3. With D = rfft2_ortho(pred - target) on the unshifted half
+Half-spectrum form of docs/spec.md §3. With D = rfft2_ortho(pred - target) on the unshifted half
 grid (H, W//2 + 1), s = sqrt(|D|^2 + 1e-12), d = s^gamma and c the per-frequency weight (symmetrised
 1 - mask, times the focal matrix, over the reduction's denominator Z):
 
