@@ -209,7 +209,7 @@ def test_opcheck():
 
 @pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 def test_compile_fullgraph():
-    """Compiles with no dynamo warning (it used to warn about the base-mask cache, traced through)."""
+    """Compiles with no dynamo warning (a base-mask cache traced through would warn)."""
     x = _pixels((2, 3, 16, 16))
     fc = mfm_fast.FrequencyCorruption(r1=4, backend="triton")
     low = torch.tensor([True, False], device=DEVICE)
