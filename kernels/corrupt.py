@@ -47,11 +47,13 @@ from ._dft import channel_stats, dft_table, next_pow2
 BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (bench/aot_sm90.py:
 #                        160 KiB of shared memory per phase at R = 32); wider promises take the general path
 GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
-# band-path tiles (block_rows, block_cols, num_warps), phase 1 and phase 2: <= 128 registers, no spills at
-# R = 16 on sm_90 (bench/aot_sm90.py)
-BAND_COEF_TILES = (128, 16, 8)
-BAND_OUT_TILES = (128, 32, 8)
-BAND_SPLITS = 1        # row ranges per plane in band phase 1 (partial sums added in phase 2)
+# band-path tiles (block_rows, block_cols, num_warps, num_stages), phase 1 and phase 2: <= 128 registers, no
+# spills at R = 16 on sm_90 (bench/aot_sm90.py). One stage: no software-pipelined copies, so less shared memory
+# and far fewer instructions per plane; the two resident programs per SM hide the load latency instead
+# (docs/triton_corruption.md)
+BAND_COEF_TILES = (64, 16, 4, 1)
+BAND_OUT_TILES = (128, 32, 8, 1)
+BAND_SPLITS = 2        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
 
@@ -70,38 +72,41 @@ def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _load_table(t_ptrs, t_ok):
-    if t_ok is None:
-        t = tl.load(t_ptrs)
-    else:
-        t = tl.load(t_ptrs, mask=t_ok, other=0.0)
-    return t
+def _split_tf32(a):
+    """a = hi + lo with hi rounded to nearest tf32 (exact in fp32); the tf32x3 data operand split."""
+    hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, a - hi
 
 
 @triton.jit
-def _mm_table(a, t_ptrs, t_ok, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs (read where t_ok, else 0: None reads all),
-    summed from zero in fp32.
-
-    "tf32x3": three tf32 products lo*hi + hi*lo + hi*hi, with a = hi + lo split here (hi rounded to
-    nearest tf32) and the table's tf32 remainder pre-split at t_ptrs + lo_off (so no table operand is
-    split in registers); other precisions: one product as _mm."""
-    t = _load_table(t_ptrs, t_ok)
-    if PRECISION == "tf32x3":
-        a_hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        a_lo = a - a_hi
-        if TAB_LEFT:
-            c = tl.dot(t, a_lo, input_precision="tf32")
-            c = tl.dot(_load_table(t_ptrs + lo_off, t_ok), a_hi, c, input_precision="tf32")
-            c = tl.dot(t, a_hi, c, input_precision="tf32")
-        else:
-            c = tl.dot(a_lo, t, input_precision="tf32")
-            c = tl.dot(a_hi, _load_table(t_ptrs + lo_off, t_ok), c, input_precision="tf32")
-            c = tl.dot(a_hi, t, c, input_precision="tf32")
-    elif TAB_LEFT:
-        c = _mm(t, a, PRECISION, INTERPRETED)
+def _mm_table_split(a_hi, a_lo, t_ptrs, lo_off, TAB_LEFT: tl.constexpr):
+    """T @ a (TAB_LEFT) or a @ T for a = a_hi + a_lo (:func:`_split_tf32`) and the table tile T at t_ptrs,
+    its tf32 remainder pre-split at t_ptrs + lo_off: three tf32 products lo*hi + hi*lo + hi*hi summed from
+    zero in fp32 (no table operand is split in registers)."""
+    t = tl.load(t_ptrs)
+    if TAB_LEFT:
+        c = tl.dot(t, a_lo, input_precision="tf32")
+        c = tl.dot(tl.load(t_ptrs + lo_off), a_hi, c, input_precision="tf32")
+        c = tl.dot(t, a_hi, c, input_precision="tf32")
     else:
-        c = _mm(a, t, PRECISION, INTERPRETED)
+        c = tl.dot(a_hi, tl.load(t_ptrs + lo_off), input_precision="tf32")
+        c = tl.dot(a_lo, t, c, input_precision="tf32")
+        c = tl.dot(a_hi, t, c, input_precision="tf32")
+    return c
+
+
+@triton.jit
+def _mm_table(a, t_ptrs, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs (the padded tables hold zeros past the
+    plane, so every read is in bounds), summed from zero in fp32. "tf32x3": :func:`_mm_table_split` of
+    a split here; other precisions: one product as _mm."""
+    if PRECISION == "tf32x3":
+        a_hi, a_lo = _split_tf32(a)
+        c = _mm_table_split(a_hi, a_lo, t_ptrs, lo_off, TAB_LEFT)
+    elif TAB_LEFT:
+        c = _mm(tl.load(t_ptrs), a, PRECISION, INTERPRETED)
+    else:
+        c = _mm(a, tl.load(t_ptrs), PRECISION, INTERPRETED)
     return c
 
 
@@ -156,11 +161,10 @@ def _band_coefficients_kernel(
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
             xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
-            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], None, WP * 2 * BKX, False,
+            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], WP * 2 * BKX, False,
                            PRECISION, INTERPRETED)
-        # rows past the plane: zero pixels, and the table columns are not read (zero)
-        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], rows[None, :] < H, 2 * KP * HP, True,
-                        PRECISION, INTERPRETED)
+        # rows past the plane: zero pixels and zero table columns (rows stay below HP: band_rows_per_split)
+        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], 2 * KP * HP, True, PRECISION, INTERPRETED)
     tl.store(uv_ptr + (plane * tl.num_programs(1) + split) * 2 * KP * 2 * BKX + r[:, None] * (2 * BKX) + q[None, :], uv)
 
 
@@ -202,16 +206,22 @@ def _band_lowpass_kernel(
     pp = tl.where(valid, xs * ((0.5 * (m_pos.to(tl.float32) + m_neg.to(tl.float32)) - c) * colw * sign), 0.0)
 
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], rows[:, None] < H,
-                   HP * 2 * KP, True, PRECISION, INTERPRETED)                          # (BM, 2 BKX)
+    # rows past the plane (below HP) read the tables' zero rows
+    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], HP * 2 * KP, True,
+                   PRECISION, INTERPRETED)                                             # (BM, 2 BKX)
     mean = tl.load(stats_ptr + ch)
     inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     out_base = out_ptr + plane * H * W
     qc = tl.arange(0, 2 * BKX)
+    if PRECISION == "tf32x3":
+        bc_hi, bc_lo = _split_tf32(bc)  # once per program, not per column chunk
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
-        y = _mm_table(bc, ewt_ptr + qc[:, None] * WP + cols[None, :], None, 2 * BKX * WP, False, PRECISION,
-                      INTERPRETED)
+        t_ptrs = ewt_ptr + qc[:, None] * WP + cols[None, :]
+        if PRECISION == "tf32x3":
+            y = _mm_table_split(bc_hi, bc_lo, t_ptrs, 2 * BKX * WP, False)
+        else:
+            y = _mm_table(bc, t_ptrs, 2 * BKX * WP, False, PRECISION, INTERPRETED)
         if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
             y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
         _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
@@ -375,18 +385,19 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         r = mask_band
         ew, ewt, eh, ehts = _band_tables(height, width, r, precision, device)
         kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
-        (bm1, bk1, w1), (bm2, bk2, w2) = [(min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps)
-                                          for rows, cols, warps in (BAND_COEF_TILES, BAND_OUT_TILES)]
+        (bm1, bk1, w1, st1), (bm2, bk2, w2, st2) = [
+            (min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps, num_stages or st)
+            for rows, cols, warps, st in (BAND_COEF_TILES, BAND_OUT_TILES)]
         rows_per_split = band_rows_per_split(height, bm1, splits or BAND_SPLITS)
         num_splits = triton.cdiv(height, rows_per_split)
         uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
         coef = _band_coefficients_kernel[(n * channels, num_splits)](
             x, ew, eh, uv, height, width, channels, *x.stride(), rows_per_split, WP=wp, HP=hp, KP=kp, BKX=bkx,
-            BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, **stages)
+            BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, num_stages=st1)
         low = _band_lowpass_kernel[(n * channels, triton.cdiv(height, bm2))](
             x, mask, uv, ewt, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
             num_splits, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm2, BK=bk2, IS_BYTE=byte, PRECISION=precision,
-            INTERPRETED=interp, num_warps=w2, **stages)
+            INTERPRETED=interp, num_warps=w2, num_stages=st2)
         return [coef, low]
     opts = dict(num_warps=num_warps or 4, **stages)
     bk = min(block_cols or 32, wp)
