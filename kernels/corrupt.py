@@ -121,24 +121,34 @@ def _swap_halves(z, HALF: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl
 
 @triton.jit
 def _load_pixels(x_ptr, rows, cols, H, W, s_h, s_w, IS_BYTE: tl.constexpr):
-    """(BM, BK) fp32 pixels in [0, 1] (uint8 / 255), zero outside the image."""
-    ok = (rows[:, None] < H) & (cols[None, :] < W)
-    v = tl.load(x_ptr + rows[:, None] * s_h + cols[None, :] * s_w, mask=ok, other=0).to(tl.float32)
+    """fp32 pixels in [0, 1] (uint8 / 255), zero outside the image, at broadcastable 2-D row and column
+    indices (rows[:, None], cols[None, :] for a (BM, BK) tile; the transposed pair for its transpose)."""
+    ok = (rows < H) & (cols < W)
+    v = tl.load(x_ptr + rows * s_h + cols * s_w, mask=ok, other=0).to(tl.float32)
     if IS_BYTE:
         v = v * (1.0 / 255.0)
     return v
 
 
 @triton.jit
-def _normalise_store(out_ptr, y, rows, cols, H, W, mean, inv_std):
-    ok = (rows[:, None] < H) & (cols[None, :] < W)
-    y = (tl.minimum(tl.maximum(y, 0.0), 1.0) - mean) * inv_std
+def _channel_affine(stats_ptr, ch, C):
+    """(1 / std, -mean / std) of channel ch from stats (2, C) = [mean; std]."""
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    return inv_std, -tl.load(stats_ptr + ch) * inv_std
+
+
+@triton.jit
+def _normalise_store(out_ptr, y, rows, cols, H, W, inv_std, shift):
+    """Store clamp(y, 0, 1) * inv_std + shift (one fma; shift = -mean * inv_std, :func:`_channel_affine`)
+    at broadcastable 2-D row and column indices of a contiguous (H, W) plane."""
+    ok = (rows < H) & (cols < W)
+    y = tl.fma(tl.minimum(tl.maximum(y, 0.0), 1.0), inv_std, shift)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
         bits = y.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         y = bits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + rows[:, None] * W + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows * W + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -160,7 +170,7 @@ def _band_coefficients_kernel(
         a = tl.zeros((BM, 2 * BKX), tl.float32)
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
-            xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+            xt = _load_pixels(x_base, rows[:, None], cols[None, :], H, W, s_xh, s_xw, IS_BYTE)
             a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], WP * 2 * BKX, False,
                            PRECISION, INTERPRETED)
         # rows past the plane: zero pixels and zero table columns (rows stay below HP: band_rows_per_split)
@@ -170,12 +180,12 @@ def _band_coefficients_kernel(
 
 @triton.jit
 def _band_lowpass_kernel(
-        x_ptr, mask_ptr, uv_ptr, ewt_ptr, ehts_ptr, stats_ptr, out_ptr,
+        x_ptr, mask_ptr, uv_ptr, ew_ptr, ehts_ptr, stats_ptr, out_ptr,
         C, H, W, s_xn, s_xc, s_xh, s_xw, s_mn, s_mh, s_mw, R, SPLITS,
         WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Band phase 2, program (plane, block of BM rows): y = c x + [Ch^T | Sh^T] [P; iP] Ew^H, then
-    the epilogue. [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
+    the epilogue, per BK columns as y^T = Ew bc^T (Ew = [cos | -sin] (W, 2 BKX), bc = [Ch^T | Sh^T] [P; iP]). [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
     with the symmetrised mask M, iP = [-Pi | Pr]; ky = r - (R - 1) for r < 2R - 1, kx < R."""
     plane = tl.program_id(0)
     n = plane // C
@@ -209,22 +219,24 @@ def _band_lowpass_kernel(
     # rows past the plane (below HP) read the tables' zero rows
     bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], HP * 2 * KP, True,
                    PRECISION, INTERPRETED)                                             # (BM, 2 BKX)
-    mean = tl.load(stats_ptr + ch)
-    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    inv_std, shift = _channel_affine(stats_ptr, ch, C)
     out_base = out_ptr + plane * H * W
+    # the column chunks transposed, y^T (BK, BM) = Ew[cols] bc^T: both GEMM operands come from shared
+    # memory, so the loop converts no register layout
     qc = tl.arange(0, 2 * BKX)
+    bct = tl.trans(bc)                                                                 # (2 BKX, BM)
     if PRECISION == "tf32x3":
-        bc_hi, bc_lo = _split_tf32(bc)  # once per program, not per column chunk
+        bct_hi, bct_lo = _split_tf32(bct)  # once per program, not per column chunk
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
-        t_ptrs = ewt_ptr + qc[:, None] * WP + cols[None, :]
+        t_ptrs = ew_ptr + cols[:, None] * (2 * BKX) + qc[None, :]                      # (BK, 2 BKX)
         if PRECISION == "tf32x3":
-            y = _mm_table_split(bc_hi, bc_lo, t_ptrs, 2 * BKX * WP, False)
+            yt = _mm_table_split(bct_hi, bct_lo, t_ptrs, WP * 2 * BKX, True)
         else:
-            y = _mm_table(bc, t_ptrs, 2 * BKX * WP, False, PRECISION, INTERPRETED)
+            yt = _mm_table(bct, t_ptrs, WP * 2 * BKX, True, PRECISION, INTERPRETED)
         if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
-            y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
-        _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
+            yt = tl.fma(_load_pixels(x_base, rows[None, :], cols[:, None], H, W, s_xh, s_xw, IS_BYTE), c, yt)
+        _normalise_store(out_base, yt, rows[None, :], cols[:, None], H, W, inv_std, shift)
 
 
 @triton.jit
@@ -255,7 +267,7 @@ def _corrupt_spectrum_kernel(
         a = tl.zeros((BM, 2 * BKX), tl.float32)
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
-            xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+            xt = _load_pixels(x_base, rows[:, None], cols[None, :], H, W, s_xh, s_xw, IS_BYTE)
             a += _mm(xt, tl.load(ew_blk + cols[:, None] * (2 * BKX) + q[None, :]), PRECISION, INTERPRETED)
         hc = tl.load(eh_ptr + j[:, None] * HP + rows[None, :])
         hs = tl.load(eh_ptr + KP * HP + j[:, None] * HP + rows[None, :])
@@ -280,8 +292,7 @@ def _corrupt_spectrum_kernel(
     p_i = -_swap_halves(p, BKX, PRECISION, INTERPRETED)                          # i P = [-Pi | Pr]
 
     # ---- inverse along H: B = Ch^T P + Sh^T (i P), then along W (FUSED) or to the workspace ----
-    mean = tl.load(stats_ptr + ch)
-    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    inv_std, shift = _channel_affine(stats_ptr, ch, C)
     out_base = out_ptr + plane * H * W
     ws_base = ws_ptr + (plane * tl.num_programs(1) + kxb) * HP * 2 * BKX
     for h0 in range(0, H, BM):
@@ -293,7 +304,7 @@ def _corrupt_spectrum_kernel(
             for w0 in range(0, W, BK):
                 cols = w0 + tl.arange(0, BK)
                 y = _mm(bc, tl.load(ewt_blk + q[:, None] * WP + cols[None, :]), PRECISION, INTERPRETED)
-                _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
+                _normalise_store(out_base, y, rows[:, None], cols[None, :], H, W, inv_std, shift)
         else:
             tl.store(ws_base + rows[:, None] * (2 * BKX) + q[None, :], bc)
 
@@ -308,8 +319,7 @@ def _corrupt_inverse_rows_kernel(
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     q = tl.arange(0, 2 * BKX)
     ch = plane % C
-    mean = tl.load(stats_ptr + ch)
-    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
+    inv_std, shift = _channel_affine(stats_ptr, ch, C)
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
         y = tl.zeros((BM, BK), tl.float32)
@@ -317,7 +327,7 @@ def _corrupt_inverse_rows_kernel(
             bc = tl.load(ws_ptr + ((plane * NUM_BLOCKS + b) * HP + rows[:, None]) * (2 * BKX) + q[None, :])
             et = tl.load(ewt_ptr + (b * 2 * BKX + q[:, None]) * WP + cols[None, :])
             y += _mm(bc, et, PRECISION, INTERPRETED)
-        _normalise_store(out_ptr + plane * H * W, y, rows, cols, H, W, mean, inv_std)
+        _normalise_store(out_ptr + plane * H * W, y, rows[:, None], cols[None, :], H, W, inv_std, shift)
 
 
 def band_fits(mask_band: int, height: int, width: int) -> bool:
@@ -395,7 +405,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
             x, ew, eh, uv, height, width, channels, *x.stride(), rows_per_split, WP=wp, HP=hp, KP=kp, BKX=bkx,
             BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, num_stages=st1)
         low = _band_lowpass_kernel[(n * channels, triton.cdiv(height, bm2))](
-            x, mask, uv, ewt, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
+            x, mask, uv, ew, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
             num_splits, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm2, BK=bk2, IS_BYTE=byte, PRECISION=precision,
             INTERPRETED=interp, num_warps=w2, num_stages=st2)
         return [coef, low]
