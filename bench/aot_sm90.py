@@ -44,11 +44,11 @@ DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
 
 
-def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=cor.BAND_COEF_TILES,
-                  out_tiles=cor.BAND_OUT_TILES) -> dict:
+def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=None, out_tiles=None) -> dict:
     """name -> (jit function, constexprs, num_warps) as kernels/corrupt.launch launches them (default tiles;
     the band path's two phases at R = `band` and at the widest band, the most shared memory)."""
     hp = wp = next_pow2(size)
+    coef_tiles, out_tiles = coef_tiles or cor.band_tiles(precision)[0], out_tiles or cor.band_tiles(precision)[1]
     common = dict(IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
     general_rows = min(cor.GENERAL_BLOCK_ROWS, hp)
     specs = {}

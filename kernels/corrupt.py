@@ -52,7 +52,8 @@ GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs
 # and far fewer instructions per plane; the two resident programs per SM hide the load latency instead
 # (docs/triton_corruption.md)
 BAND_COEF_TILES = (64, 16, 4, 1)
-BAND_OUT_TILES = (128, 32, 8, 1)
+BAND_OUT_TILES = (64, 64, 4, 1)
+BAND_OUT_TILES_IEEE = (64, 64, 8, 1)  # precision "ieee": the FMA dots' accumulators need 8 warps for 128 registers
 BAND_SPLITS = 2        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
@@ -208,8 +209,9 @@ def _band_lowpass_kernel(
     ky = jj - (R - 1)
     valid = (jj < 2 * R - 1) & (kx < R)
     m_base = mask_ptr + n * s_mn
-    m_pos = tl.load(m_base + ((ky + H // 2 + H) % H) * s_mh + ((kx + W // 2) % W) * s_mw, mask=valid, other=0)
-    m_neg = tl.load(m_base + ((H // 2 - ky + H) % H) * s_mh + ((W // 2 - kx + W) % W) * s_mw, mask=valid, other=0)
+    # |ky| < R <= H // 2 and 0 <= kx < R <= W // 2: the shifted indices of k and -k lie inside the mask
+    m_pos = tl.load(m_base + (ky + H // 2) * s_mh + (kx + W // 2) * s_mw, mask=valid, other=0)
+    m_neg = tl.load(m_base + (H // 2 - ky) * s_mh + (W // 2 - kx) * s_mw, mask=valid, other=0)
     c = tl.load(m_base).to(tl.float32)    # the mask's value outside the band: frequency (-H/2, -W/2)
     colw = tl.where((kx == 0) | (2 * kx == W), 1.0, 2.0) / (H * W)
     sign = tl.where(lower & (q < BKX), -1.0, 1.0)
@@ -368,6 +370,11 @@ def _band_tables(height: int, width: int, band: int, precision: str, device: tor
     return [t.contiguous() for t in tables]
 
 
+def band_tiles(precision: str) -> tuple:
+    """The default (block_rows, block_cols, num_warps, num_stages) of band phases 1 and 2 at this precision."""
+    return BAND_COEF_TILES, BAND_OUT_TILES_IEEE if precision == "ieee" else BAND_OUT_TILES
+
+
 def band_rows_per_split(height: int, block_rows: int, splits: int) -> int:
     """Rows of each band phase-1 program: a power of two times block_rows, so that the splits' rows stay
     inside the tables' HP rows."""
@@ -378,8 +385,8 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
            precision: str, block_rows: Optional[int] = None, block_cols: Optional[int] = None,
            num_warps: Optional[int] = None,
            num_stages: Optional[int] = None, splits: Optional[int] = None) -> list:
-    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: BAND_COEF_TILES
-    and BAND_OUT_TILES on the band path; given ones apply to both phases) are tunable
+    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: band_tiles(precision)
+    on the band path; given ones apply to both phases) are tunable
     (bench/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
     row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels,
     whose n_regs / n_spills / metadata.shared the tuning script reports."""
@@ -397,7 +404,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
         (bm1, bk1, w1, st1), (bm2, bk2, w2, st2) = [
             (min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps, num_stages or st)
-            for rows, cols, warps, st in (BAND_COEF_TILES, BAND_OUT_TILES)]
+            for rows, cols, warps, st in band_tiles(precision)]
         rows_per_split = band_rows_per_split(height, bm1, splits or BAND_SPLITS)
         num_splits = triton.cdiv(height, rows_per_split)
         uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
