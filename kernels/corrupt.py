@@ -132,18 +132,11 @@ def _load_pixels(x_ptr, rows, cols, H, W, s_h, s_w, IS_BYTE: tl.constexpr):
 
 
 @triton.jit
-def _channel_affine(stats_ptr, ch, C):
-    """(1 / std, -mean / std) of channel ch from stats (2, C) = [mean; std]."""
-    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
-    return inv_std, -tl.load(stats_ptr + ch) * inv_std
-
-
-@triton.jit
-def _normalise_store(out_ptr, y, rows, cols, H, W, inv_std, shift):
-    """Store clamp(y, 0, 1) * inv_std + shift (one fma; shift = -mean * inv_std, :func:`_channel_affine`)
-    at broadcastable 2-D row and column indices of a contiguous (H, W) plane."""
+def _normalise_store(out_ptr, y, rows, cols, H, W, mean, inv_std):
+    """Store (clamp(y, 0, 1) - mean) * inv_std at broadcastable 2-D row and column indices of a
+    contiguous (H, W) plane."""
     ok = (rows < H) & (cols < W)
-    y = tl.fma(tl.minimum(tl.maximum(y, 0.0), 1.0), inv_std, shift)
+    y = (tl.minimum(tl.maximum(y, 0.0), 1.0) - mean) * inv_std
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
         bits = y.to(tl.uint32, bitcast=True)
@@ -221,7 +214,8 @@ def _band_lowpass_kernel(
     # rows past the plane (below HP) read the tables' zero rows
     bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], HP * 2 * KP, True,
                    PRECISION, INTERPRETED)                                             # (BM, 2 BKX)
-    inv_std, shift = _channel_affine(stats_ptr, ch, C)
+    mean = tl.load(stats_ptr + ch)
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     out_base = out_ptr + plane * H * W
     # the column chunks transposed, y^T (BK, BM) = Ew[cols] bc^T: both GEMM operands come from shared
     # memory, so the loop converts no register layout
@@ -238,7 +232,7 @@ def _band_lowpass_kernel(
             yt = _mm_table(bct, t_ptrs, WP * 2 * BKX, True, PRECISION, INTERPRETED)
         if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
             yt = tl.fma(_load_pixels(x_base, rows[None, :], cols[:, None], H, W, s_xh, s_xw, IS_BYTE), c, yt)
-        _normalise_store(out_base, yt, rows[None, :], cols[:, None], H, W, inv_std, shift)
+        _normalise_store(out_base, yt, rows[None, :], cols[:, None], H, W, mean, inv_std)
 
 
 @triton.jit
@@ -294,7 +288,8 @@ def _corrupt_spectrum_kernel(
     p_i = -_swap_halves(p, BKX, PRECISION, INTERPRETED)                          # i P = [-Pi | Pr]
 
     # ---- inverse along H: B = Ch^T P + Sh^T (i P), then along W (FUSED) or to the workspace ----
-    inv_std, shift = _channel_affine(stats_ptr, ch, C)
+    mean = tl.load(stats_ptr + ch)
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     out_base = out_ptr + plane * H * W
     ws_base = ws_ptr + (plane * tl.num_programs(1) + kxb) * HP * 2 * BKX
     for h0 in range(0, H, BM):
@@ -306,7 +301,7 @@ def _corrupt_spectrum_kernel(
             for w0 in range(0, W, BK):
                 cols = w0 + tl.arange(0, BK)
                 y = _mm(bc, tl.load(ewt_blk + q[:, None] * WP + cols[None, :]), PRECISION, INTERPRETED)
-                _normalise_store(out_base, y, rows[:, None], cols[None, :], H, W, inv_std, shift)
+                _normalise_store(out_base, y, rows[:, None], cols[None, :], H, W, mean, inv_std)
         else:
             tl.store(ws_base + rows[:, None] * (2 * BKX) + q[None, :], bc)
 
@@ -321,7 +316,8 @@ def _corrupt_inverse_rows_kernel(
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     q = tl.arange(0, 2 * BKX)
     ch = plane % C
-    inv_std, shift = _channel_affine(stats_ptr, ch, C)
+    mean = tl.load(stats_ptr + ch)
+    inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
         y = tl.zeros((BM, BK), tl.float32)
@@ -329,7 +325,7 @@ def _corrupt_inverse_rows_kernel(
             bc = tl.load(ws_ptr + ((plane * NUM_BLOCKS + b) * HP + rows[:, None]) * (2 * BKX) + q[None, :])
             et = tl.load(ewt_ptr + (b * 2 * BKX + q[:, None]) * WP + cols[None, :])
             y += _mm(bc, et, PRECISION, INTERPRETED)
-        _normalise_store(out_ptr + plane * H * W, y, rows[:, None], cols[None, :], H, W, inv_std, shift)
+        _normalise_store(out_ptr + plane * H * W, y, rows[:, None], cols[None, :], H, W, mean, inv_std)
 
 
 def band_fits(mask_band: int, height: int, width: int) -> bool:
