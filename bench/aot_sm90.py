@@ -45,16 +45,16 @@ ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
 
 
 def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=None, out_tiles=None) -> dict:
-    """name -> (jit function, constexprs, num_warps) as kernels/corrupt.launch launches them (default tiles;
+    """name -> (jit function, constexprs, num_warps, num_stages) as kernels/corrupt.launch launches them (default tiles;
     the band path's two phases at R = `band` and at the widest band, the most shared memory)."""
     hp = wp = next_pow2(size)
-    coef_tiles, out_tiles = coef_tiles or cor.band_tiles(precision)[0], out_tiles or cor.band_tiles(precision)[1]
     common = dict(IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
     general_rows = min(cor.GENERAL_BLOCK_ROWS, hp)
     specs = {}
     for suffix, r in (("", band), (f"_r{cor.BAND_MAX}", cor.BAND_MAX)):
-        for phase, fn, (rows, cols, warps, stages) in (("coef", cor._band_coefficients_kernel, coef_tiles),
-                                                       ("out", cor._band_lowpass_kernel, out_tiles)):
+        coef, out = cor.band_tiles(precision, r)
+        for phase, fn, (rows, cols, warps, stages) in (("coef", cor._band_coefficients_kernel, coef_tiles or coef),
+                                                       ("out", cor._band_lowpass_kernel, out_tiles or out)):
             specs[f"corrupt_band_{phase}{suffix}"] = (fn, dict(WP=wp, HP=hp, KP=next_pow2(2 * r - 1), BKX=next_pow2(r),
                                                               BM=min(rows, hp), BK=min(cols, wp), **common), warps,
                                                       stages)

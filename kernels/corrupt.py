@@ -11,8 +11,8 @@ mask's value outside those frequencies. Two paths:
 
 * **band path** (``mask_band = R``, a promise that the mask equals ``mask[n, 0, 0]`` outside the
   centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R),
-  a (2R - 1) x R complex band, in two launches. Phase 1, one program per (plane, row range; one
-  range by default): [U; V] = sum over row blocks of [Ch; Sh] (x Ew), a (2 KP, 2 BKX) fp32 tile
+  a (2R - 1) x R complex band, in two launches. Phase 1, one program per (plane, row range; two
+  ranges by default, BAND_SPLITS): [U; V] = sum over row blocks of [Ch; Sh] (x Ew), a (2 KP, 2 BKX) fp32 tile
   per program (8 KB at R = 16) in a small workspace; it reads x once. Phase 2, one program per
   (plane, block of rows): gathers [P; iP] from the partial sums (fixed order) and the mask, then
   y = c x + [Ch^T | Sh^T] [P; iP] Ew^H and the epilogue, one streaming pass. Low-pass images
@@ -54,6 +54,7 @@ GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs
 BAND_COEF_TILES = (64, 16, 4, 1)
 BAND_OUT_TILES = (64, 64, 4, 1)
 BAND_OUT_TILES_IEEE = (64, 64, 8, 1)  # precision "ieee": the FMA dots' accumulators need 8 warps for 128 registers
+BAND_COEF_TILES_WIDE = (64, 16, 8, 1)  # R > 16 (2 KP = 128 spectrum rows): 8 warps, no spills at R = 32
 BAND_SPLITS = 2        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
@@ -179,7 +180,8 @@ def _band_lowpass_kernel(
         WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Band phase 2, program (plane, block of BM rows): y = c x + [Ch^T | Sh^T] [P; iP] Ew^H, then
-    the epilogue, per BK columns as y^T = Ew bc^T (Ew = [cos | -sin] (W, 2 BKX), bc = [Ch^T | Sh^T] [P; iP]). [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
+    the epilogue, per BK columns as y^T = Ew bc^T (Ew = [cos | -sin] (W, 2 BKX), bc = [Ch^T | Sh^T] [P; iP]).
+    [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
     with the symmetrised mask M, iP = [-Pi | Pr]; ky = r - (R - 1) for r < 2R - 1, kx < R."""
     plane = tl.program_id(0)
     n = plane // C
@@ -366,9 +368,11 @@ def _band_tables(height: int, width: int, band: int, precision: str, device: tor
     return [t.contiguous() for t in tables]
 
 
-def band_tiles(precision: str) -> tuple:
-    """The default (block_rows, block_cols, num_warps, num_stages) of band phases 1 and 2 at this precision."""
-    return BAND_COEF_TILES, BAND_OUT_TILES_IEEE if precision == "ieee" else BAND_OUT_TILES
+def band_tiles(precision: str, band: int) -> tuple:
+    """The default (block_rows, block_cols, num_warps, num_stages) of band phases 1 and 2 at this precision
+    and band width R."""
+    return (BAND_COEF_TILES_WIDE if band > 16 else BAND_COEF_TILES,
+            BAND_OUT_TILES_IEEE if precision == "ieee" else BAND_OUT_TILES)
 
 
 def band_rows_per_split(height: int, block_rows: int, splits: int) -> int:
@@ -381,8 +385,8 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
            precision: str, block_rows: Optional[int] = None, block_cols: Optional[int] = None,
            num_warps: Optional[int] = None,
            num_stages: Optional[int] = None, splits: Optional[int] = None) -> list:
-    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: band_tiles(precision)
-    on the band path; given ones apply to both phases) are tunable
+    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: band_tiles(precision,
+    mask_band) on the band path; given ones apply to both phases) are tunable
     (bench/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
     row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels,
     whose n_regs / n_spills / metadata.shared the tuning script reports."""
@@ -400,7 +404,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
         (bm1, bk1, w1, st1), (bm2, bk2, w2, st2) = [
             (min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps, num_stages or st)
-            for rows, cols, warps, st in band_tiles(precision)]
+            for rows, cols, warps, st in band_tiles(precision, r)]
         rows_per_split = band_rows_per_split(height, bm1, splits or BAND_SPLITS)
         num_splits = triton.cdiv(height, rows_per_split)
         uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
