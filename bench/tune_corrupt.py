@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         torch_ms = triton.testing.do_bench(lambda: mfm_fast.corrupt(x, mask, out_dtype=out_dtype, backend="torch"))
         path = "band" if band else "general"
         print(f"\n{path} {label}: copy {copy_ms:.4f} ms, torch backend {torch_ms:.4f} ms ({torch_ms / copy_ms:.1f}x copy)")
-        # None: the launcher's defaults (on the band path per phase: kc.BAND_COEF_TILES, kc.BAND_OUT_TILES,
+        # None: the launcher's defaults (on the band path per phase: kc.band_tiles(precision, R) and
         # kc.BAND_SPLITS row splits); a given tile or stage count applies to both band phases
         if label != "fp32->fp32":  # the full sweep once; other dtypes at the defaults
             grid = [(None, None, None, None, None)]
