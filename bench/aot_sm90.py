@@ -44,27 +44,28 @@ DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) (%[\w#]+), (%[\w#]+), (%[\w#
 ZERO = re.compile(r"(%[\w]+) = arith\.constant dense<0\.000000e\+00>")
 
 
-def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=cor.BAND_COEF_TILES,
-                  out_tiles=cor.BAND_OUT_TILES) -> dict:
-    """name -> (jit function, constexprs, num_warps) as kernels/corrupt.launch launches them (default tiles;
+def corrupt_specs(size: int, precision: str, band: int = 16, coef_tiles=None, out_tiles=None) -> dict:
+    """name -> (jit function, constexprs, num_warps, num_stages) as kernels/corrupt.launch launches them (default tiles;
     the band path's two phases at R = `band` and at the widest band, the most shared memory)."""
     hp = wp = next_pow2(size)
     common = dict(IS_BYTE=False, PRECISION=precision, INTERPRETED=False)
     general_rows = min(cor.GENERAL_BLOCK_ROWS, hp)
     specs = {}
     for suffix, r in (("", band), (f"_r{cor.BAND_MAX}", cor.BAND_MAX)):
-        for phase, fn, (rows, cols, warps) in (("coef", cor._band_coefficients_kernel, coef_tiles),
-                                               ("out", cor._band_lowpass_kernel, out_tiles)):
+        coef, out = cor.band_tiles(precision, r)
+        for phase, fn, (rows, cols, warps, stages) in (("coef", cor._band_coefficients_kernel, coef_tiles or coef),
+                                                       ("out", cor._band_lowpass_kernel, out_tiles or out)):
             specs[f"corrupt_band_{phase}{suffix}"] = (fn, dict(WP=wp, HP=hp, KP=next_pow2(2 * r - 1), BKX=next_pow2(r),
-                                                              BM=min(rows, hp), BK=min(cols, wp), **common), warps)
+                                                              BM=min(rows, hp), BK=min(cols, wp), **common), warps,
+                                                      stages)
     return {
         **specs,
         "corrupt_general": (cor._corrupt_spectrum_kernel, dict(WP=wp, HP=hp, BK=min(32, wp), KP=hp,
                                                                BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
-                                                               FUSED=False, **common), 4),
+                                                               FUSED=False, **common), 4, None),
         "corrupt_rows": (cor._corrupt_inverse_rows_kernel, dict(WP=wp, HP=hp, BKX=cor.GENERAL_BLOCK_KX, BM=general_rows,
                                                                 BK=min(32, wp), PRECISION=precision,
-                                                                INTERPRETED=False), 4),
+                                                                INTERPRETED=False), 4, None),
     }
 
 
@@ -101,17 +102,17 @@ def kernel_specs(size: int, precision: str, ops=("loss", "corrupt")) -> list:
         specs += [(name, *spec, stages, None) for name, spec in loss.items()]
     if "corrupt" in ops:
         values = corrupt_launch_values(size)
-        specs += [(name, *spec, None, values) for name, spec in corrupt_specs(size, precision).items()]
+        specs += [(name, *spec, values) for name, spec in corrupt_specs(size, precision).items()]
     return specs
 
 
 def corrupt_launch_values(size: int, batch: int = 256, channels: int = 3, band: int = 16) -> dict:
     """The corruption kernels' integer arguments at a contiguous (batch, channels, size, size) launch
-    (a bool mask (batch, size, size), one row split), for the specialisation Triton's launcher applies."""
+    (a bool mask (batch, size, size), the default row splits), for the specialisation Triton's launcher applies."""
     plane = size * size
-    rows = cor.band_rows_per_split(size, min(cor.BAND_COEF_TILES[0], next_pow2(size)), 1)
+    rows = cor.band_rows_per_split(size, min(cor.BAND_COEF_TILES[0], next_pow2(size)), cor.BAND_SPLITS)
     return dict(mask_ptr="*u8", C=channels, H=size, W=size, s_xn=channels * plane, s_xc=plane, s_xh=size, s_xw=1,
-                s_mn=plane, s_mh=size, s_mw=1, R=band, SPLITS=1, ROWS_PER_SPLIT=rows,  # band path
+                s_mn=plane, s_mh=size, s_mw=1, R=band, SPLITS=triton.cdiv(size, rows), ROWS_PER_SPLIT=rows,  # band path
                 KY0=0, NUM_KY=size, NUM_KX=size // 2 + 1,  # general path
                 NUM_BLOCKS=triton.cdiv(size // 2 + 1, cor.GENERAL_BLOCK_KX))
 

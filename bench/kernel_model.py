@@ -597,10 +597,29 @@ def _source_key(package_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+SECTOR_BYTES = 32  # the unit of a DRAM read
+
+
+def band_mask_bytes(args: dict, batch: int) -> int:
+    """HBM bytes of the mask entries the band path's phase 2 gathers at B = batch: for each image the
+    32-byte sectors that hold its band, m(ky, kx) and m(-ky, -kx) for |ky| < R, 0 <= kx < R of the
+    fftshift-ed mask, and m[0, 0] (the value c outside the band). Each image's sectors count once (the
+    C x row-block programs of one image share them), like every other input of the model."""
+    mask, r, h, w = args["mask_ptr"], args["R"], args["H"], args["W"]
+    size, s_h, s_w = mask.element_size(), args["s_mh"], args["s_mw"]
+    sectors = {0}
+    for ky in range(-(r - 1), r):
+        for kx in range(r):
+            for row, col in (((ky + h // 2) % h, (kx + w // 2) % w), ((h // 2 - ky) % h, (w // 2 - kx) % w)):
+                sectors.add((row * s_h + col * s_w) * size // SECTOR_BYTES)
+    return batch * len(sectors) * SECTOR_BYTES
+
+
 def band_launch_bytes(batch: int, small: int, high_pass_share: float):
     """HBM bytes of each band-path launch at B = batch (fp32): phase 1 (_band_coefficients_kernel) reads x and
-    writes the band sums uv; phase 2 (_band_lowpass_kernel) reads uv and the masks, writes out, and reads x
-    again for the high-pass images only (c != 0). A one-launch band kernel (older code): x, masks, out."""
+    writes the band sums uv; phase 2 (_band_lowpass_kernel) reads uv and the masks' band entries
+    (band_mask_bytes), writes out, and reads x again for the high-pass images only (c != 0). A one-launch
+    band kernel (older code): x, masks, out."""
     def nbytes(fn_name: str, args: dict) -> float:
         uv = args.get("uv_ptr")
         uv_bytes = 0 if uv is None else uv.numel() * uv.element_size() * batch / small
@@ -608,7 +627,7 @@ def band_launch_bytes(batch: int, small: int, high_pass_share: float):
         if fn_name == "_band_coefficients_kernel":
             return batch_bytes(batch) + uv_bytes
         if fn_name == "_band_lowpass_kernel":
-            return uv_bytes + masks + batch_bytes(batch) * (1 + high_pass_share)
+            return uv_bytes + band_mask_bytes(args, batch) + batch_bytes(batch) * (1 + high_pass_share)
         if fn_name == "_corrupt_spectrum_kernel":
             return 2 * batch_bytes(batch) + masks
         raise ModelError(f"kernels/corrupt.py's band path launches {fn_name}: teach band_launch_bytes its traffic")

@@ -60,30 +60,33 @@ def main(argv=None) -> int:
         torch_ms = median_ms(lambda: mfm_fast.corrupt(x, mask, out_dtype=out_dtype, backend="torch"))
         path = "band" if band else "general"
         print(f"\n{path} {label}: copy {copy_ms:.4f} ms, torch backend {torch_ms:.4f} ms ({torch_ms / copy_ms:.1f}x copy)")
-        # None: the launcher's defaults (on the band path per phase: kc.BAND_COEF_TILES, kc.BAND_OUT_TILES);
-        # a given tile applies to both band phases
+        # None: the launcher's defaults (on the band path per phase: kc.band_tiles(precision, R) and
+        # kc.BAND_SPLITS row splits); a given tile or stage count applies to both band phases
         if label != "fp32->fp32":  # the full sweep once; other dtypes at the defaults
-            grid = [(None, None, None, None)]
+            grid = [(None, None, None, None, None)]
         elif band:
-            grid = [(None, None, None, None), (None, None, None, 2), (None, None, None, 4), (64, 16, 4, None),
-                    (64, 16, 8, None), (128, 16, 8, None), (64, 32, 4, None)]
+            grid = [(None, None, None, None, None), (None, None, None, 2, None), (None, None, None, 3, None),
+                    (None, None, None, None, 1), (64, 64, 4, None, None), (64, 16, 4, None, None),
+                    (128, 32, 8, None, 1), (128, 16, 8, 3, 1)]
         else:
-            grid = [(16, 32, 4, None), (16, 64, 4, 1)]
+            grid = [(16, 32, 4, None, None), (16, 64, 4, 1, None)]
         results = []
-        for bm, bk, warps, stages in grid:
+        for bm, bk, warps, stages, splits in grid:
             try:
-                kernels = kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages)
+                kernels = kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages, splits)
                 resources = " | ".join(f"regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
                                        f"smem {getattr(getattr(k, 'metadata', None), 'shared', '?')}" for k in kernels)
                 err = float((out.float() - ref).abs().max() / ref.abs().max())
-                ms = median_ms(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages))
+                ms = median_ms(lambda: kc.launch(x, mask, stats, out, band, "tf32x3", bm, bk, warps, stages, splits))
             except Exception as exc:  # a config that does not compile (shared memory, registers) is skipped
-                print(f"  bm={bm!s:<4} bk={bk!s:<4} warps={warps} stages={stages}: failed ({type(exc).__name__}: {str(exc)[:80]})")
+                print(f"  bm={bm!s:<4} bk={bk!s:<4} warps={warps} stages={stages} splits={splits}: failed ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
-            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, stages=stages, resources=resources, ms=ms, x_copy=ms / copy_ms,
+            results.append(dict(path=path, case=label, bm=bm, bk=bk, warps=warps, stages=stages, splits=splits,
+                                resources=resources, ms=ms, x_copy=ms / copy_ms,
                                 err=err, copy_ms=copy_ms, torch_ms=torch_ms))
         for r in sorted(results, key=lambda r: r["ms"])[:6]:
-            print(f"  bm={r['bm']!s:<4} bk={r['bk']!s:<4} warps={r['warps']} stages={r['stages']}: {r['ms']:.4f} ms  "
+            print(f"  bm={r['bm']!s:<4} bk={r['bk']!s:<4} warps={r['warps']} stages={r['stages']} splits={r['splits']}: "
+                  f"{r['ms']:.4f} ms  "
                   f"{r['x_copy']:.2f}x copy  err {r['err']:.1e}  {r['resources']}")
         rows += results
     for precision in ("tf32", "bf16", "ieee"):

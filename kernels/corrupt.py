@@ -11,8 +11,8 @@ mask's value outside those frequencies. Two paths:
 
 * **band path** (``mask_band = R``, a promise that the mask equals ``mask[n, 0, 0]`` outside the
   centred box |ky|, |kx| < R, true for MFM disc masks): frequencies ky in (-R, R), kx in [0, R),
-  a (2R - 1) x R complex band, in two launches. Phase 1, one program per (plane, row range; one
-  range by default): [U; V] = sum over row blocks of [Ch; Sh] (x Ew), a (2 KP, 2 BKX) fp32 tile
+  a (2R - 1) x R complex band, in two launches. Phase 1, one program per (plane, row range; two
+  ranges by default, BAND_SPLITS): [U; V] = sum over row blocks of [Ch; Sh] (x Ew), a (2 KP, 2 BKX) fp32 tile
   per program (8 KB at R = 16) in a small workspace; it reads x once. Phase 2, one program per
   (plane, block of rows): gathers [P; iP] from the partial sums (fixed order) and the mask, then
   y = c x + [Ch^T | Sh^T] [P; iP] Ew^H and the epilogue, one streaming pass. Low-pass images
@@ -48,11 +48,15 @@ from ._dft import channel_stats, dft_table, next_pow2
 BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (bench/aot_sm90.py:
 #                        160 KiB of shared memory per phase at R = 32); wider promises take the general path
 GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
-# band-path tiles (block_rows, block_cols, num_warps), phase 1 and phase 2: <= 128 registers, no spills at
-# R = 16 on sm_90 (bench/aot_sm90.py)
-BAND_COEF_TILES = (128, 16, 8)
-BAND_OUT_TILES = (128, 32, 8)
-BAND_SPLITS = 1        # row ranges per plane in band phase 1 (partial sums added in phase 2)
+# band-path tiles (block_rows, block_cols, num_warps, num_stages), phase 1 and phase 2: <= 128 registers, no
+# spills at R = 16 on sm_90 (bench/aot_sm90.py). One stage: no software-pipelined copies, so less shared memory
+# and far fewer instructions per plane; the two resident programs per SM hide the load latency instead
+# (docs/triton_corruption.md)
+BAND_COEF_TILES = (64, 16, 4, 1)
+BAND_OUT_TILES = (64, 64, 4, 1)
+BAND_OUT_TILES_IEEE = (64, 64, 8, 1)  # precision "ieee": the FMA dots' accumulators need 8 warps for 128 registers
+BAND_COEF_TILES_WIDE = (64, 16, 8, 1)  # R > 16 (2 KP = 128 spectrum rows): 8 warps, no spills at R = 32
+BAND_SPLITS = 2        # row ranges per plane in band phase 1 (partial sums added in phase 2)
 GENERAL_BLOCK_KX = 16  # half-spectrum columns per program on the general path
 GENERAL_BLOCK_ROWS = 16  # 32 and 64 exceed Hopper's 227 KB of shared memory at H = 224
 
@@ -71,38 +75,41 @@ def _mm(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _load_table(t_ptrs, t_ok):
-    if t_ok is None:
-        t = tl.load(t_ptrs)
-    else:
-        t = tl.load(t_ptrs, mask=t_ok, other=0.0)
-    return t
+def _split_tf32(a):
+    """a = hi + lo with hi rounded to nearest tf32 (exact in fp32); the tf32x3 data operand split."""
+    hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, a - hi
 
 
 @triton.jit
-def _mm_table(a, t_ptrs, t_ok, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs (read where t_ok, else 0: None reads all),
-    summed from zero in fp32.
-
-    "tf32x3": three tf32 products lo*hi + hi*lo + hi*hi, with a = hi + lo split here (hi rounded to
-    nearest tf32) and the table's tf32 remainder pre-split at t_ptrs + lo_off (so no table operand is
-    split in registers); other precisions: one product as _mm."""
-    t = _load_table(t_ptrs, t_ok)
-    if PRECISION == "tf32x3":
-        a_hi = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        a_lo = a - a_hi
-        if TAB_LEFT:
-            c = tl.dot(t, a_lo, input_precision="tf32")
-            c = tl.dot(_load_table(t_ptrs + lo_off, t_ok), a_hi, c, input_precision="tf32")
-            c = tl.dot(t, a_hi, c, input_precision="tf32")
-        else:
-            c = tl.dot(a_lo, t, input_precision="tf32")
-            c = tl.dot(a_hi, _load_table(t_ptrs + lo_off, t_ok), c, input_precision="tf32")
-            c = tl.dot(a_hi, t, c, input_precision="tf32")
-    elif TAB_LEFT:
-        c = _mm(t, a, PRECISION, INTERPRETED)
+def _mm_table_split(a_hi, a_lo, t_ptrs, lo_off, TAB_LEFT: tl.constexpr):
+    """T @ a (TAB_LEFT) or a @ T for a = a_hi + a_lo (:func:`_split_tf32`) and the table tile T at t_ptrs,
+    its tf32 remainder pre-split at t_ptrs + lo_off: three tf32 products lo*hi + hi*lo + hi*hi summed from
+    zero in fp32 (no table operand is split in registers)."""
+    t = tl.load(t_ptrs)
+    if TAB_LEFT:
+        c = tl.dot(t, a_lo, input_precision="tf32")
+        c = tl.dot(tl.load(t_ptrs + lo_off), a_hi, c, input_precision="tf32")
+        c = tl.dot(t, a_hi, c, input_precision="tf32")
     else:
-        c = _mm(a, t, PRECISION, INTERPRETED)
+        c = tl.dot(a_hi, tl.load(t_ptrs + lo_off), input_precision="tf32")
+        c = tl.dot(a_lo, t, c, input_precision="tf32")
+        c = tl.dot(a_hi, t, c, input_precision="tf32")
+    return c
+
+
+@triton.jit
+def _mm_table(a, t_ptrs, lo_off, TAB_LEFT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """T @ a (TAB_LEFT) or a @ T for the table tile T at t_ptrs (the padded tables hold zeros past the
+    plane, so every read is in bounds), summed from zero in fp32. "tf32x3": :func:`_mm_table_split` of
+    a split here; other precisions: one product as _mm."""
+    if PRECISION == "tf32x3":
+        a_hi, a_lo = _split_tf32(a)
+        c = _mm_table_split(a_hi, a_lo, t_ptrs, lo_off, TAB_LEFT)
+    elif TAB_LEFT:
+        c = _mm(tl.load(t_ptrs), a, PRECISION, INTERPRETED)
+    else:
+        c = _mm(a, tl.load(t_ptrs), PRECISION, INTERPRETED)
     return c
 
 
@@ -117,9 +124,10 @@ def _swap_halves(z, HALF: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl
 
 @triton.jit
 def _load_pixels(x_ptr, rows, cols, H, W, s_h, s_w, IS_BYTE: tl.constexpr):
-    """(BM, BK) fp32 pixels in [0, 1] (uint8 / 255), zero outside the image."""
-    ok = (rows[:, None] < H) & (cols[None, :] < W)
-    v = tl.load(x_ptr + rows[:, None] * s_h + cols[None, :] * s_w, mask=ok, other=0).to(tl.float32)
+    """fp32 pixels in [0, 1] (uint8 / 255), zero outside the image, at broadcastable 2-D row and column
+    indices (rows[:, None], cols[None, :] for a (BM, BK) tile; the transposed pair for its transpose)."""
+    ok = (rows < H) & (cols < W)
+    v = tl.load(x_ptr + rows * s_h + cols * s_w, mask=ok, other=0).to(tl.float32)
     if IS_BYTE:
         v = v * (1.0 / 255.0)
     return v
@@ -127,14 +135,16 @@ def _load_pixels(x_ptr, rows, cols, H, W, s_h, s_w, IS_BYTE: tl.constexpr):
 
 @triton.jit
 def _normalise_store(out_ptr, y, rows, cols, H, W, mean, inv_std):
-    ok = (rows[:, None] < H) & (cols[None, :] < W)
+    """Store (clamp(y, 0, 1) - mean) * inv_std at broadcastable 2-D row and column indices of a
+    contiguous (H, W) plane."""
+    ok = (rows < H) & (cols < W)
     y = (tl.minimum(tl.maximum(y, 0.0), 1.0) - mean) * inv_std
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
         bits = y.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         y = bits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + rows[:, None] * W + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows * W + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -156,23 +166,23 @@ def _band_coefficients_kernel(
         a = tl.zeros((BM, 2 * BKX), tl.float32)
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
-            xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
-            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], None, WP * 2 * BKX, False,
+            xt = _load_pixels(x_base, rows[:, None], cols[None, :], H, W, s_xh, s_xw, IS_BYTE)
+            a += _mm_table(xt, ew_ptr + cols[:, None] * (2 * BKX) + q[None, :], WP * 2 * BKX, False,
                            PRECISION, INTERPRETED)
-        # rows past the plane: zero pixels, and the table columns are not read (zero)
-        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], rows[None, :] < H, 2 * KP * HP, True,
-                        PRECISION, INTERPRETED)
+        # rows past the plane: zero pixels and zero table columns (rows stay below HP: band_rows_per_split)
+        uv += _mm_table(a, eh_ptr + r[:, None] * HP + rows[None, :], 2 * KP * HP, True, PRECISION, INTERPRETED)
     tl.store(uv_ptr + (plane * tl.num_programs(1) + split) * 2 * KP * 2 * BKX + r[:, None] * (2 * BKX) + q[None, :], uv)
 
 
 @triton.jit
 def _band_lowpass_kernel(
-        x_ptr, mask_ptr, uv_ptr, ewt_ptr, ehts_ptr, stats_ptr, out_ptr,
+        x_ptr, mask_ptr, uv_ptr, ew_ptr, ehts_ptr, stats_ptr, out_ptr,
         C, H, W, s_xn, s_xc, s_xh, s_xw, s_mn, s_mh, s_mw, R, SPLITS,
         WP: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, BKX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         IS_BYTE: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """Band phase 2, program (plane, block of BM rows): y = c x + [Ch^T | Sh^T] [P; iP] Ew^H, then
-    the epilogue. [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
+    the epilogue, per BK columns as y^T = Ew bc^T (Ew = [cos | -sin] (W, 2 BKX), bc = [Ch^T | Sh^T] [P; iP]).
+    [P; iP] (2 KP, 2 BKX) is gathered from the phase-1 sums: P = X (M - c) colw / HW
     with the symmetrised mask M, iP = [-Pi | Pr]; ky = r - (R - 1) for r < 2R - 1, kx < R."""
     plane = tl.program_id(0)
     n = plane // C
@@ -195,27 +205,37 @@ def _band_lowpass_kernel(
     ky = jj - (R - 1)
     valid = (jj < 2 * R - 1) & (kx < R)
     m_base = mask_ptr + n * s_mn
-    m_pos = tl.load(m_base + ((ky + H // 2 + H) % H) * s_mh + ((kx + W // 2) % W) * s_mw, mask=valid, other=0)
-    m_neg = tl.load(m_base + ((H // 2 - ky + H) % H) * s_mh + ((W // 2 - kx + W) % W) * s_mw, mask=valid, other=0)
+    # |ky| < R <= H // 2 and 0 <= kx < R <= W // 2: the shifted indices of k and -k lie inside the mask
+    m_pos = tl.load(m_base + (ky + H // 2) * s_mh + (kx + W // 2) * s_mw, mask=valid, other=0)
+    m_neg = tl.load(m_base + (H // 2 - ky) * s_mh + (W // 2 - kx) * s_mw, mask=valid, other=0)
     c = tl.load(m_base).to(tl.float32)    # the mask's value outside the band: frequency (-H/2, -W/2)
     colw = tl.where((kx == 0) | (2 * kx == W), 1.0, 2.0) / (H * W)
     sign = tl.where(lower & (q < BKX), -1.0, 1.0)
     pp = tl.where(valid, xs * ((0.5 * (m_pos.to(tl.float32) + m_neg.to(tl.float32)) - c) * colw * sign), 0.0)
 
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], rows[:, None] < H,
-                   HP * 2 * KP, True, PRECISION, INTERPRETED)                          # (BM, 2 BKX)
+    # rows past the plane (below HP) read the tables' zero rows
+    bc = _mm_table(pp, ehts_ptr + rows[:, None] * (2 * KP) + tl.arange(0, 2 * KP)[None, :], HP * 2 * KP, True,
+                   PRECISION, INTERPRETED)                                             # (BM, 2 BKX)
     mean = tl.load(stats_ptr + ch)
     inv_std = 1.0 / tl.load(stats_ptr + C + ch)
     out_base = out_ptr + plane * H * W
+    # the column chunks transposed, y^T (BK, BM) = Ew[cols] bc^T: both GEMM operands come from shared
+    # memory, so the loop converts no register layout
     qc = tl.arange(0, 2 * BKX)
+    bct = tl.trans(bc)                                                                 # (2 BKX, BM)
+    if PRECISION == "tf32x3":
+        bct_hi, bct_lo = _split_tf32(bct)  # once per program, not per column chunk
     for w0 in range(0, W, BK):
         cols = w0 + tl.arange(0, BK)
-        y = _mm_table(bc, ewt_ptr + qc[:, None] * WP + cols[None, :], None, 2 * BKX * WP, False, PRECISION,
-                      INTERPRETED)
+        t_ptrs = ew_ptr + cols[:, None] * (2 * BKX) + qc[None, :]                      # (BK, 2 BKX)
+        if PRECISION == "tf32x3":
+            yt = _mm_table_split(bct_hi, bct_lo, t_ptrs, WP * 2 * BKX, True)
+        else:
+            yt = _mm_table(bct, t_ptrs, WP * 2 * BKX, True, PRECISION, INTERPRETED)
         if c != 0.0:  # high-pass images: + c x (low-pass ones skip the second read of x)
-            y += c * _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
-        _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
+            yt = tl.fma(_load_pixels(x_base, rows[None, :], cols[:, None], H, W, s_xh, s_xw, IS_BYTE), c, yt)
+        _normalise_store(out_base, yt, rows[None, :], cols[:, None], H, W, mean, inv_std)
 
 
 @triton.jit
@@ -246,7 +266,7 @@ def _corrupt_spectrum_kernel(
         a = tl.zeros((BM, 2 * BKX), tl.float32)
         for w0 in range(0, W, BK):
             cols = w0 + tl.arange(0, BK)
-            xt = _load_pixels(x_base, rows, cols, H, W, s_xh, s_xw, IS_BYTE)
+            xt = _load_pixels(x_base, rows[:, None], cols[None, :], H, W, s_xh, s_xw, IS_BYTE)
             a += _mm(xt, tl.load(ew_blk + cols[:, None] * (2 * BKX) + q[None, :]), PRECISION, INTERPRETED)
         hc = tl.load(eh_ptr + j[:, None] * HP + rows[None, :])
         hs = tl.load(eh_ptr + KP * HP + j[:, None] * HP + rows[None, :])
@@ -284,7 +304,7 @@ def _corrupt_spectrum_kernel(
             for w0 in range(0, W, BK):
                 cols = w0 + tl.arange(0, BK)
                 y = _mm(bc, tl.load(ewt_blk + q[:, None] * WP + cols[None, :]), PRECISION, INTERPRETED)
-                _normalise_store(out_base, y, rows, cols, H, W, mean, inv_std)
+                _normalise_store(out_base, y, rows[:, None], cols[None, :], H, W, mean, inv_std)
         else:
             tl.store(ws_base + rows[:, None] * (2 * BKX) + q[None, :], bc)
 
@@ -308,7 +328,7 @@ def _corrupt_inverse_rows_kernel(
             bc = tl.load(ws_ptr + ((plane * NUM_BLOCKS + b) * HP + rows[:, None]) * (2 * BKX) + q[None, :])
             et = tl.load(ewt_ptr + (b * 2 * BKX + q[:, None]) * WP + cols[None, :])
             y += _mm(bc, et, PRECISION, INTERPRETED)
-        _normalise_store(out_ptr + plane * H * W, y, rows, cols, H, W, mean, inv_std)
+        _normalise_store(out_ptr + plane * H * W, y, rows[:, None], cols[None, :], H, W, mean, inv_std)
 
 
 def band_fits(mask_band: int, height: int, width: int) -> bool:
@@ -349,6 +369,13 @@ def _band_tables(height: int, width: int, band: int, precision: str, device: tor
     return [t.contiguous() for t in tables]
 
 
+def band_tiles(precision: str, band: int) -> tuple:
+    """The default (block_rows, block_cols, num_warps, num_stages) of band phases 1 and 2 at this precision
+    and band width R."""
+    return (BAND_COEF_TILES_WIDE if band > 16 else BAND_COEF_TILES,
+            BAND_OUT_TILES_IEEE if precision == "ieee" else BAND_OUT_TILES)
+
+
 def band_rows_per_split(height: int, block_rows: int, splits: int) -> int:
     """Rows of each band phase-1 program: a power of two times block_rows, so that the splits' rows stay
     inside the tables' HP rows."""
@@ -359,8 +386,8 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
            precision: str, block_rows: Optional[int] = None, block_cols: Optional[int] = None,
            num_warps: Optional[int] = None,
            num_stages: Optional[int] = None, splits: Optional[int] = None) -> list:
-    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: BAND_COEF_TILES
-    and BAND_OUT_TILES on the band path; given ones apply to both phases) are tunable
+    """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: band_tiles(precision,
+    mask_band) on the band path; given ones apply to both phases) are tunable
     (bench/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
     row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels,
     whose n_regs / n_spills / metadata.shared the tuning script reports."""
@@ -376,18 +403,19 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
         r = mask_band
         ew, ewt, eh, ehts = _band_tables(height, width, r, precision, device)
         kp, bkx = eh.shape[-2] // 2, ew.shape[-1] // 2
-        (bm1, bk1, w1), (bm2, bk2, w2) = [(min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps)
-                                          for rows, cols, warps in (BAND_COEF_TILES, BAND_OUT_TILES)]
+        (bm1, bk1, w1, st1), (bm2, bk2, w2, st2) = [
+            (min(block_rows or rows, hp), min(block_cols or cols, wp), num_warps or warps, num_stages or st)
+            for rows, cols, warps, st in band_tiles(precision, r)]
         rows_per_split = band_rows_per_split(height, bm1, splits or BAND_SPLITS)
         num_splits = triton.cdiv(height, rows_per_split)
         uv = torch.empty((n * channels, num_splits, 2, kp, 2 * bkx), dtype=torch.float32, device=device)
         coef = _band_coefficients_kernel[(n * channels, num_splits)](
             x, ew, eh, uv, height, width, channels, *x.stride(), rows_per_split, WP=wp, HP=hp, KP=kp, BKX=bkx,
-            BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, **stages)
+            BM=bm1, BK=bk1, IS_BYTE=byte, PRECISION=precision, INTERPRETED=interp, num_warps=w1, num_stages=st1)
         low = _band_lowpass_kernel[(n * channels, triton.cdiv(height, bm2))](
-            x, mask, uv, ewt, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
+            x, mask, uv, ew, ehts, stats, out, channels, height, width, *x.stride(), *mask.stride(), r,
             num_splits, WP=wp, HP=hp, KP=kp, BKX=bkx, BM=bm2, BK=bk2, IS_BYTE=byte, PRECISION=precision,
-            INTERPRETED=interp, num_warps=w2, **stages)
+            INTERPRETED=interp, num_warps=w2, num_stages=st2)
         return [coef, low]
     opts = dict(num_warps=num_warps or 4, **stages)
     bk = min(block_cols or 32, wp)
