@@ -6,6 +6,11 @@ against the fp64 reference on MFM disc masks (mixed low / high-pass batches) and
 errors on the same batch. With a GPU (marked `gpu`): backend="cuda" with mask_band against the reference.
 """
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,6 +25,7 @@ OPS = torch.ops.mfm_fast
 if not SKIPPED_BUILD:
     cuda_backend.unavailable_reason()  # loads _C
 MEAN, STD = list(mfm_fast.IMAGENET_MEAN), list(mfm_fast.IMAGENET_STD)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mfm_batch(n, side, dtype=torch.float32, seed=0, r1=None):
@@ -154,10 +160,29 @@ def test_op_schema_fake_and_autograd_with_mask_band():
         host_loss(pred, target, mask, 0)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="nvcc not found (the extension was built elsewhere)")
+def test_sm90_band_kernels_no_local_memory(tmp_path):
+    """nvcc -Xptxas -v for sm_90 (setup.py's flags): every band kernel (224 / 112, RB 16 / 32, with and without
+    the gradient) has no stack frame and no spills; the 224 x 16 kernel fits 2 CTAs of 224 threads per SM."""
+    from torch.utils.cpp_extension import include_paths
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import sass_model
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    out = subprocess.run([nvcc, "-std=c++17", "-O3", "-lineinfo", *(f"-I{p}" for p in include_paths()),
+                          "-arch=sm_90", "-Xptxas", "-v", "-cubin", "-o", str(tmp_path / "k.cubin"),
+                          os.path.join(ROOT, "csrc", "loss_band.cu")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kernels = {n: f for n, f in sass_model.parse_ptxas(out.stderr).items() if "loss_band_kernel" in n}
+    assert len(kernels) == 8, list(kernels)
+    for name, facts in kernels.items():
+        assert facts["stack"] == 0 and facts["spill_stores"] == 0, (name, facts)
+    main = next(f for n, f in kernels.items() if "ILi224ELi16ELb1E" in n)
+    assert main["registers"] <= 65536 // (2 * 224)
+
+
 # ------------------------------------------------------------------ GPU (the CUDA kernels)
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
 @pytest.mark.parametrize("side", [224, 112])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 6])
