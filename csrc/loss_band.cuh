@@ -14,7 +14,7 @@
 //   gradient (adjoint, kGrad) Bc[y][kx] = sum_ky G[ky][kx] W_S^(-ky y) (7 partial sums by ky mod 7, then an
 //            inverse DFT7 along j), grad[y][x] = sum_kx colw(kx) Re(Bc[y][kx] W_S^(-kx x)) (the irfft's
 //            Hermitian sum; 7 partial sums by kx mod 7, then the real part of an inverse DFT7 along j).
-// The row passes give one row to a thread (4 columns n1 per global access, 7 accesses j per step), the
+// The row passes give one row to a thread (2 columns n1 per global access, 7 accesses j per step), the
 // column passes one (kx, n1) or (kx, ky) item to a thread; all twiddles W_S^(k n1) come from one
 // shared-memory table tw[ky + RB - 1][n1] (broadcast reads), filled in double per CTA. No runtime division.
 #pragma once
@@ -112,13 +112,41 @@ MFM_HD void make_band_twiddles(cf* tw, int tid, int nth) {
   });
 }
 
-// x[j][i] = pred - normalise(target) at row y, columns x0 + i + M j (i < 4, j < 7): 7 accesses of 4
-// elements per tensor; the element types and the vector choice picked by with_dtype / with_bool.
+constexpr int kRowCols = 2;  // columns n1 per global access of the row passes (4 would need > 80 registers)
+
+// x[j][i] = pred - normalise(target) at row y, columns x0 + i + M j (i < kRowCols, j < 7): 7 accesses of
+// kRowCols elements per tensor; the element types and the vector choice picked by with_dtype / with_bool.
+// out[0..2) = p[0..2) as float: one 8 / 4-byte access (float32 / 16-bit) when kVec, else 2 scalar ones.
+template <class T, bool kVec>
+MFM_HD void load2(const T* p, float (&out)[2]) {
+  T v[2];
+  if constexpr (kVec && sizeof(T) >= 2) {
+    const RawWords<2 * sizeof(T)> r = load_raw<2 * sizeof(T)>(p);
+    memcpy(v, r.w, sizeof(v));
+  } else {
+    v[0] = p[0], v[1] = p[1];
+  }
+  out[0] = to_float(v[0]), out[1] = to_float(v[1]);
+}
+
+// p[0..2) = in[0..2) rounded to T: one 8 / 4-byte store (float32 / 16-bit) when kVec, else 2 scalar ones.
+template <class T, bool kVec>
+MFM_HD void store2(T* p, const float (&in)[2]) {
+  const T v[2] = {static_cast<T>(in[0]), static_cast<T>(in[1])};
+  if constexpr (kVec) {
+    RawWords<2 * sizeof(T)> r;
+    if constexpr (std::is_same_v<T, float>) r.w[0] = float_bits(in[0]), r.w[1] = float_bits(in[1]);
+    else r.w[0] = uint32_t{v[0].x} | (uint32_t{v[1].x} << 16);
+    store_raw<2 * sizeof(T)>(p, r);
+  } else {
+    p[0] = v[0], p[1] = v[1];
+  }
+}
+
 template <int S>
 MFM_HD void load_band_chunk(const LossArgs& a, int64_t off, int y, int x0, float mean, float sdev, float inv_std,
-                            float (&x)[7][4]) {
+                            float (&x)[7][kRowCols]) {
   constexpr int M = FftShape<S>::M;
-  const bool norm = a.normalize_target;
   with_dtype<false>(a.pred_dt, [&](auto ptag) {
     with_dtype<true>(a.target_dt, [&](auto ttag) {
       with_bool(a.vec, [&](auto kvec) {
@@ -128,11 +156,11 @@ MFM_HD void load_band_chunk(const LossArgs& a, int64_t off, int y, int x0, float
         const TT* t = static_cast<const TT*>(a.target) + off + y * S + x0;
 #pragma unroll
         for (int j = 0; j < 7; ++j) {
-          float tv[4];
-          load4<TP, decltype(kvec)::value>(p + M * j, x[j]);
-          load4<TT, decltype(kvec)::value>(t + M * j, tv);
+          float tv[kRowCols];
+          load2<TP, decltype(kvec)::value>(p + M * j, x[j]);
+          load2<TT, decltype(kvec)::value>(t + M * j, tv);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) x[j][i] -= norm ? div_by(tv[i] - mean, sdev, inv_std) : tv[i];
+          for (int i = 0; i < kRowCols; ++i) x[j][i] -= div_by(tv[i] - mean, sdev, inv_std);  // (0, 1, 1): exact t
         }
       });
     });
@@ -140,44 +168,71 @@ MFM_HD void load_band_chunk(const LossArgs& a, int64_t off, int y, int x0, float
 }
 
 template <int S>
-MFM_HD void store_band_chunk(const LossArgs& a, int64_t off, int y, int x0, const float (&g)[7][4]) {
+MFM_HD void store_band_chunk(const LossArgs& a, int64_t off, int y, int x0, const float (&g)[7][kRowCols]) {
   constexpr int M = FftShape<S>::M;
   with_dtype<false>(a.grad_dt, [&](auto tag) {
     with_bool(a.vec, [&](auto kvec) {
       using T = typename decltype(tag)::type;
       T* dst = static_cast<T*>(a.grad) + off + y * S + x0;
 #pragma unroll
-      for (int j = 0; j < 7; ++j) store4<T, decltype(kvec)::value>(dst + M * j, g[j]);
+      for (int j = 0; j < 7; ++j) store2<T, decltype(kvec)::value>(dst + M * j, g[j]);
     });
   });
 }
+
+// Plane (image n, channel c). On the GPU the ids are re-read from blockIdx (y: image, x: channel, the band
+// kernel's grid) where they are used instead of being held in registers through the plane.
+struct BandPlane {
+  int n, c;
+  MFM_HD int image() const {
+#ifdef __CUDA_ARCH__
+    return static_cast<int>(blockIdx.y);
+#else
+    return n;
+#endif
+  }
+  MFM_HD int channel() const {
+#ifdef __CUDA_ARCH__
+    return static_cast<int>(blockIdx.x);
+#else
+    return c;
+#endif
+  }
+  template <int S>
+  MFM_HD int64_t offset(const LossArgs& a) const {
+    return (static_cast<int64_t>(image()) * a.channels + channel()) * S * S;
+  }
+};
 
 // One band plane (image n, channel c) of the loss: returns this thread's share of sum(colw w d) (unscaled,
 // as loss_plane) and, when kGrad, writes the plane's gradient scale * dL/dpred (a.grad, pred's dtype).
 // smem: BandSmem<S, RB>. The caller has checked is_band_image (a mask corner of 1 and the promise).
 template <int S, int RB, bool kGrad, class Sched>
-MFM_HD double loss_band_plane(const LossArgs& a, int n, int c, float scale, cf* smem, const Sched& sched) {
+MFM_HD double loss_band_plane(const LossArgs& a, BandPlane id, float scale, cf* smem, const Sched& sched) {
+  const int n = id.image(), c = id.channel();
   using B = BandSmem<S, RB>;
   constexpr int M = B::M, KY = B::KY, AP = B::AP;
   cf* abuf = smem;
   cf* gbuf = smem + B::kA;
   cf* tw = gbuf + B::kG;
-  const int64_t off = (static_cast<int64_t>(n) * a.channels + c) * S * S;
-  const float mean = pick(a.stats.mean, c), sdev = pick(a.stats.std, c), inv_std = 1.f / sdev;
+  // without normalisation (0, 1, 1): div_by(t - 0, 1, 1) is t exactly
+  const bool norm = a.normalize_target;
+  const float mean = norm ? pick(a.stats.mean, c) : 0.f, sdev = norm ? pick(a.stats.std, c) : 1.f,
+              inv_std = norm ? 1.f / sdev : 1.f;
   sched.run([=](int tid, int nth) { make_band_twiddles<S, RB>(tw, tid, nth); });
 
-  // rows: A[y][kx] = sum_n1 W_S^(kx n1) U_n1[kx mod 7], 4 columns n1 per step
+  // rows: A[y][kx] = sum_n1 W_S^(kx n1) U_n1[kx mod 7], kRowCols columns n1 per step
   sched.run([=, &a](int tid, int nth) {
     for (int y = tid; y < S; y += nth) {
       cf acc[RB];
 #pragma unroll
       for (int k = 0; k < RB; ++k) acc[k] = {0.f, 0.f};
 #pragma unroll 1
-      for (int n0 = 0; n0 < M; n0 += 4) {
-        float x[7][4];
-        load_band_chunk<S>(a, off, y, n0, mean, sdev, inv_std, x);
+      for (int n0 = 0; n0 < M; n0 += kRowCols) {
+        float x[7][kRowCols];
+        load_band_chunk<S>(a, id.offset<S>(a), y, n0, mean, sdev, inv_std, x);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < kRowCols; ++i) {
           const float col[7] = {x[0][i], x[1][i], x[2][i], x[3][i], x[4][i], x[5][i], x[6][i]};
           cf u[4];
           rdft7(col, u);
@@ -255,10 +310,10 @@ MFM_HD double loss_band_plane(const LossArgs& a, int n, int c, float scale, cf* 
 #pragma unroll
         for (int k = 0; k < RB; ++k) b[k] = k == 0 ? row[0] : cscale(row[k], 2.f);
 #pragma unroll 1
-        for (int n0 = 0; n0 < M; n0 += 4) {
-          float g[7][4];
+        for (int n0 = 0; n0 < M; n0 += kRowCols) {
+          float g[7][kRowCols];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
+          for (int i = 0; i < kRowCols; ++i) {
             cf t[7];
 #pragma unroll
             for (int q = 0; q < 7; ++q) t[q] = {0.f, 0.f};
@@ -270,7 +325,7 @@ MFM_HD double loss_band_plane(const LossArgs& a, int n, int c, float scale, cf* 
 #pragma unroll
             for (int j = 0; j < 7; ++j) g[j][i] = out[j];
           }
-          store_band_chunk<S>(a, off, y, n0, g);
+          store_band_chunk<S>(a, id.offset<S>(a), y, n0, g);
         }
       }
     });

@@ -246,10 +246,10 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
       const int n = static_cast<int>(p / a.channels), c = static_cast<int>(p % a.channels);
       double acc;
       if (mfm::is_band_image<S>(a, n)) {  // as loss_band_kernel
-        acc = a.band == 16 ? (a.grad ? mfm::loss_band_plane<S, 16, true>(a, n, c, scale, band_smem.data(), sched)
-                                     : mfm::loss_band_plane<S, 16, false>(a, n, c, scale, band_smem.data(), sched))
-                           : (a.grad ? mfm::loss_band_plane<S, 32, true>(a, n, c, scale, band_smem.data(), sched)
-                                     : mfm::loss_band_plane<S, 32, false>(a, n, c, scale, band_smem.data(), sched));
+        acc = a.band == 16 ? (a.grad ? mfm::loss_band_plane<S, 16, true>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched)
+                                     : mfm::loss_band_plane<S, 16, false>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched))
+                           : (a.grad ? mfm::loss_band_plane<S, 32, true>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched)
+                                     : mfm::loss_band_plane<S, 32, false>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched));
       } else {
         acc = a.grad ? mfm::loss_plane<S, true>(a, static_cast<int>(p), -1, scale, smem.data(), sched)
                      : mfm::loss_plane<S, false>(a, static_cast<int>(p), -1, scale, smem.data(), sched);

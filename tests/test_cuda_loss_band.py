@@ -164,7 +164,8 @@ def test_op_schema_fake_and_autograd_with_mask_band():
                     reason="nvcc not found (the extension was built elsewhere)")
 def test_sm90_band_kernels_no_local_memory(tmp_path):
     """nvcc -Xptxas -v for sm_90 (setup.py's flags): every band kernel (224 / 112, RB 16 / 32, with and without
-    the gradient) has no stack frame and no spills; the 224 x 16 kernel fits 2 CTAs of 224 threads per SM."""
+    the gradient) has no stack frame and no spills; the 224 x 16 kernel with the gradient fits 3 CTAs of 224
+    threads per SM (ptxas's budget for __launch_bounds__(224, 3): 80 registers)."""
     from torch.utils.cpp_extension import include_paths
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import sass_model
@@ -179,7 +180,7 @@ def test_sm90_band_kernels_no_local_memory(tmp_path):
     for name, facts in kernels.items():
         assert facts["stack"] == 0 and facts["spill_stores"] == 0, (name, facts)
     main = next(f for n, f in kernels.items() if "ILi224ELi16ELb1E" in n)
-    assert main["registers"] <= 65536 // (2 * 224)
+    assert main["registers"] <= 80
 
 
 # ------------------------------------------------------------------ GPU (the CUDA kernels)
