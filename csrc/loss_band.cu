@@ -1,4 +1,4 @@
-// The band path of the masked spectral loss: one CTA per (channel, image) plane of an image whose mask corner
+// The band path of the masked spectral loss: one CTA per (image, channel) plane of an image whose mask corner
 // is 1 under the mask_band promise (csrc/loss_band.cuh); the CTAs of the other images exit at once, as
 // loss_kernel's CTAs do for these ones. Writes the plane's partial into the same partials[] slot as
 // loss_kernel would, and (kGrad) its whole gradient plane. Small shared memory (42 KB at 224, RB = 16), so
@@ -35,13 +35,13 @@ __device__ double band_block_sum(double v, double* red) {
 template <int S, int RB, bool kGrad>
 MFM_HDC int band_ctas_per_sm() { return S >= 224 && RB > 16 ? 1 : (S >= 224 && !kGrad ? 2 : 3); }
 
-// partials[plane] = scale * sum(colw w d) of band plane (n = blockIdx.y, c = blockIdx.x); kGrad: its gradient.
+// partials[plane] = scale * sum(colw w d) of band plane (n = blockIdx.x, c = blockIdx.y); kGrad: its gradient.
 template <int S, int RB, bool kGrad>
 __global__ void __launch_bounds__(band_threads<S>(), band_ctas_per_sm<S, RB, kGrad>())
     loss_band_kernel(LossArgs args, int images, int reduction, float loss_weight, const double* removed,
                      double* partials) {
   constexpr int threads = band_threads<S>();
-  const int n = blockIdx.y, c = blockIdx.x;
+  const int n = blockIdx.x, c = blockIdx.y;
   if (!is_band_image<S>(args, n)) return;  // a full-path plane (loss_kernel's)
   extern __shared__ float4 smem_f4[];
   cf* smem = reinterpret_cast<cf*>(smem_f4);
@@ -69,7 +69,7 @@ cudaError_t launch_band(const LossArgs& args, int images, int reduction, float l
   cudaError_t err = cudaFuncSetAttribute(loss_band_kernel<S, RB, kGrad>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 planes(args.channels, images);
+  const dim3 planes(images, args.channels);  // images on x: no 65,535 limit
   loss_band_kernel<S, RB, kGrad><<<planes, threads, smem, stream>>>(args, images, reduction, loss_weight, removed,
                                                                     partials);
   return cudaGetLastError();

@@ -180,20 +180,20 @@ MFM_HD void store_band_chunk(const LossArgs& a, int64_t off, int y, int x0, cons
   });
 }
 
-// Plane (image n, channel c). On the GPU the ids are re-read from blockIdx (y: image, x: channel, the band
+// Plane (image n, channel c). On the GPU the ids are re-read from blockIdx (x: image, y: channel, the band
 // kernel's grid) where they are used instead of being held in registers through the plane.
 struct BandPlane {
   int n, c;
   MFM_HD int image() const {
 #ifdef __CUDA_ARCH__
-    return static_cast<int>(blockIdx.y);
+    return static_cast<int>(blockIdx.x);
 #else
     return n;
 #endif
   }
   MFM_HD int channel() const {
 #ifdef __CUDA_ARCH__
-    return static_cast<int>(blockIdx.x);
+    return static_cast<int>(blockIdx.y);
 #else
     return c;
 #endif

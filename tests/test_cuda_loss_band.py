@@ -82,6 +82,21 @@ def test_host_band_path_matches_reference(side, dtype, need_grad):
         assert max_rel_err(grad[n], ref_grad[n]) <= max(2 * max_rel_err(t_grad[n], ref_grad[n]), 1e-5)
 
 
+@pytest.mark.parametrize("pred_dtype", [torch.float16, torch.bfloat16])
+def test_host_band_path_uint8_target_and_16_bit_pred(pred_dtype):
+    pred, target, mask, band = mfm_batch(2, 112, pred_dtype, seed=3)
+    u8 = (target * 255).round().to(torch.uint8)
+    p = pred.detach().double().requires_grad_(True)
+    ref = mfm_fast.masked_freq_loss(p, u8, mask, backend="reference", normalize_target=True)
+    ref.backward()
+    q = pred.detach().requires_grad_(True)
+    mfm_fast.masked_freq_loss(q, u8, mask, backend="torch", normalize_target=True).backward()
+    loss, grad = host_loss(pred, u8, mask, band)
+    assert grad.dtype == pred_dtype and max_rel_err(loss, ref) <= 1e-5
+    for n in range(2):  # image 1 is high-pass: the band path
+        assert max_rel_err(grad[n], p.grad[n]) <= 2 * max_rel_err(q.grad[n], p.grad[n]) + 1e-6
+
+
 @pytest.mark.parametrize("gamma, reduction", [(0.5, "masked"), (2.0, "sum"), (1.5, "mean")])
 def test_host_band_path_options(gamma, reduction):
     pred, target, mask, band = mfm_batch(2, 112, seed=5)
