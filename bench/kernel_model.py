@@ -2,8 +2,8 @@
 
     python bench/kernel_model.py [--json] [--batch 256] [--no-cache]
 
-For each kernel path (CUDA corruption, CUDA loss with and without the gradient, Triton corruption band and
-general paths, Triton loss) at 224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/,
+For each kernel path (CUDA corruption, CUDA loss with and without the gradient, the CUDA loss's band kernel
+for the high-pass half under mask_band, Triton corruption band and general paths, Triton loss) at 224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/,
 triton.compile for kernels/, specialised as Triton's launcher specialises the captured launch),
 reads registers and spills from ptxas, walks one CTA (program) of each kernel through its SASS with
 bench/sass_model.py (dynamic warp instructions: loop bodies x the trip counts the code itself computes)
