@@ -2,8 +2,8 @@
 
     python bench/kernel_model.py [--json] [--batch 256] [--no-cache]
 
-For each kernel path (CUDA corruption, CUDA loss with and without the gradient, Triton corruption band and
-general paths, Triton loss) at 224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/,
+For each kernel path (CUDA corruption, CUDA loss with and without the gradient, the CUDA loss's band kernel
+for the high-pass half under mask_band, Triton corruption band and general paths, Triton loss) at 224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/,
 triton.compile for kernels/, specialised as Triton's launcher specialises the captured launch),
 reads registers and spills from ptxas, walks one CTA (program) of each kernel through its SASS with
 bench/sass_model.py (dynamic warp instructions: loop bodies x the trip counts the code itself computes)
@@ -59,6 +59,7 @@ COPY_MS_B256 = 0.077  # measured on the H200: read + write of the B = 256 fp32 b
 LATENCY_WARPS = 9.0   # resident warps per scheduler that hide latency fully (fitted to the two calibration rows:
 #                       docs/kernel_model.md)
 CHANNELS, SIDE = 3, 224
+BAND, P_LOW = 16, 0.5  # the MFM batch: r1 = 16 disc masks (mask_band 16: csrc's 16-wide band), half low-pass
 MEASURED = {"triton corrupt band (measured version)": 0.345, "triton loss (measured version)": 3.43}
 MEASURED_LOSS_COMMIT = "53230c4"  # the H200 results commit: kernels/ as the measured Triton loss had it
 MEASURED_BAND_COMMIT = "44206ff"  # kernels/corrupt.py's last commit before the two-phase band path: the band
@@ -178,16 +179,18 @@ LAYOUT_PROBE = r"""
 #include <cstddef>
 #include <cstdio>
 #include "planes.cuh"
+#include "loss_band.cuh"
 #define F(T, f) std::printf(#T " " #f " %zu %zu %zu\n", offsetof(mfm::T, f), sizeof(((mfm::T*)0)->f), \
                            alignof(decltype(((mfm::T*)0)->f)));
 int main() {
   std::printf("CorruptArgs size %zu %zu 0\n", sizeof(mfm::CorruptArgs), alignof(mfm::CorruptArgs));
   std::printf("LossArgs size %zu %zu 0\n", sizeof(mfm::LossArgs), alignof(mfm::LossArgs));
   std::printf("PlaneSmem224 bytes0 %zu 0 0\n", mfm::PlaneSmem<224>::bytes(0));
+  std::printf("BandSmem224 bytes0 %zu 0 0\n", mfm::BandSmem<224, BAND>::bytes(0));
   F(CorruptArgs, x) F(CorruptArgs, x_dt) F(CorruptArgs, mask) F(CorruptArgs, out) F(CorruptArgs, out_dt)
   F(CorruptArgs, channels) F(CorruptArgs, vec) F(CorruptArgs, stats)
   F(LossArgs, pred) F(LossArgs, pred_dt) F(LossArgs, target) F(LossArgs, target_dt) F(LossArgs, mask)
-  F(LossArgs, grad) F(LossArgs, grad_dt) F(LossArgs, channels) F(LossArgs, gamma) F(LossArgs, normalize_target)
+  F(LossArgs, grad) F(LossArgs, grad_dt) F(LossArgs, channels) F(LossArgs, gamma) F(LossArgs, band) F(LossArgs, normalize_target)
   F(LossArgs, vec) F(LossArgs, stats)
   return 0;
 }
@@ -202,7 +205,8 @@ def arg_layouts() -> dict:
         src, exe = os.path.join(d, "probe.cpp"), os.path.join(d, "probe")
         with open(src, "w") as f:
             f.write(LAYOUT_PROBE)
-        proc = subprocess.run(["g++", "-std=c++17", "-O0", f"-I{os.path.join(ROOT, 'csrc')}", *_torch_includes(),
+        proc = subprocess.run(["g++", "-std=c++17", "-O0", f"-DBAND={BAND}", f"-I{os.path.join(ROOT, 'csrc')}",
+                               *_torch_includes(),
                                src, "-o", exe], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise ModelError("cannot read the CUDA kernels' argument structs (CorruptArgs / LossArgs fields "
@@ -216,7 +220,7 @@ def arg_layouts() -> dict:
         for struct in ("CorruptArgs", "LossArgs"):
             _check_fields_cover(struct, out[struct])
         return out
-    return _cached(f"layout {_csrc_hash()} {hashlib.sha256(LAYOUT_PROBE.encode()).hexdigest()}", build)
+    return _cached(f"layout {_csrc_hash()} {BAND} {hashlib.sha256(LAYOUT_PROBE.encode()).hexdigest()}", build)
 
 
 def _check_fields_cover(struct: str, fields: dict) -> None:
@@ -272,10 +276,12 @@ def _ptr(i):
     return 0x7F0000000000 + i * 0x1000000000
 
 
-def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = None, grad: bool = True) -> dict:
-    """Parameter words of corrupt_kernel / loss_kernel for an fp32 batch of `planes` planes (16-byte aligned
-    buffers, so vec = true as ops.cpp sets it; masked loss, gamma 1, normalised target; grad: a gradient
-    buffer, else nullptr as for the forward-only kernel); layout: the cubin's parameter offsets and sizes."""
+def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = None, grad: bool = True,
+                band: int = 0) -> dict:
+    """Parameter words of corrupt_kernel / loss_kernel / loss_band_kernel ("band") for an fp32 batch of `planes`
+    planes (16-byte aligned buffers, so vec = true as ops.cpp sets it; masked loss, gamma 1, normalised target;
+    grad: a gradient buffer, else nullptr as for the forward-only kernel; band: LossArgs.band, the mask_band
+    promise's compiled width or 0); layout: the cubin's parameter offsets and sizes."""
     lay = arg_layouts()
     if kind == "corrupt":
         L = lay["CorruptArgs"]
@@ -288,8 +294,12 @@ def cuda_params(kind: str, planes: int, lookahead: int, layout: list | None = No
     f = {L["pred"][0]: ("Q", _ptr(1)), L["pred_dt"][0]: ("i", 0), L["target"][0]: ("Q", _ptr(2)),
          L["target_dt"][0]: ("i", 0), L["mask"][0]: ("Q", _ptr(3)), L["grad"][0]: ("Q", _ptr(4) if grad else 0),
          L["grad_dt"][0]: ("i", 0), L["channels"][0]: ("i", CHANNELS), L["gamma"][0]: ("f", 1.0),
-         L["normalize_target"][0]: ("B", 1), L["vec"][0]: ("B", 1)}
+         L["normalize_target"][0]: ("B", 1), L["vec"][0]: ("B", 1), L["band"][0]: ("i", band)}
     images = planes // CHANNELS
+    if kind == "band":  # loss_band_kernel(args, images, reduction, loss_weight, removed, partials)
+        return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", images)}), (4, 4, {0: ("i", 0)}),
+                            (4, 4, {0: ("f", 1.0)}), (8, 8, {0: ("Q", _ptr(5))}), (8, 8, {0: ("Q", _ptr(6))})],
+                           layout)
     return pack_params([(L["size"], L["align"], f), (4, 4, {0: ("i", images)}), (4, 4, {0: ("i", 0)}),
                         (4, 4, {0: ("f", 1.0)}), (8, 8, {0: ("Q", _ptr(5))}), (8, 8, {0: ("Q", _ptr(6))}),
                         (4, 4, {0: ("i", lookahead)})], layout)
@@ -336,11 +346,37 @@ def find_kernel(table: dict, pattern: str) -> str:
     return names[0]
 
 
-CUDA_KERNELS = (  # row name, source, kernel (fp32 224 instantiation), params kind, gradient, floor
-    ("cuda corrupt", "corrupt.cu", r"corrupt_kernelILi224E", "corrupt", True, "copy"),
-    ("cuda loss fwd+bwd (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224ELb1E", "loss", True, "loss"),
+CUDA_KERNELS = (  # row name, source, kernel (fp32 224 instantiation), params kind, gradient, floor, LossArgs.band,
+    #                share of the planes that work (the others exit at once)
+    ("cuda corrupt", "corrupt.cu", r"corrupt_kernelILi224E", "corrupt", True, "copy", 0, 1.0),
+    ("cuda loss fwd+bwd (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224ELb1E", "loss", True, "loss", 0,
+     1.0),
     ("cuda loss forward only (full planes)", "masked_freq_loss.cu", r"loss_kernelILi224ELb0E", "loss", False,
-     "copy"))
+     "copy", 0, 1.0),
+    ("cuda loss fwd+bwd (full planes, low-pass half)", "masked_freq_loss.cu", r"loss_kernelILi224ELb1E", "loss",
+     True, "loss", BAND, P_LOW),
+    ("cuda loss (band planes)", "loss_band.cu", rf"loss_band_kernelILi224ELi{BAND}ELb1E", "band", True, "loss",
+     BAND, 1 - P_LOW))
+EXIT_LATENCY_S = 0.8e-6  # one dependent global read (the mask corner) per wave of early-exiting CTAs
+
+
+def exit_path_insns(cubin: str, kernel: str) -> int:
+    """Warp instructions of a CTA that exits at once: the kernel's code from its entry, in address order, up to
+    the first EXIT after its first global load (the mask-corner read of the band test)."""
+    def build():
+        prog = sass_model.Program(cubin)
+        i, n, loaded = prog.entry[kernel], 0, False
+        while i < len(prog.insns) and prog.owner[i] == kernel:
+            ins = prog.insns[i]
+            n += 1
+            loaded |= ins.op.startswith("LDG")
+            if ins.op == "EXIT" and loaded:
+                return n
+            i += 1
+        raise ModelError(f"{kernel}: no EXIT after a global load at its start (the early exit of the band test)")
+    with open(cubin, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return _cached(f"exit path {digest} {kernel}", build)
 
 
 def cuda_rows(batch: int) -> list:
@@ -348,49 +384,69 @@ def cuda_rows(batch: int) -> list:
     rows = []
     factor = smem_conflict_factor()
     masks = batch * SIDE * SIDE * 4
-    for name, source, pattern, kind, grad, floor in CUDA_KERNELS:
+    for name, source, pattern, kind, grad, floor, band, share in CUDA_KERNELS:
         # HBM: corruption reads x and the masks, writes out; the loss reads pred, target and the masks and
-        # (with the gradient) writes it
-        nbytes = (2 * batch_bytes(batch) + masks if kind == "corrupt" or not grad
-                  else 3 * batch_bytes(batch) + masks)
+        # (with the gradient) writes it; the band kernel reads only its (2 BAND - 1) x BAND mask entries (both
+        # k and -k), every exiting CTA one 32-byte sector (the mask corner)
+        working = round(planes * share)
+        if kind == "band":
+            nbytes = 3 * batch_bytes(batch) * share + batch * share * 2 * (2 * BAND - 1) * BAND * 4
+        else:
+            nbytes = (2 * batch_bytes(batch) + masks if kind == "corrupt" or not grad
+                      else 3 * batch_bytes(batch) + masks) * share
+        nbytes += 32 * (planes - working)
         cubin, table = build_cuda(source)
         kernel = find_kernel(table, pattern)
-        threads = _launch_threads(source)
+        launched = "loss_band_kernel" if kind == "band" else None
+        threads = _launch_threads(source, launched)
         info = table[kernel]
-        smem = _cuda_smem(source, threads)
+        smem = _cuda_smem(source, threads, launched)
         occ = occupancy(threads, info["registers"], smem)
-        params = cuda_params(kind, planes, SMS * max(occ, 1), kparam_info(cubin, kernel), grad=grad)
+        params = cuda_params(kind, planes, SMS * max(occ, 1), kparam_info(cubin, kernel), grad=grad, band=band)
         walk = walk_kernel(cubin, kernel, threads, params)
         wavefronts = walk["smem_wavefronts"] * factor
-        b = bounds(planes, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
-        rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, planes,
-                         walk, wavefronts, nbytes, b, batch, floor=floor,
-                         note=f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py); ptxas stack frame "
-                              f"{info['stack']} B" + ("" if grad else "; floor: its reads, one copy")))
-        rows[-1]["stack_bytes"] = info["stack"]
-        rows[-1]["warp_insns_per_plane"] = walk["insns"]  # one CTA per plane
-    kern = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes)")
+        b = bounds(working, threads, occ, walk["insns"], wavefronts, nbytes, batch, walk["mma_flops"])
+        note = (f"smem bank-conflict factor {factor:.2f} (bench/smem_banks.py); ptxas stack frame "
+                f"{info['stack']} B" + ("" if grad else "; floor: its reads, one copy"))
+        exit_ms, exit_insns = 0.0, 0
+        if working < planes:  # the other planes' CTAs exit at once: their instructions and one read per wave
+            exit_insns = exit_path_insns(cubin, kernel)
+            warps = math.ceil(threads / 32)
+            exit_ms = ((planes - working) * warps * exit_insns / (SCHEDULERS * SMS * CLOCK_HZ * b["issue_efficiency"])
+                       + math.ceil((planes - working) / (SMS * occ)) * EXIT_LATENCY_S) * 1e3
+            note += (f"; {working} of {planes} CTAs work, {planes - working} exit after {exit_insns} warp "
+                     f"instructions per warp (+{exit_ms:.4f} ms)")
+        rows.append(_row(name, kernel, threads, info["registers"], info["spill_stores"], smem, occ, working,
+                         walk, wavefronts, nbytes, b, batch, floor=floor, note=note))
+        rows[-1]["modelled_ms"] = round(rows[-1]["modelled_ms"] + exit_ms, 4)
+        rows[-1].update(stack_bytes=info["stack"], warp_insns_per_plane=walk["insns"],  # one CTA per plane
+                        exit_ms=round(exit_ms, 4), exit_warp_insns_per_warp=exit_insns, launched_ctas=planes)
     glue = loss_glue_ms(batch)
-    rows.insert(rows.index(kern) + 1, dict(
-        name="cuda loss fwd+bwd", modelled_ms=round(kern["modelled_ms"] + glue, 4), hbm_bytes=kern["hbm_bytes"],
-        hbm_ms=kern["hbm_ms"], glue_ms=round(glue, 4), floor="loss", floor_ms=kern["floor_ms"],
-        x_floor=round((kern["modelled_ms"] + glue) / kern["floor_ms"], 2), launches=[kern["name"]]))
-    band = [n for src in ("corrupt.cu", "masked_freq_loss.cu") for n in build_cuda(src)[1] if "band" in n.lower()]
-    if band:
-        rows.append(dict(name="cuda loss (band planes)", modelled_ms=None,
-                         note=f"band kernels {band} found; their launch parameters are not modelled yet"))
-    else:
-        rows.append(dict(name="cuda loss (band planes)", modelled_ms=None,
-                         note="csrc/ has no band path: every plane takes the full-plane kernel above"))
+    full = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes)")
+    low = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes, low-pass half)")
+    band = next(r for r in rows if r["name"] == "cuda loss (band planes)")
+    total = low["modelled_ms"] + band["modelled_ms"] + glue
+    rows.insert(rows.index(full) + 1, dict(
+        name="cuda loss fwd+bwd", modelled_ms=round(total, 4), hbm_bytes=low["hbm_bytes"] + band["hbm_bytes"],
+        hbm_ms=round(low["hbm_ms"] + band["hbm_ms"], 4), glue_ms=round(glue, 4), floor="loss",
+        floor_ms=full["floor_ms"], x_floor=round(total / full["floor_ms"], 2),
+        launches=[low["name"], band["name"]], without_mask_band_ms=round(full["modelled_ms"] + glue, 4),
+        note=f"mask_band = {BAND}, p_low = {P_LOW}: the full-plane kernel on the low-pass half + the band kernel on "
+             f"the high-pass half + glue; without mask_band (every plane full): "
+             f"{full['modelled_ms'] + glue:.3f} ms"))
     return rows
 
 
-def _launch(source: str) -> tuple:
+def _launch(source: str, kernel: str | None = None) -> tuple:
     """(source text, threads expression, shared-memory expression) of the plane kernel's <<<planes, T, M,
-    stream>>> launch in csrc/<source>."""
-    kernel = "corrupt_kernel" if source == "corrupt.cu" else "loss_kernel"
+    stream>>> launch in csrc/<source> (kernel: corrupt_kernel / loss_kernel by the source, or the one named).
+    The text returned is the source's followed by csrc's headers (where the `*_threads<S>()` may live)."""
+    kernel = kernel or ("corrupt_kernel" if source == "corrupt.cu" else "loss_kernel")
     with open(os.path.join(ROOT, "csrc", source)) as f:
         text = f.read()
+    for header in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cuh"))):
+        with open(header) as f:
+            text += "\n" + f.read()
     m = re.search(kernel + r"<S[^>]*><<<\s*planes,\s*([^,]+),\s*([^,]+),", text)
     if m is None:
         raise ModelError(f"csrc/{source}: cannot find the {kernel}<S...><<<planes, threads, smem, ...>>> launch")
@@ -403,10 +459,10 @@ def _constexpr(text: str, name: str) -> str:
     return m.group(1).strip() if m else name
 
 
-def _launch_threads(source: str) -> int:
+def _launch_threads(source: str, kernel: str | None = None) -> int:
     """Threads per CTA of the 224 kernel's launch: its <<<>>> threads expression, a `*_threads<S>()` whose
     body is `return S >= 224 ? a : b;`."""
-    text, threads, _ = _launch(source)
+    text, threads, _ = _launch(source, kernel)
     expr = _constexpr(text, threads)
     m = re.fullmatch(r"(\w+_threads)<S>\(\)", expr)
     body = m and re.search(re.escape(m.group(1)) + r"\(\)\s*\{\s*return S >= 224 \? (\d+) : (\d+);", text)
@@ -416,19 +472,21 @@ def _launch_threads(source: str) -> int:
     return int(body.group(1))
 
 
-def _cuda_smem(source: str, threads: int) -> int:
-    """Dynamic shared memory of the 224 plane kernel's launch: PlaneSmem<224>::bytes(extra) from the host
-    probe, extra = sizeof(double) * threads where the launcher asks for it (the loss's reduction buffer)."""
-    base = arg_layouts().get("PlaneSmem224", {}).get("bytes0")
-    if base is None:
-        raise ModelError("cannot read PlaneSmem<224>::bytes(0) from csrc/ (the plane layout changed?)")
-    text, _, smem = _launch(source)
+def _cuda_smem(source: str, threads: int, kernel: str | None = None) -> int:
+    """Dynamic shared memory of the 224 plane kernel's launch: PlaneSmem<224>::bytes(extra) (or the band
+    kernel's BandSmem<224, BAND>::bytes(extra)) from the host probe, extra = sizeof(double) * threads where the
+    launcher asks for it (the loss's reduction buffer)."""
+    text, _, smem = _launch(source, kernel)
     expr = _constexpr(text, smem)
-    m = re.fullmatch(r"PlaneSmem<S>::bytes\((.*)\)", expr)
+    m = re.fullmatch(r"(PlaneSmem<S>|BandSmem<S, RB>)::bytes\((.*)\)", expr)
     if m is None:
         raise ModelError(f"csrc/{source}: the launch's shared memory is {expr!r}, not PlaneSmem<S>::bytes(...) "
-                         "(teach _cuda_smem)")
-    extra = m.group(1).strip()
+                         "or BandSmem<S, RB>::bytes(...) (teach _cuda_smem)")
+    probe = "PlaneSmem224" if m.group(1).startswith("Plane") else "BandSmem224"
+    base = arg_layouts().get(probe, {}).get("bytes0")
+    if base is None:
+        raise ModelError(f"cannot read {probe} bytes(0) from csrc/ (the plane layout changed?)")
+    extra = m.group(2).strip()
     if extra in ("0", ""):
         return base[0]
     if re.fullmatch(r"sizeof\(double\) \* threads", extra) and _constexpr(text, "threads") != "threads":

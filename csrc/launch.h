@@ -35,4 +35,9 @@ cudaError_t launch_corrupt(int side, const CorruptArgs& args, int planes, bool p
 cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, int reduction, float loss_weight,
                                    double* workspace, float* loss_out, bool prefetch, cudaStream_t stream);
 
+// The band path's kernel (csrc/loss_band.cu) for the planes whose mask corner is 1 when args.band > 0: writes
+// their partials[] slots (loss_kernel's CTAs exit for them) and gradients. removed: the masked denominators.
+cudaError_t launch_masked_freq_loss_band(int side, const LossArgs& args, int images, int reduction, float loss_weight,
+                                         const double* removed, double* partials, cudaStream_t stream);
+
 }  // namespace mfm

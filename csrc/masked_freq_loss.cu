@@ -4,6 +4,7 @@
 // Deterministic: per-plane partials reduced by a fixed tree, then summed by a fixed tree over the planes.
 // No host sync: the masked reduction's denominator is summed on the device before the plane pass.
 #include "launch.h"
+#include "loss_band.cuh"
 
 namespace mfm {
 
@@ -54,6 +55,7 @@ template <int S, bool kGrad>
 __global__ void __launch_bounds__(loss_threads<S>()) loss_kernel(LossArgs args, int images, int reduction,
                                                                  float loss_weight, const double* removed,
                                                                  double* partials, int lookahead) {
+  if (is_band_image<S>(args, static_cast<int>(blockIdx.x) / args.channels)) return;  // loss_band_kernel's plane
   extern __shared__ float4 smem_f4[];
   cf* smem = reinterpret_cast<cf*>(smem_f4);
   double* red = reinterpret_cast<double*>(smem + PlaneSmem<S>::kComplex);
@@ -105,6 +107,10 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
                                                     lookahead);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (args.band) {  // the high-pass planes (mask corner 1) under the mask_band promise: csrc/loss_band.cu
+    err = launch_masked_freq_loss_band(S, args, images, reduction, loss_weight, removed, partials, stream);
+    if (err != cudaSuccess) return err;
+  }
   finish_kernel<<<1, kRedThreads, 0, stream>>>(partials, planes, loss_out);
   return cudaGetLastError();
 }

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "launch.h"
+#include "loss_band.cuh"
 
 // `import mfm_fast._C` loads this library, which registers the ops below (no Python functions of its own).
 extern "C" PyObject* PyInit__C(void) {
@@ -188,7 +190,7 @@ struct LossPrep {
 
 LossPrep prep_loss(const at::Tensor& pred, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
                    double gamma, c10::string_view reduction, c10::optional<at::ArrayRef<double>> target_mean,
-                   c10::optional<at::ArrayRef<double>> target_std, bool need_grad) {
+                   c10::optional<at::ArrayRef<double>> target_std, bool need_grad, c10::optional<int64_t> mask_band) {
   const int64_t side = check_planes(pred, "pred");
   TORCH_CHECK(target.sizes() == pred.sizes(), "mfm_fast CUDA extension: target shape ", target.sizes(),
               " does not match pred's ", pred.sizes());
@@ -205,6 +207,11 @@ LossPrep prep_loss(const at::Tensor& pred, const at::Tensor& target, const c10::
   }
   TORCH_CHECK(red != mfm::kMasked || mask_ptr, "mfm_fast CUDA extension: reduction 'masked' needs a mask");
   TORCH_CHECK(gamma > 0, "mfm_fast CUDA extension: loss_gamma must be > 0, got ", gamma);
+  TORCH_CHECK(!mask_band.has_value() || *mask_band >= 1, "mfm_fast CUDA extension: mask_band must be >= 1, got ",
+              mask_band.value_or(0));
+  // the band path's compiled width (0: every plane on the full path; the promise itself is not checked here)
+  const int band = mfm::band_width(mask_band.has_value() ? static_cast<int>(std::min<int64_t>(*mask_band, 1 << 20)) : 0,
+                                   static_cast<int>(side), mask_ptr != nullptr);
   const int64_t channels = pred.size(1);
   mfm::Stats stats{};
   if (norm) stats = make_stats(*target_mean, *target_std, channels, "target");
@@ -213,7 +220,7 @@ LossPrep prep_loss(const at::Tensor& pred, const at::Tensor& target, const c10::
   mfm::LossArgs a{pred.data_ptr(), dtype_code(pred.scalar_type(), false, "pred"), target.data_ptr(),
                   dtype_code(target.scalar_type(), norm, "target"), mask_ptr, need_grad ? grad.data_ptr() : nullptr,
                   dtype_code(pred.scalar_type(), false, "pred"), static_cast<int>(channels),
-                  static_cast<float>(gamma), norm,
+                  static_cast<float>(gamma), band, norm,
                   aligned16({pred.data_ptr(), target.data_ptr(), need_grad ? grad.data_ptr() : nullptr}), stats};
   return {loss, grad, a, side, pred.size(0), red};
 }
@@ -234,10 +241,21 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
   const mfm::HostSched sched = host_sched();
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<cf> smem = host_smem<S>();
-    for (int64_t p = begin; p < end; ++p)
-      partials[p] = (a.grad ? mfm::loss_plane<S, true>(a, static_cast<int>(p), -1, scale, smem.data(), sched)
-                            : mfm::loss_plane<S, false>(a, static_cast<int>(p), -1, scale, smem.data(), sched)) *
-                    scale;
+    std::vector<cf> band_smem(mfm::BandSmem<S, 32>::kComplex);
+    for (int64_t p = begin; p < end; ++p) {
+      const int n = static_cast<int>(p / a.channels), c = static_cast<int>(p % a.channels);
+      double acc;
+      if (mfm::is_band_image<S>(a, n)) {  // as loss_band_kernel
+        acc = a.band == 16 ? (a.grad ? mfm::loss_band_plane<S, 16, true>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched)
+                                     : mfm::loss_band_plane<S, 16, false>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched))
+                           : (a.grad ? mfm::loss_band_plane<S, 32, true>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched)
+                                     : mfm::loss_band_plane<S, 32, false>(a, mfm::BandPlane{n, c}, scale, band_smem.data(), sched));
+      } else {
+        acc = a.grad ? mfm::loss_plane<S, true>(a, static_cast<int>(p), -1, scale, smem.data(), sched)
+                     : mfm::loss_plane<S, false>(a, static_cast<int>(p), -1, scale, smem.data(), sched);
+      }
+      partials[p] = acc * scale;
+    }
   });
   double s = 0.0;
   for (double v : partials) s += v;
@@ -247,9 +265,9 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
 std::tuple<at::Tensor, at::Tensor> masked_freq_loss_cpu(
     const at::Tensor& pred, const at::Tensor& target, const c10::optional<at::Tensor>& mask, double gamma,
     c10::string_view reduction, double loss_weight, c10::optional<at::ArrayRef<double>> target_mean,
-    c10::optional<at::ArrayRef<double>> target_std, bool need_grad) {
+    c10::optional<at::ArrayRef<double>> target_std, bool need_grad, c10::optional<int64_t> mask_band) {
   check_device(pred, false, "masked_freq_loss_cuda (CPU kernel)");
-  LossPrep p = prep_loss(pred, target, mask, gamma, reduction, target_mean, target_std, need_grad);
+  LossPrep p = prep_loss(pred, target, mask, gamma, reduction, target_mean, target_std, need_grad, mask_band);
   if (p.images > 0) {
     const float v = p.side == 224 ? loss_host<224>(p.args, p.images, p.reduction, loss_weight)
                                   : loss_host<112>(p.args, p.images, p.reduction, loss_weight);
@@ -263,10 +281,10 @@ std::tuple<at::Tensor, at::Tensor> masked_freq_loss_cpu(
 std::tuple<at::Tensor, at::Tensor> masked_freq_loss_cuda(
     const at::Tensor& pred, const at::Tensor& target, const c10::optional<at::Tensor>& mask, double gamma,
     c10::string_view reduction, double loss_weight, c10::optional<at::ArrayRef<double>> target_mean,
-    c10::optional<at::ArrayRef<double>> target_std, bool need_grad) {
+    c10::optional<at::ArrayRef<double>> target_std, bool need_grad, c10::optional<int64_t> mask_band) {
   check_device(pred, true, "masked_freq_loss_cuda");
   const c10::cuda::CUDAGuard guard(pred.device());
-  LossPrep p = prep_loss(pred, target, mask, gamma, reduction, target_mean, target_std, need_grad);
+  LossPrep p = prep_loss(pred, target, mask, gamma, reduction, target_mean, target_std, need_grad, mask_band);
   if (p.images == 0) {
     p.loss.zero_();
     return {p.loss, p.grad};
@@ -288,8 +306,11 @@ TORCH_LIBRARY_FRAGMENT(mfm_fast, m) {
   m.def("corrupt_cuda(Tensor x, Tensor mask, float[] mean, float[] std, ScalarType out_dtype) -> Tensor");
   // Masked spectral loss (reduction masked / mean / sum) and, when need_grad, dloss/dpred in pred's dtype
   // (else an empty tensor). The loss is a float32 scalar. target_mean/std: normalise the target inside.
+  // mask_band=R: the caller's promise that every mask equals its corner mask[n, 0, 0] outside the centred
+  // box |ky|, |kx| < R (not checked); images whose corner is 1 then run the band kernel (R <= 32, with a mask).
   m.def("masked_freq_loss_cuda(Tensor pred, Tensor target, Tensor? mask, float loss_gamma, str reduction, "
-        "float loss_weight, float[]? target_mean, float[]? target_std, bool need_grad) -> (Tensor, Tensor)");
+        "float loss_weight, float[]? target_mean, float[]? target_std, bool need_grad, int? mask_band=None) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mfm_fast, CUDA, m) {

@@ -319,6 +319,7 @@ struct LossArgs {
   int grad_dt;
   int channels;
   float gamma;
+  int band;  // mask_band promise: the compiled band width RB of the band path (csrc/loss_band.cuh), 0 = none
   bool normalize_target;
   bool vec;  // pred, target and grad 16-byte aligned: 4-element vector accesses
   Stats stats;

@@ -6,8 +6,10 @@ that CI checks the kernel maths without a GPU):
 
 - ``torch.ops.mfm_fast.corrupt_cuda(x, mask, mean, std, out_dtype)``
 - ``torch.ops.mfm_fast.masked_freq_loss_cuda(pred, target, mask, loss_gamma, reduction, loss_weight,
-  target_mean, target_std, need_grad) -> (loss, grad)``: loss and dloss/dpred in one pass; backward
-  only scales the gradient by grad_output.
+  target_mean, target_std, need_grad, mask_band=None) -> (loss, grad)``: loss and dloss/dpred in one
+  pass; backward only scales the gradient by grad_output. ``mask_band=R`` is the caller's promise (not
+  checked) that every mask equals its corner outside the centred box |ky|, |kx| < R: images whose corner is
+  1 then run the band kernel (csrc/loss_band.cu), the rest the full-plane kernel.
 
 Compiled sizes: square 224 x 224 and 112 x 112 planes, 1 to 8 channels. ``import mfm_fast`` never
 imports ``_C``. The first use loads the ahead-of-time ``mfm_fast._C`` that setup.py built, or else the
@@ -216,7 +218,8 @@ def _corrupt_fake(x, mask, mean, std, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-def _loss_fake(pred, target, mask, loss_gamma, reduction, loss_weight, target_mean, target_std, need_grad):
+def _loss_fake(pred, target, mask, loss_gamma, reduction, loss_weight, target_mean, target_std, need_grad,
+               mask_band=None):
     return pred.new_empty((), dtype=torch.float32), (pred.new_empty(pred.shape) if need_grad else pred.new_empty(0))
 
 
@@ -235,14 +238,16 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, mean, std, out_dtype: torch.dty
 
 
 def masked_freq_loss(pred, target, mask, loss_gamma, reduction, loss_weight, target_mean, target_std,
-                     need_grad) -> torch.Tensor:
-    """The loss (masked / mean / sum) through the autograd-registered op; returns the scalar loss."""
+                     need_grad, mask_band=None) -> torch.Tensor:
+    """The loss (masked / mean / sum) through the autograd-registered op; returns the scalar loss. mask_band:
+    the caller's promise R (see the op above; a mask that breaks it gives a wrong loss, it is not checked)."""
     _ensure_loaded()
     m = mask.to(torch.float32).contiguous() if mask is not None else None
     tm = [float(v) for v in target_mean] if target_mean is not None else None
     ts = [float(v) for v in target_std] if target_std is not None else None
     loss, _ = torch.ops.mfm_fast.masked_freq_loss_cuda(pred.contiguous(), target.contiguous(), m, float(loss_gamma),
-                                                       reduction, float(loss_weight), tm, ts, bool(need_grad))
+                                                       reduction, float(loss_weight), tm, ts, bool(need_grad),
+                                                       None if mask_band is None else int(mask_band))
     return loss
 
 

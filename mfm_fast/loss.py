@@ -99,10 +99,11 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
             patch_factor 1; other options fall back to torch, logged once.
         mask_band: optional promise R >= 1 that every mask (each patch tile with patch_factor) equals its
             corner value mask[n, 0, 0] outside the centred box |ky|, |kx| < R around DC (MFM disc masks:
-            R = :func:`mfm_fast.masks.disc_band`, 16 for r1 = 16). The triton backend then computes images
-            whose corner is 1 (high-pass MFM images) on the (2R - 1) x R band of the spectrum only (when
-            R <= 32 and 2R <= the patch side; else it ignores the promise). Other backends ignore it. Not
-            verified (a host sync) unless value checks are on.
+            R = :func:`mfm_fast.masks.disc_band`, 16 for r1 = 16). The triton and cuda backends then compute
+            images whose corner is 1 (high-pass MFM images) on the (2R - 1) x R band of the spectrum only (when
+            R <= 32 and 2R <= the patch side; else they ignore the promise; cuda: a band of 16 or 32). Other
+            backends ignore it. Not verified (a host sync) unless value checks are on: a mask that breaks the
+            promise is the caller's error and gives a wrong loss.
         precision: GEMM precision of the triton backend's DFTs: "tf32x3" (default, fp32-accurate: within
             1e-5 of the fp64 reference), "ieee" (fp32 FMA, slow), or the fast modes "tf32" / "bf16"
             (operands rounded to 10 / 7 mantissa bits). Other backends ignore it.

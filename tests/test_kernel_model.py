@@ -177,6 +177,16 @@ def test_model_schema(model_json):
     assert len(band["launches"]) == 2  # kernels/corrupt.py's band path: coefficients, then the low-pass pass
 
 
+def test_cuda_loss_total_is_full_half_plus_band_half_plus_glue(model_json):
+    rows = {k["name"]: k for k in model_json["kernels"]}
+    band, low, total = (rows["cuda loss (band planes)"], rows["cuda loss fwd+bwd (full planes, low-pass half)"],
+                        rows["cuda loss fwd+bwd"])
+    assert band["spill_bytes"] == 0 and band["modelled_ms"] > 0 and band["grid"] == low["grid"] == 384
+    assert band["exit_ms"] > 0 and low["exit_ms"] > 0  # the other half's CTAs exit at once, counted
+    assert total["launches"] == [low["name"], band["name"]]
+    assert abs(total["modelled_ms"] - (low["modelled_ms"] + band["modelled_ms"] + total["glue_ms"])) < 1e-3
+
+
 def test_calibration_within_30_percent(model_json):
     for c in model_json["calibration"]:
         assert c["measured_ms"] > 0
