@@ -736,7 +736,7 @@ def loss_rows(mfl, label, x, mask, band, small, batch, key) -> list:
 
 def _measured_package(commit: str, modules: tuple, name: str, namespace: str):
     """kernels/ of `commit` (git show) as a temporary package `name` (its torch custom ops moved to
-    `namespace` so that they do not clash with today's); returns (its modules, its source key)."""
+    `namespace` so that they do not clash with the current ones); returns (its modules, its source key)."""
     d = os.path.join(CACHE, f"kernels_{commit}")
     pkg = os.path.join(d, name)
     os.makedirs(pkg, exist_ok=True)

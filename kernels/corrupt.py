@@ -28,7 +28,7 @@ within 1e-5 of the fp64 reference relative to max |output|. The band path splits
 products summed from zero, the DFT tables pre-split on the host, :func:`_mm_table`), which keeps
 its kernels within 128 registers; the general path uses Triton's own "tf32x3". ``precision="ieee"`` uses plain
 fp32 FMA (slowest, most exact); ``"tf32"`` and ``"bf16"`` round the GEMM operands to 10 / 7
-mantissa bits: faster, with errors near 1e-3 / 1e-2 of max |output| (measured in the docs).
+mantissa bits: faster, with errors near 1e-3 / 1e-2 of max |output| (docs/kernels.md, Triton corruption).
 """
 
 from __future__ import annotations
