@@ -440,7 +440,7 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf
     l2_prefetch_plane<S>(a.target, a.target_dt, next, tid, nth);
     l2_prefetch_plane<S>(a.mask, kF32, next / a.channels, tid, nth);
   };
-  plane_pipeline<S, kGrad>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
+  plane_pipeline<S, kGrad, true>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
   return spectral.acc;
 }
 
