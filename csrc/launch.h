@@ -35,4 +35,8 @@ cudaError_t launch_corrupt(int side, const CorruptArgs& args, int planes, bool p
 cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, int reduction, float loss_weight,
                                    double* workspace, float* loss_out, bool prefetch, cudaStream_t stream);
 
+// grad[0 .. n) *= scale[0] (grad of Dtype dt, not uint8; scale: one float on the device), nothing to do when
+// scale[0] is 1 in grad's dtype (decided on the device). vec: grad 16-byte aligned.
+cudaError_t launch_scale_grad(void* grad, int dt, int64_t n, const float* scale, bool vec, cudaStream_t stream);
+
 }  // namespace mfm

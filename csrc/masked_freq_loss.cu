@@ -38,7 +38,7 @@ __device__ double block_sum_of(const double* v, int n, double* red) {
 template <int S>
 __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask, double* removed) {
   __shared__ double red[kRedThreads];
-  const double v = block_sum(removed_count<S>(mask, blockIdx.x, threadIdx.x, blockDim.x), red);
+  const double v = block_sum(removed_count<S>(mask, blockIdx.x, threadIdx.x, kRedThreads), red);  // its launch's block
   if (threadIdx.x == 0) removed[blockIdx.x] = v;
 }
 

@@ -7,7 +7,9 @@ that CI checks the kernel maths without a GPU):
 - ``torch.ops.mfm_fast.corrupt_cuda(x, mask, mean, std, out_dtype)``
 - ``torch.ops.mfm_fast.masked_freq_loss_cuda(pred, target, mask, loss_gamma, reduction, loss_weight,
   target_mean, target_std, need_grad) -> (loss, grad)``: loss and dloss/dpred in one pass; backward
-  only scales the gradient by grad_output.
+  only scales the gradient by grad_output, in place (``grad`` is the op's own buffer):
+- ``torch.ops.mfm_fast.scale_grad_cuda_(grad, scale)``: grad *= scale[0] on the device, a launch that does
+  nothing when the scale is 1 (``loss.backward()``), so that case costs no copy and no host sync.
 
 Compiled sizes: square 224 x 224 and 112 x 112 planes, 1 to 8 channels. ``import mfm_fast`` never
 imports ``_C``. The first use loads the ahead-of-time ``mfm_fast._C`` that setup.py built, or else the
@@ -184,7 +186,20 @@ def loss_options_reason(pred: torch.Tensor, target: torch.Tensor, reduction: str
 def _register() -> None:
     torch.library.register_fake("mfm_fast::corrupt_cuda")(_corrupt_fake)
     torch.library.register_fake("mfm_fast::masked_freq_loss_cuda")(_loss_fake)
-    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda", num_inputs=9, target_std_index=7)
+    torch.library.register_fake("mfm_fast::scale_grad_cuda_")(_scale_grad_fake)
+    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda", num_inputs=9, target_std_index=7,
+                                 scale_in_place=_scale_grad_in_place)
+
+
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+def _scale_grad_in_place(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad *= grad_output in place (the loss op's own gradient buffer), decided on the device: no copy when
+    grad_output is 1. Returns grad."""
+    torch.ops.mfm_fast.scale_grad_cuda_(grad, grad_output.to(torch.float32))
+    return grad
 
 
 def _corrupt_fake(x, mask, mean, std, out_dtype):
