@@ -1,13 +1,14 @@
 """The CUDA extension backend: ``mfm_fast._C`` (csrc/), loaded lazily, and its Python registrations.
 
-``_C`` registers two ops, each with a CUDA kernel (one CTA per image plane, the plane's FFT on-chip in
+``_C`` registers three ops, each with a CUDA kernel (one CTA per image plane, the plane's FFT on-chip in
 shared memory) and a CPU kernel that runs the same per-plane C++ code on the host (slow; it exists so
 that CI checks the kernel maths without a GPU):
 
 - ``torch.ops.mfm_fast.corrupt_cuda(x, mask, mean, std, out_dtype)``
 - ``torch.ops.mfm_fast.masked_freq_loss_cuda(pred, target, mask, loss_gamma, reduction, loss_weight,
   target_mean, target_std, need_grad) -> (loss, grad)``: loss and dloss/dpred in one pass; backward
-  only scales the gradient by grad_output, in place (``grad`` is the op's own buffer):
+  only scales the gradient by grad_output, in place when the graph is not kept (then the returned
+  ``grad`` buffer is what autograd hands on as dloss/dpred);
 - ``torch.ops.mfm_fast.scale_grad_cuda_(grad, scale)``: grad *= scale[0] on the device, a launch that does
   nothing when the scale is 1 (``loss.backward()``), so that case costs no copy and no host sync.
 
@@ -195,9 +196,24 @@ def _scale_grad_fake(grad, scale):
     return None
 
 
-def _scale_grad_in_place(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """grad *= grad_output in place (the loss op's own gradient buffer), decided on the device: no copy when
-    grad_output is 1. Returns grad."""
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph); True when torch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else keep()
+
+
+def _scale_grad_in_place(grad: torch.Tensor, grad_output: torch.Tensor) -> Optional[torch.Tensor]:
+    """grad *= grad_output in place (the loss op's saved gradient buffer), decided on the device: no copy
+    when grad_output is 1. Returns grad, which autograd then hands on as dloss/dpred. None (the caller
+    multiplies out of place) where the buffer is read again or may not be written: a backward that keeps the
+    graph (retain_graph=True: a later backward reads the saved gradient, and the buffer may by then be
+    pred.grad), or a traced one (torch.compile, AOT autograd: a forward output written in the backward is
+    not a graph they take)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if (type(grad) is not torch.Tensor or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+            or _graph_is_kept()):
+        return None
     torch.ops.mfm_fast.scale_grad_cuda_(grad, grad_output.to(torch.float32))
     return grad
 

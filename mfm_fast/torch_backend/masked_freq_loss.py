@@ -169,10 +169,9 @@ def register_saved_grad_autograd(op, num_inputs: int, target_std_index: int, rec
     (-grad, divided by the normalisation std when the op normalised the target). Shared by the
     torch, triton and cuda backends.
 
-    ``scale_in_place(grad, grad_output)``: scales the saved gradient buffer in place (the op's own output,
-    no copy) and returns it; without it, ``grad * grad_output`` (a new tensor). A later backward through a
-    retained graph (retain_graph=True) finds the buffer scaled by the first grad_output and multiplies a
-    new tensor by grad_output / first (exact when the first was 1, or a power of two: a GradScaler's).
+    ``scale_in_place(grad, grad_output)``: scales the saved gradient buffer in place (no copy) and returns
+    it, or returns None where it must not (see cuda_backend); then, and without it, ``grad * grad_output``
+    (a new tensor).
 
     Double backward (backward under create_graph=True): ``recompute(*inputs)`` (the op's inputs) must
     return the same scalar loss as differentiable torch ops; the gradient is then taken through it with
@@ -195,14 +194,9 @@ def register_saved_grad_autograd(op, num_inputs: int, target_std_index: int, rec
                     "is computed in the forward kernel); use backend='torch' or 'reference' for gradient "
                     "penalties and Hessian-vector products")
             return _recomputed_grads(ctx, recompute, inputs, grad_loss, num_inputs)
-        first = getattr(ctx, "first_grad_output", None)
-        if scale_in_place is None:
+        scaled = scale_in_place(grad, grad_loss) if scale_in_place is not None else None
+        if scaled is None:
             scaled = grad * grad_loss.to(grad.dtype)
-        elif first is None:
-            ctx.first_grad_output = grad_loss
-            scaled = scale_in_place(grad, grad_loss)
-        else:
-            scaled = grad * (grad_loss.to(torch.float32) / first.to(torch.float32)).to(grad.dtype)
         grad_pred = scaled if ctx.needs_input_grad[0] else None
         grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
         return (grad_pred, grad_target) + (None,) * (num_inputs - 2)
