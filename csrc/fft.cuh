@@ -496,7 +496,8 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
   static_assert(PAIRS % G == 0, "row pairs come in whole groups");
   const int groups = sched.nth * CAP / (G * WH);  // per round; nth * CAP >= G * WH (HostSched: CAP alone)
   const int per_round = G * (groups < 1 ? 1 : groups);
-  const int salt = kFresh ? opaque(0) : 0;  // 0: the walk's indices are this call's own, not the previous call's (registers)
+  // 0, but with kFresh opaque: this call's walk indices are its own, not held from an earlier call (registers)
+  const int salt = kFresh ? opaque(0) : 0;
   for (int p0 = 0; p0 < PAIRS; p0 += per_round) {
     const int last_g = (PAIRS - p0 < per_round ? PAIRS - p0 : per_round) / G;  // groups this round
     const auto rows_of = [=](const EntryWalk<WH>& w) { return spec + 2 * (p0 + G * w.g + w.i) * WH; };
@@ -535,6 +536,8 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 // Phases (barriers): load, rows radix-7, rows M-point, unpack (2), columns radix-7, columns M-point +
 // spectral (+ inverse M-point), then with kInverse: columns inverse radix-7, pack (2), rows inverse
 // M-point, rows inverse radix-7, store.
+// kFreshPack: the pack derives its entry indices anew (per_pair_entry's kFresh) instead of letting the
+// compiler keep the unpack's in registers across the column passes (the loss: 128 registers, no spills).
 template <int S, bool kInverse, bool kFreshPack = false, class Sched, class Load, class Spectral, class Store,
           class Prefetch>
 MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Load& load, Spectral& spectral,

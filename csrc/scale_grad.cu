@@ -30,7 +30,8 @@ cudaError_t launch_scale_grad(void* grad, int dt, int64_t n, const float* scale,
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
   const int64_t want = (n / 4 + kScaleThreads - 1) / kScaleThreads;
-  const int blocks = static_cast<int>(want < 1 ? 1 : (want < int64_t{sms} * kScaleBlocksPerSm ? want : int64_t{sms} * kScaleBlocksPerSm));
+  const int64_t most = int64_t{sms} * kScaleBlocksPerSm;
+  const int blocks = static_cast<int>(want < 1 ? 1 : (want < most ? want : most));
   with_dtype<false>(dt, [&](auto tag) {
     using T = typename decltype(tag)::type;
     scale_grad_kernel<T><<<blocks, kScaleThreads, 0, stream>>>(static_cast<T*>(grad), n, scale, vec);
