@@ -72,9 +72,36 @@ class ModelError(RuntimeError):
 
 
 def loss_glue_ms(batch: int) -> float:
-    """Torch work of a loss fwd+bwd outside the kernels, HBM-bound: the backward's grad * grad_output (one
-    read + write of the batch, one copy) and the masked denominator's mask.sum (a read of the B masks)."""
+    """Torch work of the Triton loss fwd+bwd outside its kernels, HBM-bound: the backward's grad * grad_output
+    (one read + write of the batch, one copy) and the masked denominator's mask.sum (a read of the B masks)."""
     return copy_ms(batch) + hbm_ms(batch * SIDE * SIDE * 4, batch)
+
+
+def cuda_loss_glue(batch: int) -> dict:
+    """The CUDA loss's launches around its plane kernel: removed_kernel (the masked denominator: one CTA per
+    image reads its mask, walked like the plane kernels) and the backward's scale_grad_kernel in the
+    loss.backward() case (grad_output == 1: every CTA reads the scale and exits, no HBM traffic; a launch,
+    whose overhead is not modelled, counted as 0). {"ms", "removed_ms", "scale_ms", "removed_insns_per_cta"}."""
+    cubin, table = build_cuda("masked_freq_loss.cu")
+    kernel = find_kernel(table, r"removed_kernelILi224E")
+    threads = _constexpr_int("masked_freq_loss.cu", "kRedThreads")
+    info = table[kernel]
+    occ = occupancy(threads, info["registers"], 8 * threads)  # its static reduction buffer: a double per thread
+    params = pack_params([(8, 8, {0: ("Q", _ptr(3))}), (8, 8, {0: ("Q", _ptr(5))})], kparam_info(cubin, kernel))
+    walk = walk_kernel(cubin, kernel, threads, params)
+    b = bounds(batch, threads, occ, walk["insns"], walk["smem_wavefronts"], batch * SIDE * SIDE * 4, batch)
+    removed = max(b["issue_ms"], b["smem_ms"], b["hbm_ms"])
+    return dict(ms=removed, removed_ms=round(removed, 4), scale_ms=0.0, removed_insns_per_cta=walk["insns"],
+                removed_bound=max(("issue", "smem", "hbm"), key=lambda k: b[f"{k}_ms"]))
+
+
+def _constexpr_int(source: str, name: str) -> int:
+    """The value of `constexpr int name = <int>;` in csrc/<source>."""
+    with open(os.path.join(ROOT, "csrc", source)) as f:
+        m = re.search(rf"constexpr int {name} = (\d+);", f.read())
+    if m is None:
+        raise ModelError(f"csrc/{source} has no `constexpr int {name} = <int>;`")
+    return int(m.group(1))
 
 
 def batch_bytes(batch: int) -> int:
@@ -421,7 +448,8 @@ def cuda_rows(batch: int) -> list:
         rows[-1]["modelled_ms"] = round(rows[-1]["modelled_ms"] + exit_ms, 4)
         rows[-1].update(stack_bytes=info["stack"], warp_insns_per_plane=walk["insns"],  # one CTA per plane
                         exit_ms=round(exit_ms, 4), exit_warp_insns_per_warp=exit_insns, launched_ctas=planes)
-    glue = loss_glue_ms(batch)
+    around = cuda_loss_glue(batch)
+    glue = around["ms"]
     full = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes)")
     low = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes, low-pass half)")
     band = next(r for r in rows if r["name"] == "cuda loss (band planes)")
@@ -430,9 +458,11 @@ def cuda_rows(batch: int) -> list:
         name="cuda loss fwd+bwd", modelled_ms=round(total, 4), hbm_bytes=low["hbm_bytes"] + band["hbm_bytes"],
         hbm_ms=round(low["hbm_ms"] + band["hbm_ms"], 4), glue_ms=round(glue, 4), floor="loss",
         floor_ms=full["floor_ms"], x_floor=round(total / full["floor_ms"], 2),
-        launches=[low["name"], band["name"]], without_mask_band_ms=round(full["modelled_ms"] + glue, 4),
+        launches=["removed_kernel", low["name"], band["name"], "scale_grad_kernel (grad_output == 1)"],
+        removed_kernel_ms=around["removed_ms"], scale_grad_ms=around["scale_ms"],
+        without_mask_band_ms=round(full["modelled_ms"] + glue, 4),
         note=f"mask_band = {BAND}, p_low = {P_LOW}: the full-plane kernel on the low-pass half + the band kernel on "
-             f"the high-pass half + glue; without mask_band (every plane full): "
+             f"the high-pass half + removed_kernel (the scale kernel exits at once for grad_output == 1); without mask_band (every plane full): "
              f"{full['modelled_ms'] + glue:.3f} ms"))
     return rows
 
@@ -820,10 +850,13 @@ def print_table(res: dict) -> None:
         print(f"  {c['name']:40s} modelled {c['modelled_ms']:.3f} ms  measured {c['measured_ms']:.3f} ms  "
               f"ratio {c['ratio']:.2f}")
     print("floors: " + ", ".join(f"{f['name']} {f['modelled_ms']:.3f} ms" for f in res["floors"]))
-    print("op totals: sum of their launches' largest bounds, at least their HBM traffic; the loss totals add the "
-          "torch work around the kernels (grad * grad_output and mask.sum: "
-          f"{loss_glue_ms(res['batch']):.3f} ms). Rows with 'programs doing work' count the half of the grid that "
-          "does not return early (p_low = 0.5).")
+    cuda_total = next((r for r in res["kernels"] if r["name"] == "cuda loss fwd+bwd"), {})
+    print("op totals: sum of their launches' largest bounds, at least their HBM traffic; the Triton loss total adds "
+          "the torch work around its kernels (grad * grad_output and mask.sum: "
+          f"{loss_glue_ms(res['batch']):.3f} ms), the CUDA loss total its removed_kernel "
+          f"({cuda_total.get('removed_kernel_ms', 0.0):.3f} ms) and scale_grad_kernel at grad_output == 1 "
+          f"({cuda_total.get('scale_grad_ms', 0.0):.3f} ms: its CTAs exit; launch overheads are not modelled). "
+          "Rows with 'programs doing work' count the half of the grid that does not return early (p_low = 0.5).")
 
 
 def main(argv=None) -> int:

@@ -232,6 +232,15 @@ MFM_HD void make_twiddles(cf* tw, int tid, int nth) {
 
 // ---------------------------------------------------------------- schedulers
 
+// v, which the compiler may not assume equal to any value it computed before (GPU: an empty asm), so
+// that index values are recomputed in a later phase instead of held in registers across the phases between.
+MFM_HD int opaque(int v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
 MFM_HD void block_sync() {
 #ifdef __CUDA_ARCH__
   __syncthreads();
@@ -404,8 +413,9 @@ MFM_HD void radix2_block_pass(const Sched& sched, cf* spec) {
 }
 
 // The column M-point pass with the spectral step inside: w = spectral.weight(ky, kx) of each entry of
-// (kx, blk) (the mask reads), the forward M-point FFT, then spectral(ky, kx, w, v) on each entry (ky = blk + 7 bitrev(t), a constant offset per register),
-// then (kInverse) the inverse M-point FFT and the write-back; without it nothing is written.
+// (kx, blk) (the mask reads), the forward M-point FFT, then spectral(ky, kx, w, v) on each entry (ky = blk +
+// 7 bitrev(t), a constant offset per register), then (kInverse) the inverse M-point FFT and the write-back;
+// without it nothing is written.
 template <int S, bool kInverse, class Sched, class Spectral>
 MFM_HD void column_spectral_pass(const Sched& sched, cf* spec, Spectral& spectral) {
   using F = FftShape<S>;
@@ -479,25 +489,27 @@ struct EntryWalk {  // e = i + G (k + WH g), stepped by nth
   }
 };
 
-template <int S, class Sched, class Gather, class Scatter>
+template <int S, bool kFresh = false, class Sched, class Gather, class Scatter>
 MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, const Scatter& scatter) {
   using P = PlaneSmem<S>;
   constexpr int WH = P::WH, PAIRS = P::kPairs, CAP = Sched::kEntryCap, G = kPairGroup;
   static_assert(PAIRS % G == 0, "row pairs come in whole groups");
   const int groups = sched.nth * CAP / (G * WH);  // per round; nth * CAP >= G * WH (HostSched: CAP alone)
   const int per_round = G * (groups < 1 ? 1 : groups);
+  // 0, but with kFresh opaque: this call's walk indices are its own, not held from an earlier call (registers)
+  const int salt = kFresh ? opaque(0) : 0;
   for (int p0 = 0; p0 < PAIRS; p0 += per_round) {
     const int last_g = (PAIRS - p0 < per_round ? PAIRS - p0 : per_round) / G;  // groups this round
     const auto rows_of = [=](const EntryWalk<WH>& w) { return spec + 2 * (p0 + G * w.g + w.i) * WH; };
     sched.template run_two<EntryState<CAP>>(
         [=](int tid, int nth, EntryState<CAP>& st) {
-          EntryWalk<WH> w(tid, nth);
+          EntryWalk<WH> w(tid + salt, nth);
 #pragma unroll
           for (int j = 0; j < CAP; ++j, w.step())
             if (w.g < last_g) gather(rows_of(w), w.k, st.v + 2 * j);
         },
         [=](int tid, int nth, EntryState<CAP>& st) {
-          EntryWalk<WH> w(tid, nth);
+          EntryWalk<WH> w(tid + salt, nth);
 #pragma unroll
           for (int j = 0; j < CAP; ++j, w.step())
             if (w.g < last_g) scatter(rows_of(w), w.k, st.v + 2 * j);
@@ -524,7 +536,10 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 // Phases (barriers): load, rows radix-7, rows M-point, unpack (2), columns radix-7, columns M-point +
 // spectral (+ inverse M-point), then with kInverse: columns inverse radix-7, pack (2), rows inverse
 // M-point, rows inverse radix-7, store.
-template <int S, bool kInverse, class Sched, class Load, class Spectral, class Store, class Prefetch>
+// kFreshPack: the pack derives its entry indices anew (per_pair_entry's kFresh) instead of letting the
+// compiler keep the unpack's in registers across the column passes (the loss: 128 registers, no spills).
+template <int S, bool kInverse, bool kFreshPack = false, class Sched, class Load, class Spectral, class Store,
+          class Prefetch>
 MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Load& load, Spectral& spectral,
                            const Store& store, const Prefetch& prefetch) {
   using P = PlaneSmem<S>;
@@ -552,7 +567,7 @@ MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Loa
     radix7_pass<S, ColLines<S>, false>(sched, spec, tw, prefetch);
     spectral.visit([&](auto& sp) { column_spectral_pass<S, true>(sched, spec, sp); });
     radix7_pass<S, ColLines<S>, true>(sched, spec, tw);
-    per_pair_entry<S>(  // pack: A, B -> Z = A + i B over all k, digit-reversed
+    per_pair_entry<S, kFreshPack>(  // pack: A, B -> Z = A + i B over all k, digit-reversed
         sched, spec, [](const cf* rows, int k, cf* v) { v[0] = rows[k], v[1] = rows[WH + k]; },
         [](cf* rows, int k, const cf* v) {
           cf a = v[0], b = v[1];

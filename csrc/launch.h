@@ -39,5 +39,8 @@ cudaError_t launch_masked_freq_loss(int side, const LossArgs& args, int images, 
 // their partials[] slots (loss_kernel's CTAs exit for them) and gradients. removed: the masked denominators.
 cudaError_t launch_masked_freq_loss_band(int side, const LossArgs& args, int images, int reduction, float loss_weight,
                                          const double* removed, double* partials, cudaStream_t stream);
+// grad[0 .. n) *= scale[0] (grad of Dtype dt, not uint8; scale: one float on the device), nothing to do when
+// scale[0] is 1 in grad's dtype (decided on the device). vec: grad 16-byte aligned.
+cudaError_t launch_scale_grad(void* grad, int dt, int64_t n, const float* scale, bool vec, cudaStream_t stream);
 
 }  // namespace mfm

@@ -39,14 +39,14 @@ __device__ double block_sum_of(const double* v, int n, double* red) {
 template <int S>
 __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask, double* removed) {
   __shared__ double red[kRedThreads];
-  const double v = block_sum(removed_count<S>(mask, blockIdx.x, threadIdx.x, blockDim.x), red);
+  const double v = block_sum(removed_count<S>(mask, blockIdx.x, threadIdx.x, kRedThreads), red);  // its launch's block
   if (threadIdx.x == 0) removed[blockIdx.x] = v;
 }
 
-// 352 at 224: the column pass with the loss's spectral step between its two M-point FFTs needs about
-// 168 registers per thread (512 threads would get 128 and spill; at 384 ptxas spills 20 bytes).
+// 512 at 224 (16 warps, 128 registers each, 0 spills: the pack re-derives its entry indices,
+// plane_pipeline's kFreshPack, instead of holding the unpack's across the column passes).
 template <int S>
-MFM_HDC int loss_threads() { return S >= 224 ? 352 : 256; }
+MFM_HDC int loss_threads() { return S >= 224 ? 512 : 256; }
 
 // partials[plane] = scale * sum(colw w d) of the plane; scale from the reduction (masked: from removed[]);
 // kGrad: also the plane's gradient (args.grad). One CTA per plane; it prefetches plane blockIdx.x +

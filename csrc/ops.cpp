@@ -298,6 +298,46 @@ std::tuple<at::Tensor, at::Tensor> masked_freq_loss_cuda(
   return {p.loss, p.grad};
 }
 
+// ------------------------------------------------------------------ the loss backward's gradient scale
+// grad *= scale (a one-element float32 tensor on grad's device), in place; no host sync: the kernel reads the
+// scale and does nothing when it is 1 in grad's dtype.
+int check_scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.is_contiguous(), "mfm_fast::scale_grad_cuda_: grad must be contiguous");
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device() == grad.device(),
+              "mfm_fast::scale_grad_cuda_: scale must be one float32 value on grad's device, got ", scale.numel(),
+              " values of ", scale.scalar_type(), " on ", scale.device());
+  return dtype_code(grad.scalar_type(), false, "grad");
+}
+
+template <class T>
+void scale_grad_host(T* g, int64_t n, float s) {
+  s = mfm::scale_in<T>(s);
+  if (s == 1.f) return;
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) g[i] = static_cast<T>(mfm::to_float(g[i]) * s);
+  });
+}
+
+void scale_grad_cpu(at::Tensor grad, const at::Tensor& scale) {
+  check_device(grad, false, "scale_grad_cuda_ (CPU kernel)");
+  const int dt = check_scale_grad(grad, scale);
+  const float s = scale.contiguous().data_ptr<float>()[0];
+  mfm::with_dtype<false>(dt, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    scale_grad_host(static_cast<T*>(grad.data_ptr()), grad.numel(), s);
+  });
+}
+
+void scale_grad_cuda(at::Tensor grad, const at::Tensor& scale) {
+  check_device(grad, true, "scale_grad_cuda_");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int dt = check_scale_grad(grad, scale);
+  const at::Tensor s = scale.contiguous();
+  check_launch(mfm::launch_scale_grad(grad.data_ptr(), dt, grad.numel(), s.data_ptr<float>(),
+                                      aligned16({grad.data_ptr()}), c10::cuda::getCurrentCUDAStream().stream()),
+               "scale_grad");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mfm_fast, m) {
@@ -311,14 +351,19 @@ TORCH_LIBRARY_FRAGMENT(mfm_fast, m) {
   m.def("masked_freq_loss_cuda(Tensor pred, Tensor target, Tensor? mask, float loss_gamma, str reduction, "
         "float loss_weight, float[]? target_mean, float[]? target_std, bool need_grad, int? mask_band=None) "
         "-> (Tensor, Tensor)");
+  // grad *= scale in place (the loss backward: scale = grad_output, one float32 value on grad's device); a
+  // launch that returns at once when the scale is 1 in grad's dtype. grad: float32 / float16 / bfloat16.
+  m.def("scale_grad_cuda_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mfm_fast, CUDA, m) {
   m.impl("corrupt_cuda", &corrupt_cuda);
   m.impl("masked_freq_loss_cuda", &masked_freq_loss_cuda);
+  m.impl("scale_grad_cuda_", &scale_grad_cuda);
 }
 
 TORCH_LIBRARY_IMPL(mfm_fast, CPU, m) {
   m.impl("corrupt_cuda", &corrupt_cpu);
   m.impl("masked_freq_loss_cuda", &masked_freq_loss_cpu);
+  m.impl("scale_grad_cuda_", &scale_grad_cpu);
 }

@@ -306,6 +306,22 @@ MFM_HD void corrupt_plane(const CorruptArgs& a, int plane, int next, cf* smem, c
   plane_pipeline<S, true>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
 }
 
+// ---------------------------------------------------------------- the backward's gradient scale
+// grad *= grad_output (csrc/scale_grad.cu, the host kernel in ops.cpp): as torch's grad * grad_output.to(T),
+// the scale rounded to T, the product in float, rounded to T.
+template <class T>
+MFM_HD float scale_in(float s) {
+  return static_cast<float>(static_cast<T>(s));
+}
+template <class T, bool kVec>
+MFM_HD void scale4(T* p, float s) {
+  float v[4];
+  load4<T, kVec>(p, v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] *= s;
+  store4<T, kVec>(p, v);
+}
+
 // ---------------------------------------------------------------- masked spectral loss
 enum Reduction : int { kMasked = 0, kMean = 1, kSum = 2 };
 
@@ -441,7 +457,7 @@ MFM_HD double loss_plane(const LossArgs& a, int plane, int next, float scale, cf
     l2_prefetch_plane<S>(a.target, a.target_dt, next, tid, nth);
     l2_prefetch_plane<S>(a.mask, kF32, next / a.channels, tid, nth);
   };
-  plane_pipeline<S, kGrad>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
+  plane_pipeline<S, kGrad, true>(sched, P::spec(smem), P::twiddles(smem), load, spectral, store, prefetch);
   return spectral.acc;
 }
 

@@ -28,7 +28,7 @@ from typing import Optional
 
 logger = logging.getLogger("mfm_fast")
 
-SOURCES = ("ops.cpp", "corrupt.cu", "masked_freq_loss.cu", "loss_band.cu")
+SOURCES = ("ops.cpp", "corrupt.cu", "masked_freq_loss.cu", "loss_band.cu", "scale_grad.cu")
 CXX_FLAGS = ("-O3",)
 NVCC_FLAGS = ("-O3", "-lineinfo")
 DEFAULT_ARCH_LIST = "9.0"  # H100 / H200, when no GPU is visible (setup.py uses the same default)

@@ -1,15 +1,18 @@
 """The CUDA extension backend: ``mfm_fast._C`` (csrc/), loaded lazily, and its Python registrations.
 
-``_C`` registers two ops, each with a CUDA kernel (one CTA per image plane, the plane's FFT on-chip in
+``_C`` registers three ops, each with a CUDA kernel (one CTA per image plane, the plane's FFT on-chip in
 shared memory) and a CPU kernel that runs the same per-plane C++ code on the host (slow; it exists so
 that CI checks the kernel maths without a GPU):
 
 - ``torch.ops.mfm_fast.corrupt_cuda(x, mask, mean, std, out_dtype)``
 - ``torch.ops.mfm_fast.masked_freq_loss_cuda(pred, target, mask, loss_gamma, reduction, loss_weight,
   target_mean, target_std, need_grad, mask_band=None) -> (loss, grad)``: loss and dloss/dpred in one
-  pass; backward only scales the gradient by grad_output. ``mask_band=R`` is the caller's promise (not
-  checked) that every mask equals its corner outside the centred box |ky|, |kx| < R: images whose corner is
-  1 then run the band kernel (csrc/loss_band.cu), the rest the full-plane kernel.
+  pass; backward only scales the gradient by grad_output, in place when the graph is not kept (then the
+  returned ``grad`` buffer is what autograd hands on as dloss/dpred). ``mask_band=R`` is the caller's
+  promise (not checked) that every mask equals its corner outside the centred box |ky|, |kx| < R: images
+  whose corner is 1 then run the band kernel (csrc/loss_band.cu), the rest the full-plane kernel;
+- ``torch.ops.mfm_fast.scale_grad_cuda_(grad, scale)``: grad *= scale[0] on the device, a launch that does
+  nothing when the scale is 1 (``loss.backward()``), so that case costs no copy and no host sync.
 
 Compiled sizes: square 224 x 224 and 112 x 112 planes, 1 to 8 channels. ``import mfm_fast`` never
 imports ``_C``. The first use loads the ahead-of-time ``mfm_fast._C`` that setup.py built, or else the
@@ -211,7 +214,34 @@ def run(op: str, inputs: tuple, options):
 def _register() -> None:
     torch.library.register_fake("mfm_fast::corrupt_cuda")(_corrupt_fake)
     torch.library.register_fake("mfm_fast::masked_freq_loss_cuda")(_loss_fake)
-    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda")
+    torch.library.register_fake("mfm_fast::scale_grad_cuda_")(_scale_grad_fake)
+    register_saved_grad_autograd("mfm_fast::masked_freq_loss_cuda", scale_in_place=_scale_grad_in_place)
+
+
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph); True when torch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else keep()
+
+
+def _scale_grad_in_place(grad: torch.Tensor, grad_output: torch.Tensor) -> Optional[torch.Tensor]:
+    """grad *= grad_output in place (the loss op's saved gradient buffer), decided on the device: no copy
+    when grad_output is 1. Returns grad, which autograd then hands on as dloss/dpred. None (the caller
+    multiplies out of place) where the buffer is read again or may not be written: a backward that keeps the
+    graph (retain_graph=True: a later backward reads the saved gradient, and the buffer may by then be
+    pred.grad), or a traced one (torch.compile, AOT autograd: a forward output written in the backward is
+    not a graph they take)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if (type(grad) is not torch.Tensor or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+            or _graph_is_kept()):
+        return None
+    torch.ops.mfm_fast.scale_grad_cuda_(grad, grad_output.to(torch.float32))
+    return grad
 
 
 def _corrupt_fake(x, mask, mean, std, out_dtype):

@@ -383,6 +383,70 @@ def test_host_loss_autograd_scales_by_grad_output():
     assert max_rel_err(target.grad, -3.0 * ref_grad / std) <= 1e-5
 
 
+def _same_bits(a, b):
+    """a and b hold the same bits, NaNs (whatever their payload) in the same places."""
+    ints = torch.int32 if a.dtype == torch.float32 else torch.int16
+    nan = b.isnan()
+    return torch.equal(a.isnan(), nan) and torch.equal(a.view(ints)[~nan], b.view(ints)[~nan])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_host_scale_grad_in_place(dtype):
+    """scale_grad_cuda_ (the loss backward's grad *= grad_output): the same bits as torch's
+    grad * grad_output.to(dtype), in place; grad_output 1 (also one that rounds to 1 in dtype) leaves every
+    bit as it was; NaN / inf scales propagate as torch's multiply does."""
+    g0 = (torch.randn(2, 3, 112, 112) * 1e-3).to(dtype)
+    g0[0, 0, 0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
+    for s in (1.0, 1.0 + 2.0 ** -20, 3.0, 0.3, -2.5, 2.0 ** -24, 1e30, float("nan"), float("inf")):
+        g = g0.clone()
+        ptr = g.data_ptr()
+        scale = torch.tensor(s)
+        OPS.scale_grad_cuda_(g, scale)
+        want = g0 * scale.to(dtype)
+        assert g.data_ptr() == ptr and g.dtype == dtype
+        assert _same_bits(g, want), s
+    odd = torch.randn(7, dtype=dtype)  # a length with a tail (not a multiple of 4)
+    want = odd * torch.tensor(0.7).to(dtype)
+    OPS.scale_grad_cuda_(odd, torch.tensor(0.7))
+    assert torch.equal(odd, want)
+    with pytest.raises(RuntimeError, match="scale must be one float32 value"):
+        OPS.scale_grad_cuda_(g0.clone(), torch.tensor([1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="scale must be one float32 value"):
+        OPS.scale_grad_cuda_(g0.clone(), torch.tensor(1.0, dtype=torch.float64))
+    torch.library.opcheck(OPS.scale_grad_cuda_, (g0.float().clone(), torch.tensor(0.5)))
+
+
+@needs_ext
+def test_host_loss_backward_hands_on_its_own_gradient_buffer():
+    """A backward that frees the graph scales the op's saved gradient in place and hands that buffer on
+    (pred.grad is it: no copy), with the same bits as grad * grad_output; one that keeps the graph
+    (retain_graph=True) multiplies out of place, so later backwards read the gradient unchanged, also
+    when pred.grad accumulates between them."""
+    side = 112
+    x = torch.rand(2, 3, side, side)
+    m = masks("random", 2, side)
+    pred = torch.randn(2, 3, side, side, requires_grad=True)
+    _, g = OPS.masked_freq_loss_cuda(pred.detach(), x, m, 1.0, "masked", 1.0, MEAN, STD, True)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    for scale in (1.0, 2.5):
+        pred.grad = None
+        target = x.clone().requires_grad_(True)
+        loss, _ = OPS.masked_freq_loss_cuda(pred, target, m, 1.0, "masked", 1.0, MEAN, STD, True)
+        buffer = loss.grad_fn.saved_tensors[0].data_ptr()
+        (scale * loss).backward()
+        assert pred.grad.data_ptr() == buffer and torch.equal(pred.grad, g * torch.tensor(scale))
+        assert torch.equal(target.grad, -(g * torch.tensor(scale)) / std)
+    pred.grad = None
+    loss, _ = OPS.masked_freq_loss_cuda(pred, x, m, 1.0, "masked", 1.0, MEAN, STD, True)
+    buffer = loss.grad_fn.saved_tensors[0].data_ptr()
+    (4.0 * loss).backward(retain_graph=True)
+    assert pred.grad.data_ptr() != buffer and torch.equal(pred.grad, g * 4.0)
+    (3.0 * loss).backward(retain_graph=True)  # accumulates into pred.grad
+    loss.backward()
+    assert torch.equal(pred.grad, g * 4.0 + g * 3.0 + g)
+
+
 @needs_ext
 def test_host_wrappers_take_any_layout():
     """cuda_backend's entry points (what backend="cuda" calls) on CPU tensors: channels_last, bool masks."""
@@ -535,6 +599,27 @@ def test_gpu_l2_prefetch_is_only_a_hint(monkeypatch):
         runs.append((loss.detach(), p.grad, mfm_fast.corrupt(x, m, backend="cuda")))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_scale_grad_matches_torch_and_backward_hands_on_the_buffer(dtype):
+    g0 = torch.randn(3, 3, 224, 224, device="cuda").to(dtype)
+    for s in (1.0, 0.3, 65536.0, float("nan")):
+        g = g0.clone()
+        OPS.scale_grad_cuda_(g, torch.tensor(s, device="cuda"))
+        assert _same_bits(g, g0 * torch.tensor(s, device="cuda").to(dtype)), s
+    odd = g0.flatten()[1:8]  # an unaligned view of 7 elements: the scalar path and the tail
+    want = odd * torch.tensor(0.7, device="cuda").to(dtype)
+    OPS.scale_grad_cuda_(odd, torch.tensor(0.7, device="cuda"))
+    assert torch.equal(odd, want)
+    x, pred, m = _gpu_batch(2, 224, "low", seed=6)
+    p = pred.to(dtype).requires_grad_(True)
+    loss, g = OPS.masked_freq_loss_cuda(p.detach(), x, m.float(), 1.0, "masked", 1.0, None, None, True)
+    loss, _ = OPS.masked_freq_loss_cuda(p, x, m.float(), 1.0, "masked", 1.0, None, None, True)
+    buffer = loss.grad_fn.saved_tensors[0].data_ptr()
+    loss.backward()
+    assert p.grad.data_ptr() == buffer and torch.equal(p.grad, g)
 
 
 @gpu

@@ -161,12 +161,16 @@ class DoubleBackwardError(RuntimeError):
     """create_graph=True through a loss op whose backend has no differentiable recomputation."""
 
 
-def register_saved_grad_autograd(op, recompute=None) -> None:
+def register_saved_grad_autograd(op, recompute=None, scale_in_place=None) -> None:
     """Autograd for a loss op (pred, target, mask, ...) -> (loss, dloss/dpred computed in the forward pass):
     backward scales the saved gradient by grad_output (any strides) and maps it to the target
     (-grad, divided by the normalisation std when the op normalised the target: its argument
     ``target_std``, if the op has one). Shared by the torch, triton and cuda backends. `op`: a custom_op
     or its "namespace::name"; its inputs are read by their schema names.
+
+    ``scale_in_place(grad, grad_output)``: scales the saved gradient buffer in place (no copy) and returns
+    it, or returns None where it must not (see cuda_backend); then, and without it, ``grad * grad_output``
+    (a new tensor).
 
     Double backward (backward under create_graph=True): ``recompute(pred, target, mask, options)``, with
     ``options`` the op's other arguments as {name: value}, must return the same scalar loss as
@@ -193,7 +197,9 @@ def register_saved_grad_autograd(op, recompute=None) -> None:
                     "penalties and Hessian-vector products")
             return _recomputed_grads(ctx, lambda p, t, m: recompute(p, t, m, ctx.options), inputs, grad_loss,
                                      len(names))
-        scaled = grad * grad_loss.to(grad.dtype)
+        scaled = scale_in_place(grad, grad_loss) if scale_in_place is not None else None
+        if scaled is None:
+            scaled = grad * grad_loss.to(grad.dtype)
         grad_pred = scaled if ctx.needs_input_grad[0] else None
         grad_target = _target_grad(scaled, ctx.target_std, ctx.target_dtype) if ctx.needs_input_grad[1] else None
         return (grad_pred, grad_target) + (None,) * (len(names) - 2)
