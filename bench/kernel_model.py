@@ -77,19 +77,22 @@ def loss_glue_ms(batch: int) -> float:
     return copy_ms(batch) + hbm_ms(batch * SIDE * SIDE * 4, batch)
 
 
-def cuda_loss_glue(batch: int) -> dict:
-    """The CUDA loss's launches around its plane kernel: removed_kernel (the masked denominator: one CTA per
-    image reads its mask, walked like the plane kernels) and the backward's scale_grad_kernel in the
+def cuda_loss_glue(batch: int, band: int = 0) -> dict:
+    """The CUDA loss's launches around its plane kernel: removed_kernel<224, band> (the masked denominator: one
+    CTA per image reads its mask, or under the mask_band promise (band = RB > 0) only the mask's (2 RB - 1)^2
+    box, walked like the plane kernels) and the backward's scale_grad_kernel in the
     loss.backward() case (grad_output == 1: every CTA reads the scale and exits, no HBM traffic; a launch,
     whose overhead is not modelled, counted as 0). {"ms", "removed_ms", "scale_ms", "removed_insns_per_cta"}."""
     cubin, table = build_cuda("masked_freq_loss.cu")
-    kernel = find_kernel(table, r"removed_kernelILi224E")
+    kernel = find_kernel(table, rf"removed_kernelILi224ELi{band}E")
     threads = _constexpr_int("masked_freq_loss.cu", "kRedThreads")
     info = table[kernel]
     occ = occupancy(threads, info["registers"], 8 * threads)  # its static reduction buffer: a double per thread
     params = pack_params([(8, 8, {0: ("Q", _ptr(3))}), (8, 8, {0: ("Q", _ptr(5))})], kparam_info(cubin, kernel))
     walk = walk_kernel(cubin, kernel, threads, params)
-    b = bounds(batch, threads, occ, walk["insns"], walk["smem_wavefronts"], batch * SIDE * SIDE * 4, batch)
+    box = 2 * band - 1  # the box's rows: 32-byte sectors of (2 RB - 1) floats each (one more for alignment)
+    nbytes = batch * (box * (math.ceil(box * 4 / 32) + 1) * 32 + 32) if band else batch * SIDE * SIDE * 4
+    b = bounds(batch, threads, occ, walk["insns"], walk["smem_wavefronts"], nbytes, batch)
     removed = max(b["issue_ms"], b["smem_ms"], b["hbm_ms"])
     return dict(ms=removed, removed_ms=round(removed, 4), scale_ms=0.0, removed_insns_per_cta=walk["insns"],
                 removed_bound=max(("issue", "smem", "hbm"), key=lambda k: b[f"{k}_ms"]))
@@ -448,7 +451,7 @@ def cuda_rows(batch: int) -> list:
         rows[-1]["modelled_ms"] = round(rows[-1]["modelled_ms"] + exit_ms, 4)
         rows[-1].update(stack_bytes=info["stack"], warp_insns_per_plane=walk["insns"],  # one CTA per plane
                         exit_ms=round(exit_ms, 4), exit_warp_insns_per_warp=exit_insns, launched_ctas=planes)
-    around = cuda_loss_glue(batch)
+    around, plain = cuda_loss_glue(batch, BAND), cuda_loss_glue(batch)
     glue = around["ms"]
     full = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes)")
     low = next(r for r in rows if r["name"] == "cuda loss fwd+bwd (full planes, low-pass half)")
@@ -460,10 +463,10 @@ def cuda_rows(batch: int) -> list:
         floor_ms=full["floor_ms"], x_floor=round(total / full["floor_ms"], 2),
         launches=["removed_kernel", low["name"], band["name"], "scale_grad_kernel (grad_output == 1)"],
         removed_kernel_ms=around["removed_ms"], scale_grad_ms=around["scale_ms"],
-        without_mask_band_ms=round(full["modelled_ms"] + glue, 4),
+        without_mask_band_ms=round(full["modelled_ms"] + plain["ms"], 4),
         note=f"mask_band = {BAND}, p_low = {P_LOW}: the full-plane kernel on the low-pass half + the band kernel on "
              f"the high-pass half + removed_kernel (the scale kernel exits at once for grad_output == 1); without mask_band (every plane full): "
-             f"{full['modelled_ms'] + glue:.3f} ms"))
+             f"{full['modelled_ms'] + plain['ms']:.3f} ms"))
     return rows
 
 

@@ -35,11 +35,12 @@ __device__ double block_sum_of(const double* v, int n, double* red) {
   return block_sum(part, red);
 }
 
-// removed[n] = sum over image n of (1 - mask).
-template <int S>
+// removed[n] = sum over image n of (1 - mask); RB > 0: under the mask_band promise, from the band box only.
+template <int S, int RB>
 __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask, double* removed) {
   __shared__ double red[kRedThreads];
-  const double v = block_sum(removed_count<S>(mask, blockIdx.x, threadIdx.x, kRedThreads), red);  // its launch's block
+  const double v =
+      block_sum(removed_count_band<S, RB>(mask, blockIdx.x, threadIdx.x, kRedThreads), red);  // its launch's block
   if (threadIdx.x == 0) removed[blockIdx.x] = v;
 }
 
@@ -90,7 +91,9 @@ static cudaError_t launch(const LossArgs& args, int images, int reduction, float
   double* removed = ws;
   double* partials = ws + images;
   if (reduction == kMasked) {
-    removed_kernel<S><<<images, kRedThreads, 0, stream>>>(args.mask, removed);
+    if (args.band == 16) removed_kernel<S, 16><<<images, kRedThreads, 0, stream>>>(args.mask, removed);
+    else if (args.band == 32) removed_kernel<S, 32><<<images, kRedThreads, 0, stream>>>(args.mask, removed);
+    else removed_kernel<S, 0><<<images, kRedThreads, 0, stream>>>(args.mask, removed);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -231,7 +231,12 @@ float loss_host(const mfm::LossArgs& a, int64_t images, int reduction, double lo
   float scale = static_cast<float>(loss_weight);
   if (reduction == mfm::kMasked) {
     double z = 0.0;
-    for (int64_t n = 0; n < images; ++n) z += mfm::removed_count<S>(a.mask, static_cast<int>(n), 0, 1);
+    for (int64_t n = 0; n < images; ++n) {
+      const int i = static_cast<int>(n);
+      z += a.band == 16   ? mfm::removed_count_band<S, 16>(a.mask, i, 0, 1)
+           : a.band == 32 ? mfm::removed_count_band<S, 32>(a.mask, i, 0, 1)
+                          : mfm::removed_count<S>(a.mask, i, 0, 1);
+    }
     z *= a.channels;
     scale = static_cast<float>(loss_weight / (z > 1e-30 ? z : 1e-30));
   } else if (reduction == mfm::kMean) {

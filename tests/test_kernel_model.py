@@ -183,7 +183,8 @@ def test_cuda_loss_total_is_full_half_plus_band_half_plus_glue(model_json):
                         rows["cuda loss fwd+bwd"])
     assert band["spill_bytes"] == 0 and band["modelled_ms"] > 0 and band["grid"] == low["grid"] == 384
     assert band["exit_ms"] > 0 and low["exit_ms"] > 0  # the other half's CTAs exit at once, counted
-    assert total["launches"] == [low["name"], band["name"]]
+    assert total["launches"][1:3] == [low["name"], band["name"]] and total["launches"][0] == "removed_kernel"
+    assert 0 < total["removed_kernel_ms"] <= total["glue_ms"] < total["without_mask_band_ms"]
     assert abs(total["modelled_ms"] - (low["modelled_ms"] + band["modelled_ms"] + total["glue_ms"])) < 1e-3
 
 
