@@ -528,7 +528,7 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 //   store(tid, nth, spec)        when `kInverse`: this thread's share of the plane from the pair lines,
 //                                which then hold irfft2(spec) (unnormalised: the spectral step owns the
 //                                scaling)
-//   prefetch(tid, nth)           asks for the next plane's inputs (l2_prefetch in planes.cuh): at the
+//   prefetch(tid, nth)           asks for the next plane's inputs (l2_prefetch_plane in planes.cuh): at the
 //                                forward column radix-7 pass when there is an inverse (the second half
 //                                of the work hides the reads), else right after the load
 // Rows run as S/2 complex pair lines, each transformed in the spec rows of its two rows (2 WH >= S
