@@ -358,20 +358,13 @@ def _read_operand_slow(w: Warp, a: str, float_ctx=False) -> Lanes:
     else:
         val = Lanes(k=np.zeros(LANES, bool))
     if neg or absv:
-        if float_ctx:
-            f = _f(val.v)
-            if absv:
-                f = np.abs(f)
-            if neg:
-                f = -f
-            val = Lanes(_from_f(f), val.k)
-        else:
-            s = _s(val.v)
-            if absv:
-                s = np.abs(s)
-            if neg:
-                s = -s
-            val = Lanes(_u(s), val.k)
+        read, write = (_f, _from_f) if float_ctx else (_s, _u)  # float32 or signed-integer view of the lanes
+        x = read(val.v)
+        if absv:
+            x = np.abs(x)
+        if neg:
+            x = -x
+        val = Lanes(write(x), val.k)
     if inv:
         val = Lanes(_u(~val.v), val.k)
     return val
