@@ -44,7 +44,8 @@ def _check_distance(distance, phase_weight) -> float:
     return V.check_number("phase_weight", phase_weight, low=0.0)
 
 
-def _check_triton_options(mask_band, precision):
+def _check_kernel_options(mask_band, precision):
+    """precision (the triton backend's) and the mask_band promise (the triton and cuda band paths)."""
     V.check_choice("precision", precision, V.PRECISIONS)
     return V.check_mask_band(mask_band, None)
 
@@ -142,7 +143,7 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
         raise ValueError(f"patch_factor: {patch_factor} gives {height // patch_factor} x {width // patch_factor} "
                          "patches; patch sides must be even")
     target_mean, target_std = _check_normalize_target(normalize_target, channels)
-    mask_band = _check_triton_options(mask_band, precision)
+    mask_band = _check_kernel_options(mask_band, precision)
     phase_weight = _check_distance(distance, phase_weight)
     if mask is None:
         if reduction == "masked":
@@ -200,7 +201,7 @@ class MaskedFreqLoss(nn.Module):
         _check_normalize_target(normalize_target, None)  # fail at construction, not at the first step
         self.normalize_target = normalize_target
         self.backend = check_backend_name(backend)
-        self.mask_band = _check_triton_options(mask_band, precision)
+        self.mask_band = _check_kernel_options(mask_band, precision)
         self.precision = precision
         self.phase_weight = _check_distance(distance, phase_weight)
         self.distance = distance
