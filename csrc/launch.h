@@ -9,6 +9,31 @@
 namespace mfm {
 
 #ifdef __CUDACC__
+// Fixed-order tree sum of one double per thread (any blockDim.x: the threads past the largest power of
+// two p <= blockDim.x fold into the first ones, then a tree over p).
+__device__ inline double block_sum(double v, double* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  int p = 1;
+  while (2 * p <= static_cast<int>(blockDim.x)) p *= 2;
+  if (static_cast<int>(threadIdx.x) + p < static_cast<int>(blockDim.x)) red[threadIdx.x] += red[threadIdx.x + p];
+  __syncthreads();
+  for (int s = p / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double out = red[0];
+  __syncthreads();
+  return out;
+}
+
+// Sum of v[0 .. n): strided per thread, then the fixed tree (deterministic: the same bits in every CTA).
+__device__ inline double block_sum_of(const double* v, int n, double* red) {
+  double part = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) part += v[i];
+  return block_sum(part, red);
+}
+
 // How many CTAs of `kernel` the current device holds at once (SM count x occupancy): the look-ahead of the
 // plane kernels' L2 prefetch (CTA b prefetches plane b + resident, the plane that takes its slot when it
 // ends). Host calls only, no sync. An occupancy of 0 (the plane does not fit this GPU's shared memory) is

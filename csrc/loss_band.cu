@@ -9,26 +9,6 @@
 namespace mfm {
 namespace {
 
-// Fixed-order tree sum of one double per thread over the CTA (NTH threads, any count): the threads past the
-// largest power of two p <= NTH fold into the first ones, then a tree over p.
-template <int NTH>
-__device__ double band_block_sum(double v, double* red) {
-  constexpr int p = 1 << ilog2(NTH);
-  const int t = static_cast<int>(threadIdx.x);
-  red[t] = v;
-  __syncthreads();
-  if (t + p < NTH) red[t] += red[t + p];
-  __syncthreads();
-#pragma unroll
-  for (int s = p / 2; s > 0; s >>= 1) {
-    if (t < s) red[t] += red[t + s];
-    __syncthreads();
-  }
-  const double out = red[0];
-  __syncthreads();
-  return out;
-}
-
 // CTAs per SM the register budget is sized for (ptxas -v, sm_90): 3 (80 registers, 0 spills) for the 224 x 16
 // kernel with the gradient and at 112; 2 (<= 128 registers) for the 224 x 16 forward-only kernel, which at
 // 80 spills 28 bytes; 1 for the 224 x 32 band (its 32 row accumulators need more than 128 registers).
@@ -48,16 +28,14 @@ __global__ void __launch_bounds__(band_threads<S>(), band_ctas_per_sm<S, RB, kGr
   double* red = reinterpret_cast<double*>(smem + BandSmem<S, RB>::kComplex);
   float scale = loss_weight;
   if (reduction == kMasked) {  // as loss_kernel: the denominator summed on the device
-    double part = 0.0;
-    for (int i = threadIdx.x; i < images; i += threads) part += removed[i];
-    const double z = band_block_sum<threads>(part, red) * args.channels;
+    const double z = block_sum_of(removed, images, red) * args.channels;
     scale = static_cast<float>(loss_weight / (z > 1e-30 ? z : 1e-30));
   } else if (reduction == kMean) {
     scale = static_cast<float>(loss_weight / (static_cast<double>(images) * args.channels * S * S));
   }
   const CtaSched<threads> sched{static_cast<int>(threadIdx.x)};
   const double acc = loss_band_plane<S, RB, kGrad>(args, BandPlane{n, c}, scale, smem, sched);
-  const double total = band_block_sum<threads>(acc, red);
+  const double total = block_sum(acc, red);
   if (threadIdx.x == 0) partials[n * args.channels + c] = total * scale;
 }
 

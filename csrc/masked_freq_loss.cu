@@ -10,31 +10,6 @@ namespace mfm {
 
 constexpr int kRedThreads = 256;  // removed_kernel's and finish_kernel's block
 
-// Fixed-order tree sum of one double per thread (any blockDim.x: the threads past the largest power of
-// two p <= blockDim.x fold into the first ones, then a tree over p).
-__device__ double block_sum(double v, double* red) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  int p = 1;
-  while (2 * p <= static_cast<int>(blockDim.x)) p *= 2;
-  if (static_cast<int>(threadIdx.x) + p < static_cast<int>(blockDim.x)) red[threadIdx.x] += red[threadIdx.x + p];
-  __syncthreads();
-  for (int s = p / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  const double out = red[0];
-  __syncthreads();
-  return out;
-}
-
-// Sum of v[0 .. n): strided per thread, then the fixed tree (deterministic: the same bits in every CTA).
-__device__ double block_sum_of(const double* v, int n, double* red) {
-  double part = 0.0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) part += v[i];
-  return block_sum(part, red);
-}
-
 // removed[n] = sum over image n of (1 - mask); RB > 0: under the mask_band promise, from the band box only.
 template <int S, int RB>
 __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask, double* removed) {
