@@ -31,9 +31,10 @@ class FrequencyLoss(nn.Module):
     (N, P, C, H/pf, W/pf), N = 1 with ave_spectrum. Like the released code the map is float32 for
     float16 / bfloat16 / float32 inputs; float64 inputs give a float64 map (the released code rounds
     them to float32). ``backend``, not in the released code, picks mfm_fast's backend ("auto" by default;
-    the map runs on the torch backend, or the reference one if asked). Values of ``matrix`` are checked
-    to lie in [0, 1] only when value checks are on (:func:`mfm_fast.set_value_checks`): the released
-    assert is a host sync.
+    the map runs on the torch backend, or the reference one if asked). ``matrix`` must be on the map's
+    device with a shape that broadcasts with the map's (else ValueError "matrix: ..."); its values are
+    checked to lie in [0, 1] only when value checks are on (:func:`mfm_fast.set_value_checks`): the
+    released assert is a host sync.
     """
 
     def __init__(self, loss_gamma: float = 1.0, matrix_gamma: float = 1.0, patch_factor: int = 1,
@@ -56,10 +57,7 @@ class FrequencyLoss(nn.Module):
             ave_spectrum=self.ave_spectrum, patch_factor=self.patch_factor, backend=self.backend)
         loss_map = to_blocks(loss_map, self.patch_factor).movedim(2, 1)  # (N, C, P, h, w) -> (N, P, C, h, w)
         if self.with_matrix and matrix is not None:
-            if not isinstance(matrix, torch.Tensor):
-                raise TypeError(f"matrix: expected a torch.Tensor or None, got {type(matrix).__name__}")
-            if V.value_checks_enabled() and not bool(((matrix >= 0) & (matrix <= 1)).all()):
-                raise ValueError("matrix: the spectrum weight matrix must lie in [0, 1] (value checks are on)")
+            _check_matrix(matrix, loss_map)
             loss_map = matrix.detach() * loss_map
         return loss_map
 
@@ -67,3 +65,22 @@ class FrequencyLoss(nn.Module):
         return (f"loss_gamma={self.loss_gamma:g}, matrix_gamma={self.matrix_gamma:g}, patch_factor={self.patch_factor}, "
                 f"ave_spectrum={self.ave_spectrum}, with_matrix={self.with_matrix}, log_matrix={self.log_matrix}, "
                 f"batch_matrix={self.batch_matrix}")
+
+
+def _check_matrix(matrix, loss_map: torch.Tensor) -> None:
+    """`matrix` must be a tensor on the map's device whose shape broadcasts with the map's (metadata only); its
+    values must lie in [0, 1], as the released code asserts, checked only when value checks are on (a host sync)."""
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"matrix: expected a torch.Tensor or None, got {type(matrix).__name__}")
+    try:
+        torch.broadcast_shapes(matrix.shape, loss_map.shape)
+    except RuntimeError:
+        raise ValueError(f"matrix: expected a shape that broadcasts with the loss map's (N, P, C, H/pf, W/pf) = "
+                         f"{tuple(loss_map.shape)}, got {tuple(matrix.shape)}") from None
+    if matrix.dim() and matrix.device != loss_map.device:
+        raise ValueError(f"matrix: is on {matrix.device} but the images are on {loss_map.device}; "
+                         "move it with .to(device)")
+    if V.value_checks_enabled() and not bool(((matrix >= 0) & (matrix <= 1)).all()):
+        lo, hi = matrix.min().item(), matrix.max().item()
+        raise ValueError(f"matrix: the spectrum weight matrix must lie in [0, 1] (value checks are on), "
+                         f"got min {lo:g}, max {hi:g}")

@@ -7,6 +7,7 @@ Expected values come from numpy transcriptions of the released models/frequency_
 import importlib.util
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +98,46 @@ def test_frequency_loss_matrix_values_checked_under_value_checks():
     try:
         with pytest.raises(ValueError, match=r"^matrix: the spectrum weight matrix must lie in \[0, 1\]"):
             loss(pred, target, bad)
+    finally:
+        V.set_value_checks(False)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (3, 4, 3, 8, 8), (2, 4, 3, 8, 9), (16, 16)], ids=str)
+def test_frequency_loss_matrix_of_the_wrong_shape_is_named(shape):
+    """The map is (N, P, C, H/pf, W/pf) = (2, 4, 3, 8, 8); a matrix that does not broadcast with it is named."""
+    pred, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    loss = compat.FrequencyLoss(with_matrix=True, patch_factor=2)
+    with pytest.raises(ValueError, match=r"^matrix: .*" + re.escape(f"(2, 4, 3, 8, 8), got {shape}")):
+        loss(pred, target, torch.rand(shape))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 4, 1, 8, 8), (3, 1, 1), (2, 4, 3, 8, 8)], ids=str)
+def test_frequency_loss_matrix_broadcasts_like_the_released_code(shape):
+    pred = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    target = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    matrix = torch.rand(shape, dtype=torch.float64)
+    got = compat.FrequencyLoss(with_matrix=True, patch_factor=2)(pred, target, matrix)
+    expected = numpy_frequency_loss(pred.numpy(), target.numpy(), with_matrix=True, patch_factor=2,
+                                    matrix=matrix.numpy())
+    assert max_rel_err(got, torch.from_numpy(expected)) <= 1e-10
+
+
+def test_frequency_loss_matrix_on_another_device_is_named():
+    pred, target = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^matrix: is on meta but the images are on cpu"):
+        compat.FrequencyLoss(with_matrix=True)(pred, target, torch.rand(1, 1, 3, 8, 8, device="meta"))
+
+
+@pytest.mark.parametrize("low,high", [(-0.5, 0.5), (0.0, float("nan"))])
+def test_frequency_loss_matrix_range_error_says_what_it_got(low, high):
+    pred, target = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    matrix = torch.full((1, 1, 3, 8, 8), low)
+    matrix[..., 0, 0] = high
+    loss = compat.FrequencyLoss(with_matrix=True)
+    V.set_value_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"^matrix: the spectrum weight matrix must lie in \[0, 1\].*got min"):
+            loss(pred, target, matrix)
     finally:
         V.set_value_checks(False)
 
