@@ -10,6 +10,9 @@ plain `pip install -e .` with pip 23.2 and `wheel` installed. An isolated build 
 `wheel`) has no torch: the extension is then built just in time on first use from the csrc sources that ship
 with the package (mfm_fast/_jit_build.py; cached in ~/.cache/mfm_fast or $MFM_FAST_CACHE). Environment:
   MFM_FAST_SKIP_CUDA_BUILD=1   pure Python: nothing is compiled, at install or at first use.
+  MFM_FAST_DEFER_CUDA_BUILD=1  compile nothing now: leave the extension to the just-in-time build on first use
+                               (`make` sets it where no GPU is visible, so a CPU-only machine compiles nothing
+                               it does not use).
   MFM_FAST_FORCE_CUDA=1        fail the install unless the extension is built ahead of time.
   TORCH_CUDA_ARCH_LIST         GPU architectures; default "9.0" (H100/H200) when no GPU is visible,
                                else the visible GPU's. More: TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0" (A100,
@@ -29,7 +32,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# setuptools loads other packages' entry points (e.g. PyPI kernels' `kernels.locking`) while it runs; with this
+# setuptools loads other packages' entry points (e.g. PyPI kernels' egg_info hook) while it runs; with this
 # folder first on sys.path they would resolve into our top-level kernels/ folder. Nothing here imports from it.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
@@ -43,6 +46,14 @@ def _load_jit_build():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _version():
+    """__version__ from mfm_fast/_version.py, the one place the version is written."""
+    scope = {}
+    with open(os.path.join(HERE, "mfm_fast", "_version.py"), encoding="utf-8") as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
 
 
 _jit = _load_jit_build()
@@ -99,6 +110,9 @@ def _extension_setup():
                                        "nothing is compiled (neither now nor just in time)"))
         return {}
     force = _jit.flag("MFM_FAST_FORCE_CUDA")
+    if _jit.flag("MFM_FAST_DEFER_CUDA_BUILD"):
+        return _defer("MFM_FAST_DEFER_CUDA_BUILD=1 was set at install time", force,
+                      "unset MFM_FAST_DEFER_CUDA_BUILD")
     try:
         import torch
     except ImportError:
@@ -167,7 +181,7 @@ _ext["cmdclass"] = {**_develop_cmdclass(), **_ext.get("cmdclass", {})}
 
 setup(
     name="mfm_fast",
-    version="0.1.0",
+    version=_version(),
     description="Fast, exact Masked Frequency Modeling (MFM) losses and frequency corruption for PyTorch",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -177,7 +191,7 @@ setup(
     # The csrc sources ship too (mfm_fast/csrc in wheels and non-editable installs) for the just-in-time build.
     packages=find_packages(include=["mfm_fast", "mfm_fast.*"]) + ["mfm_fast.kernels", "mfm_fast.csrc"],
     package_dir={"mfm_fast.kernels": "kernels", "mfm_fast.csrc": "csrc"},
-    package_data={"mfm_fast": ["_build_info.json"], "mfm_fast.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h", "README.md"]},
+    package_data={"mfm_fast": ["_build_info.json", "py.typed"], "mfm_fast.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h", "README.md"]},
     install_requires=["torch>=2.11", "numpy", "ninja"],
     extras_require={
         "train": ["timm", "torchvision", "tqdm", "matplotlib", "scikit-image>=0.25"],

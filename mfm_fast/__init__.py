@@ -15,8 +15,7 @@ from .dispatch import BACKENDS, available_backends
 from .head import MFMHead, predict_image, tokens_to_map
 from .loss import MaskedFreqLoss, masked_freq_loss
 from .masks import base_mask, make_masks
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BACKENDS", "FrequencyCorruption", "IMAGENET_MEAN", "IMAGENET_STD", "MFMHead", "MaskedFreqLoss",
