@@ -87,8 +87,9 @@ def check_even_size(what: str, height, width) -> None:
 
 def check_mask(mask, n: int, height: int, width: int, device: torch.device, name: str = "mask",
                also: str = "") -> torch.Tensor:
-    """Return the mask as (N, H, W); accepts (N, H, W) or (N, 1, H, W), float, integer or bool (integer masks
-    come back as float32, values unchanged).
+    """Return the mask as (N, H, W); accepts (N, H, W) or (N, 1, H, W), float, integer or bool. A float mask is a
+    weight in [0, 1] per frequency (checked under value checks); an integer mask means nonzero = kept and comes back
+    as the bool mask ``mask != 0`` (no host sync).
 
     `also` names another accepted shape in the error message."""
     if not isinstance(mask, torch.Tensor):
@@ -100,14 +101,15 @@ def check_mask(mask, n: int, height: int, width: int, device: torch.device, name
                          f"got {tuple(mask.shape)}")
     if mask.is_complex():
         raise TypeError(f"{name}: dtype {str(mask.dtype).replace('torch.', '')} is not supported; "
-                        "expected a real keep mask (1 = kept): floating-point, integer (0 / 1) or bool")
+                        "expected a real keep mask (1 = kept): floating-point, integer (nonzero = kept) or bool")
     if tuple(mask.shape) != (n, height, width):
         raise ValueError(f"{name}: expected shape (N, H, W) = ({n}, {height}, {width}){also}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name}: is on {mask.device} but the images are on {device}; move it with .to(device)")
-    check_mask_values(name, mask)
-    if not (mask.is_floating_point() or mask.dtype == torch.bool):
-        mask = mask.to(torch.float32)  # integer 0 / 1 masks (the released MFM data loader's int64 ones): exact
+    if mask.is_floating_point():
+        check_mask_values(name, mask)
+    elif mask.dtype != torch.bool:
+        mask = mask != 0  # integer masks: nonzero = kept (0 / 1 as the released data loader's, 0 / 255 as images')
     return mask
 
 

@@ -29,7 +29,8 @@ def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAG
         x: (N, C, H, W) clean pixels in [0, 1]: float32 / float16 / bfloat16 / float64, or uint8
             (0..255, divided by 255). H and W even. Any strides (channels_last is fine).
         mask: (N, H, W) (or (N, 1, H, W)) fftshift-ed **keep** mask, 1 = kept, DC at
-            (H // 2, W // 2), shared by the channels; float or bool. With patch_factor pf it is a
+            (H // 2, W // 2), shared by the channels; float (a weight in [0, 1]), integer (nonzero =
+            kept: 0 / 1 and 0 / 255 alike) or bool. With patch_factor pf it is a
             pf x pf grid of (H/pf, W/pf) tiles, one per patch, DC at each tile's centre. A mask
             that is not Hermitian acts through its symmetrised version (m(k) + m(-k)) / 2
             ("real-part recovery"), exactly as taking the real part of the full inverse does.

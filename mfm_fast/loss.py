@@ -70,7 +70,8 @@ def masked_freq_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[to
             ``normalize_target`` is set (then uint8 0..255 is accepted too). Treated as data,
             but it gets a gradient if it requires one.
         mask: (N, H, W) fftshift-ed **keep** mask, 1 = kept (visible), so the weight is 1 at
-            the removed frequencies. Required for reduction "masked"; optional otherwise (no
+            the removed frequencies; float (a weight in [0, 1]), integer (nonzero = kept: 0 / 1 and
+            0 / 255 alike) or bool. Required for reduction "masked"; optional otherwise (no
             mask = every frequency weighted 1). With patch_factor pf > 1 give it either in image
             layout (N, H, W), one tile per patch, or per patch (N, H/pf, W/pf), shared by all
             patches.
