@@ -1,7 +1,8 @@
 """``python -m mfm_fast.info``: versions, devices, the install, and whether each backend can run here (and why not).
 
-``--require-cuda-ext`` loads the CUDA extension (compiling it just in time if no build exists yet) and exits
-0 only when it loaded, 1 otherwise (the reason on stderr).
+``--require-cuda-ext`` loads the CUDA extension (compiling it just in time if no build exists yet), ends with a
+line "CUDA extension: loaded, <how it was built, where from>" or "CUDA extension: NOT loaded: <why>", and exits
+0 only when it loaded, 1 otherwise (the reason on stderr too).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .cli import OneLineParser
 from . import __version__, cuda_backend
-from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, OPS, backend_unavailable_reason
+from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, OPS, _not_implemented, backend_unavailable_reason
 
 
 def _version(module: str) -> str:
@@ -50,6 +51,32 @@ def install_kind() -> str:
     return f"no pip record of this package (setup.py develop, an egg link or a source checkout on sys.path) at {here}"
 
 
+def backend_table(build: bool = False) -> list:
+    """Lines: per op and backend, whether it runs on CPU and on CUDA tensors; each reason printed once, below."""
+    gpu = torch.cuda.is_available()
+    notes: list = []
+
+    def cell(name: str, op: str, device_type: str) -> str:
+        if device_type == "cuda" and not gpu and _not_implemented(name, op) is None:
+            return "no GPU visible"
+        reason = backend_unavailable_reason(name, device_type, op, build=build)
+        skip = AUTO_SKIPS.get((name, op)) if device_type == "cuda" else None
+        if reason is None and skip is None:
+            return "available"
+        text = reason if reason is not None else skip
+        if text not in notes:
+            notes.append(text)
+        return f"{'available' if reason is None else 'unavailable'} [{notes.index(text) + 1}]"
+
+    lines = ["backends per op, on CPU / CUDA tensors (from the registry in mfm_fast.dispatch; notes below):",
+             f"  {'op':<18} {'backend':<10} {'cpu':<16} cuda"]
+    for op in OPS:
+        for i, name in enumerate(BACKENDS):
+            lines.append(f"  {op if i == 0 else '':<18} {name:<10} {cell(name, op, 'cpu'):<16} {cell(name, op, 'cuda')}")
+    lines += [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
+    return lines
+
+
 def report(build: bool = False) -> str:
     """The report; `build`: compile the CUDA extension just in time if it is not built yet."""
     lines = [
@@ -67,16 +94,7 @@ def report(build: bool = False) -> str:
         lines.append("GPU          none visible (torch.cuda.is_available() is False)")
     lines.append(f"cuda ext     {cuda_backend.how_built(build)}")
     lines.append("ops per backend: " + "; ".join(f"{name} {', '.join(sorted(IMPLEMENTED[name]))}" for name in BACKENDS))
-    lines.append("backends per op (cpu tensors / cuda tensors), from the registry in mfm_fast.dispatch:")
-    for op in OPS:
-        lines.append(f"  {op}")
-        for name in BACKENDS:
-            for device_type in ("cpu", "cuda"):
-                reason = backend_unavailable_reason(name, device_type, op, build=build)
-                skip = AUTO_SKIPS.get((name, op)) if device_type == "cuda" else None
-                note = f" ({skip})" if reason is None and skip else ""
-                status = "available" + note if reason is None else "unavailable: " + reason
-                lines.append(f"    {name:<10} {device_type:<4}  {status}")
+    lines += backend_table(build)
     return "\n".join(lines)
 
 
@@ -89,9 +107,17 @@ def main(argv=None) -> int:
     if args.require_cuda_ext:
         reason = cuda_backend.unavailable_reason(build=True)
         if reason is not None:
+            print(f"CUDA extension: NOT loaded: {reason}")
             print(f"{parser.prog}: --require-cuda-ext: {reason}", file=sys.stderr)
             return 1
+        print(f"CUDA extension: loaded, {cuda_backend.how_built()}{_library_note()}")
     return 0
+
+
+def _library_note() -> str:
+    """", from <path>" for the ahead-of-time library (the just-in-time one names its cache folder already)."""
+    library = cuda_backend._ahead_of_time_library()
+    return f", from {library}" if library and cuda_backend.how_built().startswith("built ahead of time") else ""
 
 
 if __name__ == "__main__":

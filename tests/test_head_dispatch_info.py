@@ -84,8 +84,22 @@ def test_info_module_runs():
     assert "mfm_fast" in out and "torch" in out
     for name in mfm_fast.BACKENDS:
         assert name in out
-    assert "reference  cpu   available" in out
+    assert "  corrupt            reference  available" in out
     assert "triton corrupt, masked_freq_loss;" in out  # adaptive_masks: reference and torch only
+    notes = [line for line in out.splitlines() if line.startswith("  [")]
+    assert notes and len({n.split("] ", 1)[1] for n in notes}) == len(notes)  # each reason printed once
+    if not torch.cuda.is_available():  # no row claims a backend runs on CUDA tensors without a GPU
+        rows = [line for line in out.splitlines() if "  reference  " in line or "  torch  " in line]
+        assert rows and all(line.rstrip().endswith("no GPU visible") for line in rows), rows
+
+
+def test_info_require_cuda_ext_ends_with_a_loaded_or_not_loaded_line():
+    proc = subprocess.run([sys.executable, "-m", "mfm_fast.info", "--require-cuda-ext"], capture_output=True, text=True)
+    last = proc.stdout.strip().splitlines()[-1]
+    if proc.returncode == 0:
+        assert last.startswith("CUDA extension: loaded, built "), last
+    else:
+        assert proc.returncode == 1 and last.startswith("CUDA extension: NOT loaded: "), (proc.returncode, last)
 
 
 def test_import_needs_no_gpu_and_exports_public_api():
