@@ -139,6 +139,13 @@ def parse_args(argv):
     check_bench_args(p, args, ints={"batch": 1, "steps": 1, "rounds": 1, "warmup": 0, "threads": 1},
                      out_dirs=("out_dir",))
     library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device: cuda asked for, but torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    device = fft_mask.bench_device(args.device).type
+    for op in ("corrupt", "masked_freq_loss"):
+        why = mfm_fast.available_backends(device, op).get(args.backend)
+        if why is not None:
+            p.error(f"--backend: {args.backend} cannot run {op} on {device} here: {why}")
     import timm
     for m in args.models or ():
         if m not in MODELS and not timm.is_model(m):
@@ -151,11 +158,7 @@ def main(argv=None):
 
 
 def run(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available here", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = fft_mask.bench_device(args.device)
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True

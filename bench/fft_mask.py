@@ -38,7 +38,8 @@ of one untimed forward. Peak memory
 ratio to the floor measured in the same run (x-floor) and a speed-up over official and torch_compile.
 A provider that raises or fails --check is reported and left out; the others still run (exit 1).
 Results (every sample) go to bench/results/fft_mask-<device>-<timestamp>.json unless --no-json;
---plot writes the PNG beside it (needs matplotlib).
+--plot writes a PNG beside it (bars of median ms per provider and batch, each labelled with its x-floor;
+needs matplotlib).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -356,8 +358,16 @@ def markdown_table(records):
     return "\n".join(lines)
 
 
+PROVIDER_NOTES = {  # the plot's caption, for the providers in it
+    "official": "official = an eager replica of the released MFM code's ops (fft2 + fftshift, complex64)",
+    "torch_compile": "torch_compile = torch.compile of the torch backend's rfft2 math (plain torch ops)",
+    "reference": "reference = mfm_fast's fp64 reference backend",
+}
+
+
 def plot(records, path, title):
-    """ms vs batch per provider (log scale), one panel per (work, size, pred dtype), copy floor dashed."""
+    """Bars of median ms per call (p20-p80 whiskers, log scale) per batch and provider, one panel per (work,
+    size, pred dtype); the copy floor dashed over each batch; each bar labelled with its x-floor ratio."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -367,38 +377,61 @@ def plot(records, path, title):
         return None
     works = [w for w in WORKS if any(r["work"] == w for r in records)]
     configs = sorted({(r["size"], r["dtype"]) for r in records})
-    height = 3.2 * len(configs) + 0.7  # 0.7 inch of header: title and legend
-    fig, axes = plt.subplots(len(configs), len(works), figsize=(3.6 * len(works), height), squeeze=False)
-    colours = {name: f"C{i}" for i, name in enumerate(PROVIDER_ORDER)}
+    names = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in records)]
+    batches = sorted({r["batch"] for r in records})
+    caption = ["bar label: x-floor = median / copy floor (1x: as fast as moving the bytes the work must move); "
+               "whiskers: p20 - p80",
+               "copy floor (dashed): out.copy_(x) of the fp32 batch, scaled to the bytes each work must move at least"]
+    caption += [PROVIDER_NOTES[n] for n in names if n in PROVIDER_NOTES]
+    backends = [n for n in ("torch", "triton", "cuda") if n in names]
+    caption += [f"{', '.join(backends)} = mfm_fast with that backend"] if backends else []
+    panel_w = max(3.6, 1.0 + 0.3 * len(batches) * (len(names) + 1))
+    head, foot = 0.6, 0.15 + 0.16 * len(caption)  # inches of title + legend, of caption
+    height = 3.4 * len(configs) + head + foot
+    fig, axes = plt.subplots(len(configs), len(works), figsize=(panel_w * len(works), height), squeeze=False)
+    bar = 1 / (len(names) + 1)
+    upright = panel_w * 0.75 * bar / len(batches) < 0.4  # bars narrower than ~0.4 inch: labels turned 90 degrees
     for i, (size, dtype) in enumerate(configs):
         for j, work in enumerate(works):
             ax = axes[i][j]
-            rows = [r for r in records if (r["size"], r["dtype"], r["work"]) == (size, dtype, work)]
-            for name in ["copy"] + [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in rows)]:
-                pts = sorted((r["batch"], r["median_ms"]) for r in rows if r["provider"] == name)
-                if not pts:
+            rows = {(r["provider"], r["batch"]): r for r in records
+                    if (r["size"], r["dtype"], r["work"]) == (size, dtype, work)}
+            for g, b in enumerate(batches):
+                if ("copy", b) in rows:
+                    ax.hlines(rows["copy", b]["median_ms"], g - 0.5 + bar / 2, g + 0.5 - bar / 2, colors="black",
+                              linestyles="--", label="copy floor")
+            for k, name in enumerate(names):
+                rs = [(g, rows[name, b]) for g, b in enumerate(batches) if (name, b) in rows]
+                if not rs:
                     continue
-                style = dict(color="black", linestyle="--", marker="_", markersize=16, label="copy floor") \
-                    if name == "copy" else \
-                    dict(color=colours[name], marker="o", label=name)
-                ax.plot([b for b, _ in pts], [t for _, t in pts], **style)
-            ax.set_xscale("log", base=2)
-            batches = sorted({r["batch"] for r in rows})
-            ax.set_xticks(batches, [str(b) for b in batches])
-            ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
+                xs = [g + (k - (len(names) - 1) / 2) * bar for g, _ in rs]
+                med = [r["median_ms"] for _, r in rs]
+                err = [[r["median_ms"] - r["p20_ms"] for _, r in rs], [r["p80_ms"] - r["median_ms"] for _, r in rs]]
+                ax.bar(xs, med, bar * 0.9, yerr=err, color=f"C{PROVIDER_ORDER.index(name)}", label=name,
+                       error_kw=dict(lw=0.8, capsize=2))
+                for x, (_, r) in zip(xs, rs):
+                    ax.annotate(f"{r['x_floor']:.3g}x" if r["x_floor"] < 100 else f"{r['x_floor']:.0f}x",
+                                (x, r["p80_ms"]), xytext=(0, 3), textcoords="offset points", ha="center",
+                                va="bottom", rotation=90 if upright else 0, fontsize=7)
             ax.set_yscale("log")
-            ax.set_title(f"{WORK_TITLES[work]} | 3x{size}x{size} pred {dtype}", fontsize=9)
-            ax.set_xlabel("batch")
-            ax.set_ylabel("ms (median)")
-            ax.grid(True, which="both", alpha=0.3)
-    handles, labels = {}, {}
+            lo = min(r["median_ms"] for r in rows.values())
+            hi = max(r["p80_ms"] for r in rows.values())
+            ax.set_ylim(lo / 2, hi * 10)  # room above the tallest bar for its label
+            ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+            ax.set_xlim(-0.5, len(batches) - 0.5)
+            ax.set_title(f"{WORK_TITLES[work]} | 3x{size}x{size} | pred {dtype}", fontsize=9)
+            ax.set_xlabel("batch (images per call)")
+            ax.set_ylabel("median time per call (ms, log)")
+            ax.grid(True, axis="y", alpha=0.3)
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
-    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.35 / height),
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.3 / height),
                ncol=len(handles), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / height))
+    fig.text(0.01, 0.1 / height, "\n".join(caption), fontsize=8, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, foot / height, 1, 1 - head / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
@@ -461,7 +494,8 @@ def parse_args(argv):
                    "measurement")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads during a CPU run (default 1)")
     p.add_argument("--check", action="store_true", help="verify providers against the reference first")
-    p.add_argument("--plot", action="store_true", help="write a PNG of ms vs batch (needs matplotlib)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON (in --out-dir): bars of "
+                   "median ms per provider and batch, labelled with x-floor (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="also print the results as a markdown table")
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -469,6 +503,8 @@ def parse_args(argv):
     check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
                      out_dirs=("out_dir",))
     check_sizes(p, args.size)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device: cuda asked for, but torch sees no CUDA device here (torch.cuda.is_available() is False)")
     from mfm_fast import _validate as V
     from mfm_fast.masks import check_rings, check_rings_on_grid
     library_check(p, "--p-low", V.check_number, "p_low", args.p_low, low=0.0, high=1.0)
@@ -482,7 +518,18 @@ def parse_args(argv):
         if not names or unknown:
             p.error(f"--providers: expected a comma list of {', '.join(PROVIDER_ORDER)} (or auto), got "
                     f"{args.providers!r}")
+        device = bench_device(args.device)
+        works = WORKS if "all" in args.work else args.work
+        for name in names:
+            reasons = [unavailable(name, w, device.type) for w in works] if name != "copy" else [None]
+            if None not in reasons:
+                p.error(f"--providers: {name} cannot run on {device.type} here: {reasons[0]}")
     return args
+
+
+def bench_device(name: str) -> torch.device:
+    """The device of --device: auto is cuda when torch sees a GPU, else cpu."""
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def run_restoring_threads(run_fn, args):
@@ -515,12 +562,7 @@ def choose_providers(spec, device):
 def run(args):
     global _compile_mode
     started = time.perf_counter()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)",
-              file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = bench_device(args.device)
     gpu = device.type == "cuda"
     if not gpu:
         torch.set_num_threads(max(1, args.threads))
@@ -583,16 +625,20 @@ def run(args):
                 masks = f"; {n_low} low-pass, {batch - n_low} high-pass masks" if n_low is not None else ""
                 print(f"\nB={batch} (3x{size}x{size}, r1={r1:g}, pred {dtype_name}{masks})")
                 failed = {}
-                if args.check:
-                    tol = 1e-4 if dtype == torch.float32 else 1e-2
-                    try:
-                        failed = run_checks(providers, device, x, mask, pred, band, tol)
-                    except Exception as exc:  # the reference itself failed: nothing can be checked
-                        print(f"  check: the reference raised {type(exc).__name__}: {exc}")
-                        failed = {name: {"corrupt", "masked_freq_loss"} for name in providers}
-                    all_ok &= not failed
-                meta = {"batch": batch, "size": size, "r1": r1, "dtype": dtype_name}
-                block, ok = bench_block(providers, works, (x, mask, pred, band), device, args, failed, meta)
+                with warnings.catch_warnings(record=True) as caught:  # printed after the table, not inside it
+                    if args.check:
+                        tol = 1e-4 if dtype == torch.float32 else 1e-2
+                        try:
+                            failed = run_checks(providers, device, x, mask, pred, band, tol)
+                        except Exception as exc:  # the reference itself failed: nothing can be checked
+                            print(f"  check: the reference raised {type(exc).__name__}: {exc}")
+                            failed = {name: {"corrupt", "masked_freq_loss"} for name in providers}
+                        all_ok &= not failed
+                    meta = {"batch": batch, "size": size, "r1": r1, "dtype": dtype_name}
+                    block, ok = bench_block(providers, works, (x, mask, pred, band), device, args, failed, meta)
+                for note in dict.fromkeys(f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})"
+                                          for w in caught):
+                    print(f"  warned while running the providers: {note}")
                 records += block
                 all_ok &= ok
                 del x, mask, pred
@@ -619,7 +665,8 @@ def run(args):
         stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         print(f"wrote {stem.with_suffix('.json')}")
     if args.plot:
-        plot(records, stem.with_suffix(".png"), f"fft_mask | {device_name(device)} | torch {vers['torch']} | "
+        plot(records, stem.with_suffix(".png"), f"fft_mask: median time per call | {device_name(device)} | "
+             f"3x{'/'.join(map(str, sizes))} | pred {'/'.join(args.dtype)} | torch {vers['torch']} | "
              f"{datetime.date.today()}")
     print(f"done in {time.perf_counter() - started:.1f} s")
     if not all_ok:

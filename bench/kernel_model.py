@@ -135,6 +135,17 @@ def _cached(key: str, build, force: bool = False):
 NO_CACHE = False
 
 
+def cache_problem(path: str):
+    """Why `path` cannot hold the cache (None when it is, or could be made, a writable folder)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be created as a folder ({exc.strerror or exc})"
+    return None if os.access(path, os.W_OK | os.X_OK) else "is a folder this user cannot write to"
+
+
 # ------------------------------------------------------------------ occupancy and time
 def occupancy(threads: int, regs: int, smem: int) -> int:
     """CTAs per SM from warps, registers (allocated per warp in 256-register units) and shared memory."""
@@ -874,6 +885,10 @@ def main(argv=None) -> int:
     if args.batch < 1:
         ap.error(f"--batch: must be >= 1, got {args.batch}")
     NO_CACHE = args.no_cache
+    problem = cache_problem(CACHE)
+    if problem is not None:
+        where = "" if "MFM_FAST_MODEL_CACHE" in os.environ else " (the default: the variable is unset)"
+        ap.error(f"MFM_FAST_MODEL_CACHE: the cache path {CACHE!r}{where} {problem}; point the variable at a folder")
     start = time.time()
     try:
         res = model(args.batch)

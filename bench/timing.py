@@ -17,6 +17,7 @@ run a few of their own).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -44,9 +45,22 @@ def _cuda_ms(fn, reps, warmup, budget_s):
     return do_bench(fn, warmup=warmup * first, rep=_run_ms(first, reps, budget_s), return_mode="all")[:reps]
 
 
-def _cpu_ms(fn, reps, warmup, budget_s):
-    from torch.utils.benchmark import Timer
+def _cpu_timer():
+    """torch.utils.benchmark.Timer, imported with torch.utils.cpp_extension's logger (which it imports) held
+    at ERROR: on a machine without a CUDA runtime that import logs "No CUDA runtime is found, using
+    CUDA_HOME=..." once, into the middle of a results table; the Python timer used here needs no CUDA."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        logger.setLevel(level)
+    return Timer
 
+
+def _cpu_ms(fn, reps, warmup, budget_s):
+    Timer = _cpu_timer()
     for _ in range(warmup):
         fn()
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
