@@ -5,13 +5,18 @@
 The full trainer (recipe, DDP, checkpoints, pictures) is `python -m mfm_fast.pretrain --method folk`.
 """
 import argparse
+import os
 
-import timm
 import torch
 
 import mfm_fast
-from mfm_fast.data import MFMTransform, PhotoCrops, TwoViews  # offline photo crops, two views per sample
-from mfm_fast.folk import DINOHead, FOLKModel, SelfDistillation
+from mfm_fast._optional import require
+
+require(os.path.basename(__file__), "timm", "torchvision", "skimage")  # exit 2 unless pip install -e '.[train]'
+import timm  # noqa: E402
+
+from mfm_fast.data import MFMTransform, PhotoCrops, TwoViews  # noqa: E402  (offline photo crops, two views each)
+from mfm_fast.folk import DINOHead, FOLKModel, SelfDistillation  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default="vit_small_patch16_224", help="a timm ViT (CNNs: drop img_size below)")

@@ -42,8 +42,8 @@ def skimage_data_dir() -> Path:
     try:
         import skimage
     except ImportError as exc:
-        raise ImportError("the built-in dataset needs scikit-image >= 0.25 (its wheel bundles the photos): "
-                          "pip install scikit-image, or pass --data-path / --synthetic") from exc
+        raise ImportError("the built-in photos need scikit-image >= 0.25 (its wheel bundles them): "
+                          "pip install -e '.[train]' (or pip install 'scikit-image>=0.25')") from exc
     return Path(skimage.__file__).parent / "data"
 
 

@@ -238,6 +238,8 @@ def train(run: TrainingRun, step: int, end_step: int, log: RunLog) -> dict:
     args, start_step = run.args, step
     sums, clock = RunningSums(run.device), Clock(run, step, end_step)
     vis_x = sample_images(args, args.vis_num, seed=args.seed).to(run.device) if (run.is_main and args.vis_num) else None
+    if run.is_main:
+        print(header(run, step, end_step), flush=True)
     bar = tqdm(total=end_step, initial=step, desc="pretrain", dynamic_ncols=True,
                disable=not run.is_main or args.no_progress)
     history = []
@@ -279,6 +281,60 @@ def train(run: TrainingRun, step: int, end_step: int, log: RunLog) -> dict:
     result = summary(run, start_step, step, timed_steps, seconds, history, sums)
     log.write({"event": "end", **{k: v for k, v in result.items() if k != "history"}})
     return result
+
+
+def header(run: TrainingRun, step: int, end_step: int) -> str:
+    """What the run is about to do (printed before the progress bar): device, model, image size, batch, steps,
+    method / task, data, the backends of the corruption and the loss, the output folder."""
+    a = run.args
+    params = sum(p.numel() for p in run.net.parameters()) / 1e6
+    procs = f" x {run.world} processes" if run.world > 1 else ""
+    accum = f" x {a.accum_iter} accumulated" if a.accum_iter > 1 else ""
+    data = a.data_path or ("synthetic" if a.synthetic else "built-in photo crops (scikit-image)")
+    what = f"--method {a.method}" + (f" ({a.mask} masks)" if a.task == "mfm" else "") + f", --task {a.task}"
+    if a.pipeline == "official":
+        backends = "the released code's eager ops (--pipeline official)"
+    else:
+        backends = ", ".join(f"{op} {name}" for op, name in chosen_backends(run).items())
+        backends += f" (from --corrupt-backend {a.corrupt_backend}, --loss-backend {a.loss_backend})"
+        if a.task != "mfm":
+            backends += f"; the {a.task} degradation runs as torch ops"
+    amp = str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "fp32"
+    steps = f"steps {step + 1}..{end_step} of {run.sched['total']}" if end_step > step else \
+        f"nothing to train (step {step} of {run.sched['total']} is done)"
+    return "\n".join([
+        f"pretrain: {a.model} ({params:.1f}M params) on {run.device} ({amp}), {a.img_size} px",
+        f"  batch {a.batch_size}{accum}{procs} = {run.total_batch} images per step, {steps}, "
+        f"warm-up {run.sched['warmup']}, peak lr {run.sched['lr']:.3g}",
+        f"  {what}, data: {data}",
+        f"  backends: {backends}",
+        f"  output: {run.out_dir}",
+    ])
+
+
+def chosen_backends(run: TrainingRun) -> dict:
+    """{op: backend} that mfm_fast.dispatch picks for this run's corruption and loss, found by running them
+    once on two blank images (the masks' random stream is left where it was)."""
+    from . import dispatch
+
+    chosen, choose = {}, dispatch.choose_backend
+
+    def record(requested, op, *args, **kwargs):
+        chosen[op] = choose(requested, op, *args, **kwargs)
+        return chosen[op]
+
+    side = run.args.img_size
+    x = torch.zeros(2, 3, side, side, dtype=torch.uint8, device=run.device)
+    state = run.corruptor.gen.get_state()
+    dispatch.choose_backend = record
+    try:
+        with torch.no_grad():
+            inp, target, mask = run.corruptor(x)
+            run.corruptor.loss(inp, target, mask)
+    finally:
+        dispatch.choose_backend = choose
+        run.corruptor.gen.set_state(state)
+    return chosen
 
 
 def repeat_first(stream: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -20,6 +20,16 @@ def _check_prefix_and_grid(num_prefix_tokens, grid_size) -> None:
             raise ValueError(f"grid_size: expected a pair of positive ints (h, w), got {grid_size!r}")
 
 
+def timm_stride(model: nn.Module) -> int:
+    """Pixels per feature-map cell of a timm model: its patch size (ViTs), its last feature reduction (CNNs),
+    else 32."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        patch = patch_embed.patch_size
+        return patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+    return model.feature_info[-1]["reduction"] if hasattr(model, "feature_info") else 32
+
+
 def tokens_to_map(tokens: torch.Tensor, num_prefix_tokens: int = 1,
                   grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """ViT tokens (N, L, D) -> feature map (N, D, h, w), dropping the first `num_prefix_tokens` (CLS, registers).
@@ -71,13 +81,11 @@ class MFMHead(nn.Module):
     @classmethod
     def for_timm_model(cls, model: nn.Module, out_chans: int = 3) -> "MFMHead":
         """Build the head for a timm model: stride = patch size for ViTs, the feature reduction for CNNs."""
+        stride = timm_stride(model)
         patch_embed = getattr(model, "patch_embed", None)
         if patch_embed is not None:
-            patch = patch_embed.patch_size
-            stride = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
             return cls(model.num_features, stride, out_chans, getattr(model, "num_prefix_tokens", 1),
                        tuple(patch_embed.grid_size))
-        stride = model.feature_info[-1]["reduction"] if hasattr(model, "feature_info") else 32
         return cls(model.num_features, stride, out_chans)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ Features: the encoder's forward_features, mean over patch tokens (ViT, prefix to
 over positions (CNN); ``--pool cls`` takes the CLS token. They are standardised with the training
 set's mean / std (MAE's BatchNorm without affine) and fed to a multinomial logistic regression
 fitted by full-batch L-BFGS with an L2 penalty (the features are held in memory).
+Progress goes to stderr; the result is printed and, with --checkpoint (or --output), written as JSON:
+<checkpoint folder>/linprobe-<checkpoint name>-step<step>-<data>.json (-2, -3, ... added when taken).
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
+
+from ._optional import require
+
+PROG = "python -m mfm_fast.linprobe"
+NEEDS = ("timm", "torchvision", "tqdm", "skimage")
+if __name__ == "__main__":  # before the imports below: they need the train extra
+    require(PROG, *NEEDS)
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +44,7 @@ from .runtime import pick_device
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineParser("python -m mfm_fast.linprobe", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="pretrain checkpoint.pth (its --model / --img-size are used); omit for a random-init encoder")
     p.add_argument("--model", default=None, help="timm model (default: the checkpoint's, else vit_small_patch16_224)")
@@ -58,6 +66,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="store_true",
                    help="probe the EMA teacher's encoder of a --method folk checkpoint instead of the student's")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--output", default=None,
+                   help="JSON file of the result (replaced if it exists); default with --checkpoint: "
+                        "<checkpoint folder>/linprobe-<checkpoint name>-step<step>-<data>.json, never replacing "
+                        "an earlier probe's file (-2, -3, ... added)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return p
 
 
@@ -101,16 +114,20 @@ def probe_data(args, img_size: int):
 # ---- features and classifier -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def features(encoder, data, device, pool: str = "avg", batch_size: int = 128, num_workers: int = 0):
-    """Frozen features (N, D) float32 and labels (N,) of (x uint8, y) tensors or a dataset."""
+def features(encoder, data, device, pool: str = "avg", batch_size: int = 128, num_workers: int = 0,
+             progress: Optional[str] = None):
+    """Frozen features (N, D) float32 and labels (N,) of (x uint8, y) tensors or a dataset; `progress`: the
+    label of a tqdm bar over the batches (None: no bar)."""
+    from tqdm import tqdm
+
     encoder.eval()
     if isinstance(data, tuple):
         x_all, y_all = data
-        batches = ((x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size))
+        batches = [(x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size)]
     else:
         batches = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
-    for x, y in batches:
+    for x, y in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
         inp = imagenet_normalize(x.to(device).float() / 255)
         f = encoder.forward_features(inp)
         if f.dim() == 3:  # ViT tokens (N, L, D)
@@ -123,10 +140,13 @@ def features(encoder, data, device, pool: str = "avg", batch_size: int = 128, nu
     return torch.cat(feats), torch.cat(labels)
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, iters: int = 300):
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, iters: int = 300,
+               progress: Optional[str] = None):
     """Multinomial logistic regression on standardised features: min CE(x W + b, y) + l2 |W|^2 (L-BFGS).
 
-    Returns predict(x) -> class indices."""
+    Returns predict(x) -> class indices. `progress`: the label of a tqdm counter of loss evaluations."""
+    from tqdm import tqdm
+
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = ((x - mean) / std).double()
     w = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
@@ -134,22 +154,31 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 
+    bar = tqdm(desc=progress, unit="eval", disable=progress is None, leave=False)
+
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(z @ w + b, y) + l2 * (w * w).sum()
         loss.backward()
+        bar.update(1)
         return loss
     opt.step(closure)
+    bar.close()
     w, b = w.detach(), b.detach()
     return lambda q: (((q - mean) / std).double() @ w + b).argmax(1)
 
 
-def probe(encoder, train, val, device, args) -> Dict[str, float]:
-    """{'top1': held-out accuracy, 'train_top1': fit accuracy, 'n_train', 'n_val', 'dim'}."""
-    xf, yf = features(encoder, train, device, args.pool, args.batch_size, args.num_workers)
-    vf, vy = features(encoder, val, device, args.pool, args.batch_size, args.num_workers)
+def probe(encoder, train, val, device, args, name: str = "probe") -> Dict[str, float]:
+    """{'top1': held-out accuracy, 'train_top1': fit accuracy, 'n_train', 'n_val', 'dim'}; progress bars
+    labelled `name` unless args.no_progress."""
+    show = not getattr(args, "no_progress", False)
+    xf, yf = features(encoder, train, device, args.pool, args.batch_size, args.num_workers,
+                      progress=f"{name}: features of the training images" if show else None)
+    vf, vy = features(encoder, val, device, args.pool, args.batch_size, args.num_workers,
+                      progress=f"{name}: features of the held-out images" if show else None)
     num_classes = int(max(yf.max(), vy.max())) + 1
-    predict = fit_linear(xf, yf, num_classes, args.l2, args.iters)
+    predict = fit_linear(xf, yf, num_classes, args.l2, args.iters,
+                         progress=f"{name}: fitting the classifier (L-BFGS, {args.iters} iterations)" if show else None)
     return {"top1": float((predict(vf) == vy).double().mean()), "train_top1": float((predict(xf) == yf).double().mean()),
             "n_train": len(yf), "n_val": len(vy), "classes": num_classes, "dim": xf.shape[1]}
 
@@ -170,13 +199,38 @@ def check_encoder(model: str, img_size: int) -> None:
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+def result_path(args, saved: Optional[dict]) -> Optional[Path]:
+    """Where the result JSON goes: --output, else next to --checkpoint under a name that no earlier probe's file
+    has; None without either."""
+    if args.output is not None:
+        return Path(args.output)
+    if args.checkpoint is None:
+        return None
+    ckpt = Path(args.checkpoint)
+    data = Path(args.data_path).resolve().name if args.data_path else args.probe_data
+    stem = f"linprobe-{ckpt.stem}{'-teacher' if args.teacher else ''}-step{saved['step']}-{data}"
+    path, n = ckpt.parent / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = ckpt.parent / f"{stem}-{n}.json"
+    return path
+
+
+def log(message: str) -> None:
+    print(f"linprobe: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> Dict[str, dict]:
+    require(PROG, *NEEDS)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_bench_args(parser, args, ints={"train_per_class": 1, "val_per_class": 1, "iters": 1, "batch_size": 1,
                                          "num_workers": 0, "threads": 1})
     if not (args.l2 >= 0 and args.l2 < float("inf")):
         parser.error(f"--l2: must be a finite value >= 0, got {args.l2}")
+    out = Path(args.output) if args.output is not None else None
+    if out is not None and (out.is_dir() or not out.name or (out.parent.exists() and not out.parent.is_dir())):
+        parser.error(f"--output: {args.output!r} cannot be written (expected a .json file path)")
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = None
@@ -190,6 +244,9 @@ def main(argv=None) -> Dict[str, dict]:
             raise ArgError("--teacher: needs a --method folk checkpoint (it holds the EMA teacher)")
         check_encoder(model, img_size)
         device = pick_device(args.device)
+        json_path = result_path(args, saved)
+        data_name = args.data_path or args.probe_data
+        log(f"preparing the probe images ({data_name}) at {img_size} px")
         train, val = probe_data(args, img_size)
         if args.checkpoint is not None:
             ckpt = load_checkpoint(args.checkpoint)
@@ -207,14 +264,21 @@ def main(argv=None) -> Dict[str, dict]:
             if args.teacher:  # --method folk checkpoints: the EMA teacher's encoder
                 weights, prefix = state["distiller"], "teacher.module.encoder."
             encoder.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-        results[name] = probe(encoder, train, val, device, args)
+        results[name] = probe(encoder, train, val, device, args, name)
         r = results[name]
         print(f"{name:<12} {model} @ {img_size}px: linear-probe top-1 {100 * r['top1']:.1f}% on {r['n_val']} "
               f"held-out images ({r['classes']} classes, train top-1 {100 * r['train_top1']:.1f}%, "
               f"{r['n_train']} training images, {r['dim']}-d features)")
-    data_name = args.data_path or args.probe_data
-    print(json.dumps({"data": str(data_name), "model": model, "img_size": img_size,
-                      "step": ckpt["step"] if ckpt else 0, **{k: v["top1"] for k, v in results.items()}}))
+    summary = {"data": str(data_name), "model": model, "img_size": img_size, "step": ckpt["step"] if ckpt else 0,
+               **{k: v["top1"] for k, v in results.items()}}
+    print(json.dumps(summary))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        record = {**summary, "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                  "teacher": args.teacher, "pool": args.pool, "l2": args.l2, "iters": args.iters, "seed": args.seed,
+                  "results": results}
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        log(f"wrote {json_path}")
     return results
 
 

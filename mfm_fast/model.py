@@ -8,7 +8,7 @@ from torch import nn
 
 from .cli import ArgError
 from .folk import DINOHead, FOLKModel, SelfDistillation
-from .head import MFMHead
+from .head import MFMHead, timm_stride
 
 
 class MFMModel(nn.Module):
@@ -45,11 +45,24 @@ def prediction(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def check_img_size(name: str, encoder: nn.Module, img_size: int) -> None:
+    """--img-size: a multiple of the encoder's patch size (ViTs) or stride (CNNs), else an ArgError naming both."""
+    stride = timm_stride(encoder)
+    if img_size % stride == 0:
+        return
+    what = "patch size" if is_vit(encoder) else "stride"
+    below = img_size // stride * stride
+    fits = " or ".join(str(v) for v in (below, below + stride) if v > 0)
+    raise ArgError(f"--img-size: {img_size} px is {'smaller than' if img_size < stride else 'not a multiple of'} "
+                   f"{name}'s {what} {stride}; use a multiple of {stride} (e.g. {fits})")
+
+
 def build_model(args) -> nn.Module:
     """Encoder + head (stride = patch size for ViTs, the feature reduction, 32 for ResNets); checks the output size.
 
     --method folk adds the DINO projection head on the pooled features (mfm_fast.folk.FOLKModel)."""
     encoder = create_encoder(args.model, args.img_size, args.drop_path)
+    check_img_size(args.model, encoder, args.img_size)
     if getattr(args, "method", "mfm") == "folk":
         dino = DINOHead(encoder.num_features, args.dino_out_dim, args.dino_hidden_dim, args.dino_bottleneck_dim,
                         args.dino_layers, norm_last_layer=not args.no_norm_last_layer)

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=8 -m mfm_fast.pretrain --data-path /imagenet/train --preset vit_base --batch-size 128
     python -m mfm_fast.pretrain --synthetic --steps 100 --report-throughput --pipeline official,mfm_fast
 
-Shape of the code (MAE / SimMIM style): this script goes args -> data -> model -> optimiser / schedule, then
+Shape of the code (MAE / SimMIM style): this script goes args -> model -> data -> optimiser / schedule, then
 mfm_fast.engine runs the loop (mfm_fast.checkpoint saves and resumes it).
 Per step: uint8 batch -> device -> per-image masks + corruption + normalisation on the device
 (``--task mfm``) or a restoration degradation (sr / deblur / denoise, docs/spec.md §5) ->
@@ -28,6 +28,12 @@ import random
 import sys
 from pathlib import Path
 from typing import Optional
+
+from ._optional import TRAIN, require
+
+PROG = "python -m mfm_fast.pretrain"
+if __name__ == "__main__":  # before the imports below: they need the train extra
+    require(PROG, *TRAIN)
 
 import numpy as np
 import torch
@@ -60,7 +66,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineParser("python -m mfm_fast.pretrain", description=__doc__, formatter_class=_HelpFormatter)
+    p = OneLineParser(PROG, description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="timm model name, created with pretrained=False, num_classes=0 (default "
@@ -235,20 +241,22 @@ def train(args) -> dict:
 
 def _train(args, rank: int, world: int, device: torch.device, resume: Optional[str]) -> dict:
     is_main, out_dir = rank == 0, Path(args.output_dir)
-    if is_main:
-        prepare_output_dir(out_dir, fresh=resume is None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    # model (it checks --img-size against the encoder's patch size or stride before anything is written)
+    net = build_model(args).to(device)
+    if is_main:
+        prepare_output_dir(out_dir, fresh=resume is None)
+
     # data
     batches = Batches(args, rank, world, device)
     total_batch = args.batch_size * args.accum_iter * world
 
-    # model: encoder + head, then DDP, then torch.compile
-    net = build_model(args).to(device)
+    # DDP, then torch.compile
     if args.p_low is None:
         args.p_low = 0.5 if is_vit(net.encoder) else 0.3
     frozen = freeze_unused(net, args.img_size)
@@ -292,6 +300,7 @@ def _train(args, rank: int, world: int, device: torch.device, resume: Optional[s
 
 def main(argv=None) -> dict:
     """CLI entry: parses argv, runs train() once per (--method, --pipeline) entry, returns the last run's statistics."""
+    require(PROG, *TRAIN)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:

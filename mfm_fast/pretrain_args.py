@@ -79,6 +79,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) not in BACKENDS + ("auto",):
             raise ArgError(f"{_flag(name)}: expected auto or one of {', '.join(BACKENDS)}, "
                            f"got {getattr(args, name)!r}")
+    if args.overwrite and args.resume is not None:
+        raise ArgError(f"--overwrite: cannot be combined with --resume {args.resume} (--resume continues the run in "
+                       "--output-dir, --overwrite starts it afresh); drop one of them")
     if args.data_path is not None and args.synthetic:
         raise ArgError("--synthetic: cannot be combined with --data-path")
     if args.data_path is not None:

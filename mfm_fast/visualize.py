@@ -28,6 +28,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._optional import require
+
+PROG = "python -m mfm_fast.visualize"
+NEEDS = ("timm", "matplotlib", "skimage")
+if __name__ == "__main__":  # before the imports below: they need the train extra
+    require(PROG, *NEEDS)
+
 import numpy as np
 import torch
 
@@ -230,8 +237,7 @@ def render(net: torch.nn.Module, corruptor: Corruptor, x: torch.Tensor, path, ti
 
 def get_args_parser() -> argparse.ArgumentParser:
     from .cli import OneLineParser
-    p = OneLineParser("python -m mfm_fast.visualize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="a checkpoint written by python -m mfm_fast.pretrain (required unless --views)")
     p.add_argument("--data-path", default=None,
@@ -295,6 +301,7 @@ def views_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Pat
 
 
 def main(argv=None) -> Path:
+    require(PROG, *NEEDS)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.views is not None:
