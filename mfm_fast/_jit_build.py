@@ -7,10 +7,12 @@ non-editable install, the checkout's ``csrc/`` otherwise) and :func:`load` compi
 
 The build is cached in ``$MFM_FAST_CACHE`` (default ``$XDG_CACHE_HOME/mfm_fast``, i.e. ``~/.cache/mfm_fast``),
 one folder per key ``<python>-torch<version>-cuda<version>-sm<archs>-<sha256 of csrc and flags>``; a build
-happens in a private folder renamed into place when it is complete, under an OS file lock, so concurrent first
-uses (DDP ranks) compile once and the others wait and load the result. Nothing here imports torch at module
-level: setup.py loads this file by path (``find_cuda_home``, ``sources_hash``) in build environments without
-torch.
+happens in a private folder ``<key>.partial-<pid>`` renamed into place when it is complete, under an OS file
+lock, so concurrent first uses (DDP ranks) compile once and the others wait and load the result. The build
+record (build.json) holds the size and sha256 of the library: an entry whose library does not match them is
+never loaded (loading a truncated library kills the process with SIGBUS) but rebuilt, and the private folders
+of killed builds are removed. Nothing here imports torch at module level: setup.py loads this file by path
+(``find_cuda_home``, ``sources_hash``) in build environments without torch.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 logger = logging.getLogger("mfm_fast")
 
@@ -35,6 +38,16 @@ DEFAULT_ARCH_LIST = "9.0"  # H100 / H200, when no GPU is visible (setup.py uses 
 LIB_NAME = "mfm_fast_C"
 RECORD = "build.json"
 _SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
+_PARTIAL = ".partial-"
+_checked: dict = {}  # (library, size, mtime) -> what is wrong with it or None: each library is hashed once
+
+
+class CacheError(RuntimeError):
+    """The cache folder cannot hold a build (the message names it and why)."""
+
+
+class NotBuilt(RuntimeError):
+    """The cached build is damaged and compiling was not asked for (the message names it and what is wrong)."""
 
 
 def flag(name: str) -> bool:
@@ -152,29 +165,115 @@ def unavailable_reason() -> Optional[str]:
 
 
 def cached() -> Optional[dict]:
-    """The record of a finished build for this torch / CUDA / arch list / sources, or None."""
+    """The record of an intact finished build for this torch / CUDA / arch list / sources, or None."""
+    return _entry()[0]
+
+
+def _entry() -> Tuple[Optional[dict], Optional[str]]:
+    """:func:`_read_record` of the cache folder for this torch / CUDA / arch list / sources."""
     src = sources_dir()
-    if src is None:
-        return None
-    folder = os.path.join(cache_root(), _key(src))
-    return _read_record(folder)
+    return (None, None) if src is None else _read_record(os.path.join(cache_root(), _key(src)))
 
 
-def _read_record(folder: str) -> Optional[dict]:
+def _read_record(folder: str) -> Tuple[Optional[dict], Optional[str]]:
+    """(record, None) for an intact build in `folder`; (None, what is wrong) for a damaged one; (None, None)
+    when there is none."""
+    if not os.path.isdir(folder):
+        return None, None
+    path = os.path.join(folder, RECORD)
     try:
-        with open(os.path.join(folder, RECORD), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             record = json.load(f)
-    except (OSError, ValueError):
-        return None
+    except FileNotFoundError:
+        return None, f"{path}: missing"
+    except (OSError, ValueError) as exc:
+        return None, f"{path}: unreadable ({exc})"
+    if not isinstance(record, dict) or not isinstance(record.get("library_size"), int) \
+            or not isinstance(record.get("library_sha256"), str):
+        return None, f"{path}: no library_size / library_sha256 to check the library with (an older record)"
     record["library"] = os.path.join(folder, LIB_NAME + ".so")  # where the folder is now
-    return record if os.path.isfile(record["library"]) else None
+    problem = _library_problem(record["library"], record["library_size"], record["library_sha256"])
+    return (None, problem) if problem else (record, None)
+
+
+def _library_problem(library: str, size: int, sha256: str) -> Optional[str]:
+    """What is wrong with `library` against the size and sha256 its record holds, or None."""
+    try:
+        st = os.stat(library)
+    except OSError as exc:
+        return f"{library}: {exc.strerror.lower()}"
+    key = (library, st.st_size, st.st_mtime_ns)
+    if key not in _checked:
+        if st.st_size != size:
+            _checked[key] = f"{library}: {st.st_size} bytes, {RECORD} says {size} (a partial copy or a full disk?)"
+        else:
+            _checked[key] = None if _sha256(library) == sha256 else f"{library}: sha256 differs from {RECORD}'s"
+    return _checked[key]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _writable_cache() -> str:
+    """cache_root(), created if missing; CacheError (one line, the folder and the cause first) when it is not a
+    writable folder."""
+    root = cache_root()
+    try:
+        os.makedirs(root, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        name = f"MFM_FAST_CACHE {root}" if os.environ.get("MFM_FAST_CACHE") else f"the build cache {root}"
+        blocker = root
+        while blocker != os.path.dirname(blocker) and not os.path.lexists(blocker):
+            blocker = os.path.dirname(blocker)
+        if not os.path.isdir(blocker):
+            cause = "is a file, not a folder" if blocker == root else f"{blocker} is a file, not a folder"
+        else:
+            cause = f"not writable ({exc.strerror})"
+        raise CacheError(f"{name}: {cause} (set MFM_FAST_CACHE to a writable folder)") from None
+    return root
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_partials(root: str) -> None:
+    """Remove the ``<key>.partial-<pid>`` folders of builds that were killed: their process no longer runs and
+    nobody holds the key's lock (a process of another machine sharing the cache holds it while it builds)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        key, _, pid = name.rpartition(_PARTIAL)
+        if not key or not pid.isdigit() or _running(int(pid)):
+            continue
+        try:
+            with _FileLock(os.path.join(root, key + ".lock"), wait=False):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # the key is being built, or the cache is read-only
+            pass
 
 
 class _FileLock:
-    """An exclusive OS lock (flock) on `path`: released by the kernel if the holder dies, so it never goes stale."""
+    """An exclusive OS lock (flock) on `path`: released by the kernel if the holder dies, so it never goes stale.
+    With `wait` False, entering raises BlockingIOError when another holds it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, wait: bool = True):
         self.path = path
+        self.wait = wait
 
     def __enter__(self):
         import fcntl
@@ -183,6 +282,9 @@ class _FileLock:
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            if not self.wait:
+                self.file.close()
+                raise
             logger.warning("mfm_fast: waiting for another process that is compiling the CUDA extension (%s)",
                            self.path)
             fcntl.flock(self.file, fcntl.LOCK_EX)
@@ -200,15 +302,17 @@ def build() -> dict:
     if why is not None:
         raise RuntimeError(why)
     src = sources_dir()
-    root = cache_root()
-    os.makedirs(root, exist_ok=True)
+    root = _writable_cache()
+    _remove_stale_partials(root)
     key = _key(src)
     final = os.path.join(root, key)
     waited_since = time.time()
     with _FileLock(final + ".lock"):
-        record = _read_record(final)
+        record, problem = _read_record(final)
         if record is not None:
             return record
+        if problem is not None:
+            logger.warning("mfm_fast: %s; rebuilding the cached CUDA extension", problem)
         failure = _recent_failure(final + ".failed.json", waited_since)
         if failure is not None:  # another rank failed while this one waited: same inputs, same failure
             raise RuntimeError(failure)
@@ -216,7 +320,7 @@ def build() -> dict:
         meta = {"how": "just in time", "key": key, "torch_version": torch.__version__, "torch_cuda": torch.version.cuda,
                 "cuda_home": cuda_home, "nvcc": nvcc_version(cuda_home), "arch_list": arch_list(),
                 "sources": os.path.abspath(src), "sources_sha256": sources_hash(src)}
-        work = f"{final}.partial-{os.getpid()}"
+        work = f"{final}{_PARTIAL}{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
         logger.warning("mfm_fast: compiling the CUDA extension just in time (first use with torch %s, CUDA %s, "
@@ -233,7 +337,9 @@ def build() -> dict:
             with open(final + ".failed.json", "w", encoding="utf-8") as f:
                 json.dump({"error": message}, f)
             raise RuntimeError(message)
+        library = os.path.join(work, LIB_NAME + ".so")
         meta.update(build_seconds=seconds, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    library_size=os.path.getsize(library), library_sha256=_sha256(library),
                     library=os.path.join(final, LIB_NAME + ".so"))
         with open(os.path.join(work, RECORD), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
@@ -272,16 +378,21 @@ def _compile(src: str, work: str, cuda_home: str, archs: str, log_path: str) -> 
 
 
 def load(build_if_needed: bool = True) -> Optional[dict]:
-    """Load the cached build into this process (compiling it first if `build_if_needed`); its record, or None
-    when nothing is cached and `build_if_needed` is False. Raises RuntimeError (why) when it cannot be built."""
+    """Load the cached build into this process (compiling it first, or again when damaged, if `build_if_needed`);
+    its record, or None when nothing is cached and `build_if_needed` is False. Raises NotBuilt for a damaged
+    build without `build_if_needed`, RuntimeError (why) when it cannot be built."""
     import torch
 
     if flag("MFM_FAST_SKIP_CUDA_BUILD"):
         raise RuntimeError("MFM_FAST_SKIP_CUDA_BUILD=1 is set, so nothing is compiled or loaded just in time")
-    record = cached()
+    _remove_stale_partials(cache_root())
+    record, problem = _entry()
     if record is None:
         if not build_if_needed:
-            return None
+            if problem is None:
+                return None
+            raise NotBuilt(f"{problem}; this damaged CUDA extension build is not loaded: it is rebuilt on first use "
+                           "of backend='cuda' (`python -m mfm_fast.info --require-cuda-ext` rebuilds it now)")
         record = build()
     torch.ops.load_library(record["library"])
     return record

@@ -120,6 +120,12 @@ def _load(build: bool = True) -> Optional[str]:
     if jit_reason is None:
         try:
             record = _jit_build.load(build_if_needed=build)
+        except _jit_build.NotBuilt as exc:  # a damaged cached build, rebuilt by a later call with `build`
+            return f"{exc}; {_install_note(info)}"
+        except _jit_build.CacheError as exc:  # the cache folder: its path and the cause first
+            _state["reason"] = (f"{exc}; the CUDA extension would be built just in time there "
+                                f"({'; '.join(problems) or _install_note(info)})")
+            return _state["reason"]
         except Exception as exc:  # a failed compile, a library that does not load
             jit_reason = str(exc)
         else:
@@ -147,18 +153,16 @@ def unavailable_reason(device_type: Optional[str] = None, build: bool = True, si
     """None if the extension can run on `device_type` tensors (any when None) of planes `size` = (C, H, W) (any
     when None), else why not.
 
-    Loads the extension on the first call, compiling it just in time if needed (unless `build` is False)."""
-    reason = _load(build)
-    if reason is not None:
-        return reason
+    Tensors and sizes that no build serves are refused first; then the extension is loaded on the first call,
+    compiled just in time if needed (unless `build` is False)."""
     if device_type == "cpu":
         return ("the CUDA extension backend runs on CUDA tensors only (its CPU kernels, "
                 "torch.ops.mfm_fast.*_cuda on CPU tensors, are a slow host build for tests); use backend='torch'")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
-    if size is not None:
+    if size is not None and size_reason(size[1], size[2], size[0]) is not None:
         return size_reason(size[1], size[2], size[0])
-    return None
+    return _load(build)
 
 
 def size_reason(height: int, width: int, channels: int) -> Optional[str]:
