@@ -330,7 +330,7 @@ def chosen_backends(run: TrainingRun) -> dict:
     try:
         with torch.no_grad():
             inp, target, mask = run.corruptor(x)
-            run.corruptor.loss(inp, target, mask)
+            run.corruptor.criterion(inp, target, mask)  # what Corruptor.loss runs (mfm_fast pipeline)
     finally:
         dispatch.choose_backend = choose
         run.corruptor.gen.set_state(state)
