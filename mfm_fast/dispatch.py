@@ -166,10 +166,14 @@ def choose_backend(requested: str, op: str, device: torch.device, inputs: Option
     raise RuntimeError(f"no backend can run {op} on {device.type}")  # unreachable: torch always runs
 
 
+LAST_CHOICE: Dict[str, str] = {}  # {op: the backend its latest run() chose}, for reports such as pretrain's header
+
+
 def run(op: str, requested: str, inputs: tuple, options):
     """Choose the backend for `op` on validated `inputs` (tensors, the first one (N, C, H, W)) with its
     options object, and run it there."""
     name = choose_backend(requested, op, inputs[0].device, inputs, options)
+    LAST_CHOICE[op] = name
     return backend_module(name).run(op, inputs, options)
 
 

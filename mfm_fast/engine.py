@@ -317,24 +317,17 @@ def chosen_backends(run: TrainingRun) -> dict:
     once on two blank images (the masks' random stream is left where it was)."""
     from . import dispatch
 
-    chosen, choose = {}, dispatch.choose_backend
-
-    def record(requested, op, *args, **kwargs):
-        chosen[op] = choose(requested, op, *args, **kwargs)
-        return chosen[op]
-
     side = run.args.img_size
     x = torch.zeros(2, 3, side, side, dtype=torch.uint8, device=run.device)
     state = run.corruptor.gen.get_state()
-    dispatch.choose_backend = record
+    dispatch.LAST_CHOICE.clear()
     try:
         with torch.no_grad():
             inp, target, mask = run.corruptor(x)
             run.corruptor.criterion(inp, target, mask)  # what Corruptor.loss runs (mfm_fast pipeline)
     finally:
-        dispatch.choose_backend = choose
         run.corruptor.gen.set_state(state)
-    return chosen
+    return dict(dispatch.LAST_CHOICE)
 
 
 def repeat_first(stream: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
