@@ -18,9 +18,10 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 .PHONY: install test test-fast bench info lock clean
 
 $(STAMP): requirements.txt constraints.txt $(SOURCES)
-	@echo "make: installing into $(VENV) (first time: torch and the other pinned requirements, about 2-3 minutes)"
+	@echo "make: installing into $(VENV) (first time: torch and the other pinned requirements, about 1-2 minutes;"
+	@echo "      --no-compile: Python compiles each module when it is first imported instead)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install -r requirements.txt -c constraints.txt
+	$(PIP) install --no-compile -r requirements.txt -c constraints.txt
 	@echo "make: pip install -e . $(if $(HAVE_GPU),(builds the CUDA extension for the visible GPU: 1-3 minutes),(no GPU visible: the CUDA extension is left to its just-in-time build))"
 	MFM_FAST_DEFER_CUDA_BUILD=$(if $(HAVE_GPU),0,1) $(PIP) install -e . -c constraints.txt
 	rm -f $(EXT_STAMP)

@@ -215,16 +215,18 @@ def test_integer_and_bool_masks_on_the_cuda_extension_host_kernels(dtype):
                        cuda_backend.masked_freq_loss(pred, x, m, 1.0, "masked", 1.0, mean, std, False))
 
 
-def test_integer_mask_values_checked_only_under_value_checks():
+def test_integer_masks_are_nonzero_kept_with_or_without_value_checks():
+    """An integer 2 means kept (not a weight of 2), so value checks, which hold float masks to [0, 1], pass it."""
     x = torch.rand(1, 3, 8, 8)
-    bad = torch.full((1, 8, 8), 2, dtype=torch.int64)
-    mfm_fast.corrupt(x, bad)  # off by default: no host sync, the value is used as it is
+    twos, ones = torch.full((1, 8, 8), 2, dtype=torch.int64), torch.ones(1, 8, 8)
+    assert torch.equal(mfm_fast.corrupt(x, twos), mfm_fast.corrupt(x, ones))
     V.set_value_checks(True)
     try:
+        assert torch.equal(mfm_fast.corrupt(x, twos), mfm_fast.corrupt(x, ones))
+        assert torch.equal(mfm_fast.masked_freq_loss(x, x, twos, reduction="sum"),
+                           mfm_fast.masked_freq_loss(x, x, ones, reduction="sum"))
         with pytest.raises(ValueError, match=r"^mask: values must lie in \[0, 1\]"):
-            mfm_fast.corrupt(x, bad)
-        with pytest.raises(ValueError, match=r"^mask: values must lie in \[0, 1\]"):
-            mfm_fast.masked_freq_loss(x, x, bad)
+            mfm_fast.corrupt(x, twos.float())
     finally:
         V.set_value_checks(False)
 
