@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Triton AOT compiles for sm_90: minutes on 2 cores
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOPPER_SMEM = 227 * 1024  # largest dynamic shared memory per block on sm_90
 BAND_REGISTERS = 128  # corruption band path at R = 16: 4 programs of 4 warps (2 of 8 warps) per SM by registers

@@ -121,6 +121,7 @@ def test_bench_torch_compile_provider_passes_check(bench, capsys):
     assert "check torch_compile PASS" in out and "corrupt       torch_compile " in out
 
 
+@pytest.mark.slow
 def test_e2e_step_runs_on_cpu_with_tiny_models(tmp_path, capsys):
     e2e = load("e2e_step")
     args = ["--device", "cpu", "--batch", "2", "--steps", "1", "--rounds", "3", "--warmup", "0", "--out-dir",

@@ -183,6 +183,7 @@ def _nvcc_cmd(source, *args):
             os.path.join(root, "csrc", source)]
 
 
+@pytest.mark.slow
 @needs_ext
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
 @pytest.mark.parametrize("source", ["corrupt.cu", "masked_freq_loss.cu"])
@@ -207,6 +208,7 @@ def test_sm90_plane_kernels_keep_the_fft_in_registers_and_prefetch(source, tmp_p
     assert ptx.count("cp.async.bulk.prefetch.L2.global") == n_kernels * inputs, "sm_90 PTX: L2 bulk prefetch"
 
 
+@pytest.mark.slow
 @needs_ext
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
 def test_pre_hopper_build_prefetches_by_lines(tmp_path):

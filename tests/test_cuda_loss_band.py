@@ -177,6 +177,7 @@ def test_op_schema_fake_and_autograd_with_mask_band():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="nvcc not found (the extension was built elsewhere)")
+@pytest.mark.slow
 def test_sm90_band_kernels_no_local_memory(tmp_path):
     """nvcc -Xptxas -v for sm_90 (setup.py's flags): every band kernel (224 / 112, RB 16 / 32, with and without
     the gradient) has no stack frame and no spills; the 224 x 16 kernel with the gradient fits 3 CTAs of 224

@@ -245,6 +245,7 @@ def test_bad_mask_options_name_the_flag(tmp_path, capsys, extra, flag):
     assert f"error: {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_folk_ddp_two_processes_keep_student_and_teacher_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mfm_fast.pretrain"] + BASE + ["--steps", "3", "--log-every", "1", "--output-dir", str(tmp_path)]
@@ -267,6 +268,7 @@ def test_throughput_report_compares_mfm_and_folk(tmp_path, capsys):
     assert (tmp_path / "mfm" / "log.jsonl").exists() and (tmp_path / "folk" / "log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_folk_example_runs():
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "folk_minimal.py"), "--model", "test_vit",
                            "--img-size", "32", "--steps", "3", "--batch-size", "4", "--out-dim", "256"],

@@ -159,6 +159,7 @@ def model_json():
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_model_schema(model_json):
     names = [k["name"] for k in model_json["kernels"]]
     for want in ("cuda corrupt", "cuda loss fwd+bwd", "cuda loss forward only (full planes)", "triton corrupt band",
@@ -177,6 +178,7 @@ def test_model_schema(model_json):
     assert len(band["launches"]) == 2  # kernels/corrupt.py's band path: coefficients, then the low-pass pass
 
 
+@pytest.mark.slow
 def test_cuda_loss_total_is_full_half_plus_band_half_plus_glue(model_json):
     rows = {k["name"]: k for k in model_json["kernels"]}
     band, low, total = (rows["cuda loss (band planes)"], rows["cuda loss fwd+bwd (full planes, low-pass half)"],
@@ -188,6 +190,7 @@ def test_cuda_loss_total_is_full_half_plus_band_half_plus_glue(model_json):
     assert abs(total["modelled_ms"] - (low["modelled_ms"] + band["modelled_ms"] + total["glue_ms"])) < 1e-3
 
 
+@pytest.mark.slow
 def test_calibration_within_30_percent(model_json):
     for c in model_json["calibration"]:
         assert c["measured_ms"] > 0

@@ -109,6 +109,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert pretrain.load_checkpoint(path)["step"] == 3 and not list(tmp_path.glob(".checkpoint.pth.tmp-*"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mfm_fast.pretrain"] + BASE + ["--steps", 4, "--log-every", 2, "--output-dir", tmp_path]
@@ -357,6 +358,7 @@ def test_linear_probe_on_builtin_data(tmp_path):
     assert faces["n_train"] == 140 and faces["n_val"] == 60 and faces["top1"] > 0.6
 
 
+@pytest.mark.slow
 def test_minimal_example_runs():
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "timm_pretrain_minimal.py"), "--model",
                            "test_vit", "--img-size", "32", "--steps", "3", "--batch-size", "4"],
@@ -410,6 +412,7 @@ def _kill_after(cmd, out_dir, step, delay):
     return proc.returncode
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume_auto_is_bit_identical(tmp_path):
     import random
     rng = random.Random(19)

@@ -74,6 +74,7 @@ def test_emulation_is_active_in_the_loss_kernels():
 
 @pytest.mark.parametrize("gamma, factor", [(0.5, True), (0.5, False), (1.0, True)],
                          ids=["0.5-factored", "0.5-direct", "1.0-factored"])
+@pytest.mark.slow
 def test_tf32x3_loss_within_1e5_at_224_under_emulated_tensor_cores(gamma, factor, monkeypatch):
     """MFM size: one low-pass image (full path: the transforms factored 7 x 32, or direct as at sizes that
     are not 7 x 2^k) and one high-pass image (band path), fp32 pred."""

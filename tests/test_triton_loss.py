@@ -78,7 +78,8 @@ def test_matches_reference(shape, case):
 
 
 FACTORED = [dict(), dict(loss_gamma=0.5, normalize_target=True), dict(reduction="sum", loss_gamma=2.0),
-            dict(mask_band="r1", reduction="mean"), dict(patch_factor=2, loss_gamma=0.5)]
+            dict(mask_band="r1", reduction="mean"),
+            pytest.param(dict(patch_factor=2, loss_gamma=0.5), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("factor", [True, False], ids=["factored", "direct"])
@@ -237,7 +238,8 @@ def test_bad_triton_options(kw, err, msg):
         mfm_fast.MaskedFreqLoss(backend="triton", **kw)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 16, 24), (2, 3, 112, 112)], ids=["direct", "factored"])
+@pytest.mark.parametrize("shape", [(2, 3, 16, 24), pytest.param((2, 3, 112, 112), marks=pytest.mark.slow)],
+                         ids=["direct", "factored"])
 @pytest.mark.parametrize("precision, tol", [("ieee", TOL), ("tf32", 2e-2), ("bf16", 5e-2)])
 def test_precision_modes(precision, tol, shape):
     pred, target = _inputs(shape)
