@@ -10,6 +10,7 @@ STAMP := $(VENV)/.mfm_fast_installed
 EXT_STAMP := $(VENV)/.mfm_fast_cuda_ext
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
+JOBS ?= auto
 BENCH_ARGS ?=
 # 1 where a GPU is visible: then the first install builds the CUDA extension for it at once.
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -40,9 +41,9 @@ install: $(EXT_STAMP)
 test: $(EXT_STAMP)
 	$(BIN)/python -m pytest --benchmark-disable $(PYTEST_ARGS)
 
-# Everything but the tests marked slow (fresh-venv installs, real compiles, training runs).
+# Everything but the tests marked slow (fresh-venv installs, real compiles, training runs), on every core.
 test-fast: $(EXT_STAMP)
-	$(BIN)/python -m pytest --benchmark-disable -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --benchmark-disable -m "not slow" -n $(JOBS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fft_mask.py $(BENCH_ARGS)
