@@ -16,13 +16,17 @@ BENCH_ARGS ?=
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.cuh csrc/*.h)
 
+# $(call quietly,WHAT,COMMAND): run COMMAND, printing "make: still WHAT (N s)" every 10 s while it is silent.
+quietly = ( t=0; while sleep 10; do t=$$((t + 10)); echo "make: still $(1) ($$t s)"; done ) & hb=$$!; \
+	$(2); rc=$$?; kill $$hb 2>/dev/null; exit $$rc
+
 .PHONY: install test test-fast bench info lock clean
 
 $(STAMP): requirements.txt constraints.txt $(SOURCES)
 	@echo "make: installing into $(VENV) (first time: torch and the other pinned requirements, about 1-2 minutes;"
 	@echo "      --no-compile: Python compiles each module when it is first imported instead)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install --no-compile -r requirements.txt -c constraints.txt
+	@$(call quietly,installing the requirements into $(VENV),$(PIP) install --no-compile -r requirements.txt -c constraints.txt)
 	@echo "make: pip install -e . $(if $(HAVE_GPU),(builds the CUDA extension for the visible GPU: 1-3 minutes),(no GPU visible: the CUDA extension is left to its just-in-time build))"
 	MFM_FAST_DEFER_CUDA_BUILD=$(if $(HAVE_GPU),0,1) $(PIP) install -e . -c constraints.txt
 	rm -f $(EXT_STAMP)
@@ -33,7 +37,8 @@ $(EXT_STAMP): $(STAMP)
 	@if $(BIN)/python -c "import json, sys; sys.exit(json.load(open('mfm_fast/_build_info.json'))['status'] != 'built')" 2>/dev/null; then \
 	  echo "make: the CUDA extension is already built"; else \
 	  echo "make: building the CUDA extension ahead of time (about 2 minutes on 2 cores, once)"; \
-	  MFM_FAST_DEFER_CUDA_BUILD=0 $(PIP) install -q -e . --no-deps --no-build-isolation -c constraints.txt; fi
+	  $(call quietly,compiling the CUDA extension,MFM_FAST_DEFER_CUDA_BUILD=0 $(PIP) install -q -e . --no-deps \
+	    --no-build-isolation -c constraints.txt); fi
 	touch $(EXT_STAMP)
 
 install: $(EXT_STAMP)
