@@ -160,9 +160,7 @@ def unavailable_reason(device_type: Optional[str] = None, build: bool = True, si
                 "torch.ops.mfm_fast.*_cuda on CPU tensors, are a slow host build for tests); use backend='torch'")
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
-    if size is not None and size_reason(size[1], size[2], size[0]) is not None:
-        return size_reason(size[1], size[2], size[0])
-    return _load(build)
+    return (size_reason(size[1], size[2], size[0]) if size is not None else None) or _load(build)
 
 
 def size_reason(height: int, width: int, channels: int) -> Optional[str]:

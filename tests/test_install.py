@@ -5,7 +5,7 @@ interpreter's other packages (torch, triton, numpy, ...) through a .pth file poi
 so it costs seconds; pip itself, setuptools, wheel, mfm_fast and PyPI's `kernels` are left out of that folder.
 Every install works on a copy of the repository (the working tree is never modified) and every venv shares
 one just-in-time build cache: the suite compiles the CUDA extension once, the other installs load that build.
-pip reaches PyPI for its isolated build environments, `pip install -U pip` and PyPI's `kernels`; every one of those
+pip reaches PyPI for its isolated build environments, a newer pip and PyPI's `kernels`; every one of those
 installs is pinned by constraints.txt (PIP_CONSTRAINT, and PIP_BUILD_CONSTRAINT for pips that no longer pass
 constraints into build environments), so a new release on PyPI changes nothing here until `make lock` is run.
 """
