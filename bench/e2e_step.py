@@ -139,9 +139,7 @@ def parse_args(argv):
     check_bench_args(p, args, ints={"batch": 1, "steps": 1, "rounds": 1, "warmup": 0, "threads": 1},
                      out_dirs=("out_dir",))
     library_check(p, "--backend", mfm_fast.dispatch.check_backend_name, args.backend, "backend")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device: cuda asked for, but torch sees no CUDA device here (torch.cuda.is_available() is False)")
-    device = fft_mask.bench_device(args.device).type
+    device = fft_mask.bench_device(args.device, p).type
     for op in ("corrupt", "masked_freq_loss"):
         why = mfm_fast.available_backends(device, op).get(args.backend)
         if why is not None:

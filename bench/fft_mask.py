@@ -503,8 +503,7 @@ def parse_args(argv):
     check_bench_args(p, args, ints={"batch": 1, "reps": 1, "warmup": 0, "threads": 1}, positive=("budget",),
                      out_dirs=("out_dir",))
     check_sizes(p, args.size)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device: cuda asked for, but torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    device = bench_device(args.device, p)
     from mfm_fast import _validate as V
     from mfm_fast.masks import check_rings, check_rings_on_grid
     library_check(p, "--p-low", V.check_number, "p_low", args.p_low, low=0.0, high=1.0)
@@ -518,7 +517,6 @@ def parse_args(argv):
         if not names or unknown:
             p.error(f"--providers: expected a comma list of {', '.join(PROVIDER_ORDER)} (or auto), got "
                     f"{args.providers!r}")
-        device = bench_device(args.device)
         works = WORKS if "all" in args.work else args.work
         for name in names:
             reasons = [unavailable(name, w, device.type) for w in works] if name != "copy" else [None]
@@ -527,8 +525,11 @@ def parse_args(argv):
     return args
 
 
-def bench_device(name: str) -> torch.device:
-    """The device of --device: auto is cuda when torch sees a GPU, else cpu."""
+def bench_device(name: str, parser=None) -> torch.device:
+    """The device of --device: auto is cuda when torch sees a GPU, else cpu. With the `parser`, cuda without a GPU
+    is a one-line --device error."""
+    if parser is not None and name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda asked for, but torch sees no CUDA device here (torch.cuda.is_available() is False)")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
