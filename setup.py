@@ -8,7 +8,7 @@ The CUDA extension `mfm_fast._C` (csrc/) is built ahead of time when this script
 nvcc found (no GPU needed): `pip install -e . --no-build-isolation`, `pip install . --no-build-isolation`, or a
 plain `pip install -e .` with pip 23.2 and `wheel` installed. An isolated build (pip 26.x always, pip 23.2 without
 `wheel`) has no torch: the extension is then built just in time on first use from the csrc sources that ship
-with the package (mfm_fast/_jit_build.py; cached in ~/.cache/mfm_fast or $MFM_FAST_CACHE). Environment:
+with the package (mfm_fast/backends/_jit_build.py; cached in ~/.cache/mfm_fast or $MFM_FAST_CACHE). Environment:
   MFM_FAST_SKIP_CUDA_BUILD=1   pure Python: nothing is compiled, at install or at first use.
   MFM_FAST_DEFER_CUDA_BUILD=1  compile nothing now: leave the extension to the just-in-time build on first use
                                (`make` sets it where no GPU is visible, so a CPU-only machine compiles nothing
@@ -40,9 +40,9 @@ from setuptools import find_packages, setup  # noqa: E402
 
 
 def _load_jit_build():
-    """mfm_fast/_jit_build.py by path (stdlib only at import; mfm_fast itself needs torch): one definition of
+    """mfm_fast/backends/_jit_build.py by path (stdlib only at import; mfm_fast itself needs torch): one definition of
     the toolkit search and of the csrc hash for setup.py and for the just-in-time build."""
-    spec = importlib.util.spec_from_file_location("_mfm_fast_jit_build", os.path.join(HERE, "mfm_fast", "_jit_build.py"))
+    spec = importlib.util.spec_from_file_location("_mfm_fast_jit_build", os.path.join(HERE, "mfm_fast", "backends", "_jit_build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

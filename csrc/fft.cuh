@@ -465,7 +465,7 @@ MFM_HD int pos_freq(int p) {
 // pair gathers. 5 rounds at 224 with 512 threads (24 pairs each, the last 16).
 // Entry e of a round is (pair p0 + kPairGroup g + i, k) with e = i + kPairGroup (k + WH g): consecutive
 // threads take one k of 8 consecutive pairs, whose digit-reversed positions fall on different banks
-// (k-consecutive entries of one pair put up to 12 on a bank; bench/smem_banks.py). EntryWalk steps
+// (k-consecutive entries of one pair put up to 12 on a bank; tools/smem_banks.py). EntryWalk steps
 // (i, k, g) by additions.
 constexpr int kPairGroup = 8;
 

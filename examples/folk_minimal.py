@@ -15,7 +15,7 @@ from mfm_fast._optional import require
 require(os.path.basename(__file__), "timm", "torchvision", "skimage")  # exit 2 unless pip install -e '.[train]'
 import timm  # noqa: E402
 
-from mfm_fast.data import MFMTransform, PhotoCrops, TwoViews  # noqa: E402  (offline photo crops, two views each)
+from mfm_fast.train.data import MFMTransform, PhotoCrops, TwoViews  # noqa: E402  (offline photo crops, two views each)
 from mfm_fast.folk import DINOHead, FOLKModel, SelfDistillation  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,7 +15,7 @@ from mfm_fast._optional import require
 require(os.path.basename(__file__), "timm", "skimage")  # one line and exit 2 unless pip install -e '.[train]'
 import timm  # noqa: E402
 
-from mfm_fast.data import PhotoCrops  # noqa: E402  (offline photo crops from scikit-image; use your own DataLoader)
+from mfm_fast.train.data import PhotoCrops  # noqa: E402  (offline photo crops from scikit-image; use your own DataLoader)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", default="vit_small_patch16_224", help="a timm ViT (CNNs: drop img_size below)")

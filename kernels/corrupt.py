@@ -45,11 +45,11 @@ from mfm_fast._options import CorruptOptions, op_kwargs, schema_names
 
 from ._dft import channel_stats, dft_table, next_pow2
 
-BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (bench/aot_sm90.py:
+BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (tools/aot_sm90.py:
 #                        160 KiB of shared memory per phase at R = 32); wider promises take the general path
 GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
 # band-path tiles (block_rows, block_cols, num_warps, num_stages), phase 1 and phase 2: <= 128 registers, no
-# spills at R = 16 on sm_90 (bench/aot_sm90.py). One stage: no software-pipelined copies, so less shared memory
+# spills at R = 16 on sm_90 (tools/aot_sm90.py). One stage: no software-pipelined copies, so less shared memory
 # and far fewer instructions per plane; the two resident programs per SM hide the load latency instead
 # (docs/triton_corruption.md)
 BAND_COEF_TILES = (64, 16, 4, 1)
@@ -388,7 +388,7 @@ def launch(x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, out: torch.
            num_stages: Optional[int] = None, splits: Optional[int] = None) -> list:
     """Write the corrupted input into `out` (N, C, H, W) contiguous. The tiles (default: band_tiles(precision,
     mask_band) on the band path; given ones apply to both phases) are tunable
-    (bench/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
+    (tools/tune_corrupt.py) and clipped to the padded image; `splits` (band path) is the number of
     row ranges each plane's band spectrum is summed over in phase 1. Returns the compiled kernels,
     whose n_regs / n_spills / metadata.shared the tuning script reports."""
     n, channels, height, width = x.shape

@@ -1,6 +1,6 @@
 """Triton masked spectral loss (docs/spec.md §3): the loss and dloss/dpred in the forward launches.
 
-Same half-spectrum maths as mfm_fast/torch_backend/masked_freq_loss.py, with every DFT a GEMM on
+Same half-spectrum maths as mfm_fast/backends/torch_backend/masked_freq_loss.py, with every DFT a GEMM on
 ``tl.dot`` (split re/im, tables from kernels/_dft.py). Per image plane (per patch when
 patch_factor > 1) of size h x w, x = pred - target (target normalised in registers):
 
@@ -39,7 +39,7 @@ Precision: tl.dot inputs are "tf32x3" by default (three tf32 products: a_lo t + 
 tables pre-split on the host), ~fp32 accuracy; "ieee", "tf32" and "bf16" are the other modes. The
 three products of each tile start from a zero accumulator and are added to the running sum in fp32:
 tensor cores round each k-step toward zero, and fed the running sum they bias it over the whole
-DFT (4.2e-5 gradient error at gamma = 0.5 on the H200; tests/tensor_core_emulation.py models it).
+DFT (4.2e-5 gradient error at gamma = 0.5 on the H200; tests/backends/tensor_core_emulation.py models it).
 Extra memory: the gradient, plus an fp32 copy of it for bf16 / fp16 pred, and O(planes) scalars.
 """
 
@@ -55,13 +55,13 @@ import triton.language as tl
 
 from mfm_fast._common import compute_dtype, needs_grad, triton_interpreted
 from mfm_fast._options import LossOptions, op_kwargs, schema_names
-from mfm_fast.torch_backend.masked_freq_loss import loss_value_of_op_args, register_saved_grad_autograd
+from mfm_fast.backends.torch_backend.masked_freq_loss import loss_value_of_op_args, register_saved_grad_autograd
 
 from ._dft import channel_stats, dft_table, next_pow2
 
 BAND_MAX = 32  # widest mask_band the band kernel takes (its (2R-1) x R spectrum stays in registers)
 MAX_SIDE = 256  # largest plane side (after patch_factor): at 257..512 the forward kernel needs 274 KiB of
-#                 shared memory on sm_90 (bench/aot_sm90.py), more than Hopper's 227 KiB
+#                 shared memory on sm_90 (tools/aot_sm90.py), more than Hopper's 227 KiB
 
 
 # ---------------------------------------------------------------- device helpers
@@ -568,7 +568,7 @@ def _table(precision: str, *args) -> torch.Tensor:
 
 
 FACTOR = 7  # transforms of length 7 * 2^k (2^k >= 16: 112, 224) are factored
-FACTOR_H = True  # False: the direct transform along H at every size (bench/tune_loss.py compares the two)
+FACTOR_H = True  # False: the direct transform along H at every size (tools/tune_loss.py compares the two)
 FACTOR_W = True  # the same for the inverse transform along W (the gradient rows)
 
 
@@ -602,7 +602,7 @@ def _config(h: int, w: int) -> dict:
     inverse kernel: BYV rows per program, BX output columns per step; band kernel: BY x BW tiles.
     Chosen so that every side up to MAX_SIDE fits Hopper's shared memory with tf32x3 (at 224 x 224:
     forward 146 KiB, inverse 132 KiB; w > 254 has KXP = 256 and halves the inverse's tiles, else it
-    would need 260 KiB): `python bench/aot_sm90.py --size S` prints them; to be tuned on the GPU."""
+    would need 260 KiB): `python tools/aot_sm90.py --size S` prints them; to be tuned on the GPU."""
     HP, WP, KXP = next_pow2(h), next_pow2(w), next_pow2(w // 2 + 1)
     wide = KXP > 128
     return dict(HP=HP, WP=WP, KXP=KXP, BKX=min(32, KXP), BY=min(16, HP), BW=min(32, WP), BKC=min(16, HP),

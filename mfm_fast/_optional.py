@@ -7,6 +7,9 @@ import sys
 
 TRAIN = ("timm", "torchvision", "tqdm", "matplotlib", "skimage")  # setup.py's extras_require["train"]
 PIP_NAMES = {"skimage": "scikit-image"}  # import name -> pip name, where they differ
+# What each command of the trainer (python -m mfm_fast.<command>, mfm_fast/train/<command>.py) imports.
+NEEDS = {"pretrain": TRAIN, "linprobe": ("timm", "torchvision", "tqdm", "skimage"),
+         "visualize": ("timm", "matplotlib", "skimage")}
 
 
 def missing(*modules: str) -> list:
@@ -30,3 +33,4 @@ def require(prog: str, *modules: str) -> None:
         sys.stderr.write(f"{prog}: error: needs {', '.join(absent)} (not installed): pip install -e '.[train]' "
                          "(or pip install 'mfm_fast[train]')\n")
         raise SystemExit(2)
+

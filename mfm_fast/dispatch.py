@@ -1,9 +1,9 @@
 """The one place that chooses a backend: a registry of backends and one decision, before any op runs.
 
 Backends, in the order ``auto`` prefers them on CUDA tensors: ``cuda`` (the csrc/ extension,
-mfm_fast.cuda_backend), ``triton`` (kernels/, mfm_fast.kernels), ``torch`` (rfft2 half spectrum,
-mfm_fast.torch_backend). On CPU tensors ``auto`` picks ``torch``. ``reference`` (fp64 full-grid oracle,
-mfm_fast.reference) is never picked by ``auto``; ask for it by name.
+mfm_fast.backends.cuda), ``triton`` (kernels/, mfm_fast.kernels), ``torch`` (rfft2 half spectrum,
+mfm_fast.backends.torch_backend). On CPU tensors ``auto`` picks ``torch``. ``reference`` (fp64 full-grid oracle,
+mfm_fast.backends.reference) is never picked by ``auto``; ask for it by name.
 
 Each backend is a module that declares itself (imported on first use: the triton one imports triton, the
 cuda one loads or compiles the extension):
@@ -32,7 +32,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import reference, torch_backend  # registers the torch ops (torch.ops.mfm_fast.*_torch) at import
+from .backends import reference, torch_backend  # registers the torch ops (torch.ops.mfm_fast.*_torch) at import
 from ._common import triton_interpreted  # noqa: F401  (re-exported: where tests and bench/ ask for it)
 
 logger = logging.getLogger("mfm_fast")
@@ -74,7 +74,7 @@ def backend_module(name: str):
         if name == "triton":
             from . import kernels as module
         else:
-            from . import cuda_backend as module
+            from .backends import cuda as module
         _modules[name] = module
     return module
 

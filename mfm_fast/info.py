@@ -16,7 +16,8 @@ import sys
 import torch
 
 from .cli import OneLineParser
-from . import __version__, cuda_backend
+from . import __version__
+from .backends import cuda as cuda_backend
 from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, OPS, _not_implemented, backend_unavailable_reason
 
 
