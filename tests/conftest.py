@@ -22,3 +22,9 @@ def restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def host_vthreads(monkeypatch):
+    """Set MFM_FAST_HOST_VTHREADS (the CUDA extension's host build reads it on every call) for one test."""
+    return lambda n: monkeypatch.setenv("MFM_FAST_HOST_VTHREADS", str(n))

@@ -3,18 +3,23 @@
 - ROOT, BENCH_DIR, TOOLS_DIR: the checkout, its user benchmarks (bench/) and the team's kernel tools (tools/);
 - SHAPES, masks_for: small (N, C, H, W) batches and their deterministic MFM masks;
 - max_rel_err: the error measure every backend is held to against the fp64 reference;
-- loss_and_grad: the masked spectral loss and its gradients through the public API;
+- loss_and_grad, reference_loss_and_grad: the masked spectral loss and its gradients through the public API;
 - numpy_corrupt, numpy_loss: the released code's corruption and loss transcribed to numpy float64;
-- load_bench / load_tool: a bench/ or tools/ script imported as a module, once per session.
+- load_bench / load_tool: a bench/ or tools/ script imported as a module, once per session;
+- one_line_error: a command-line entry point stops with status 2 and one line naming the flag;
+- nvcc: the CUDA compiler, if this machine has one.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD
@@ -22,13 +27,15 @@ from mfm_fast import IMAGENET_MEAN, IMAGENET_STD
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "bench"
 TOOLS_DIR = ROOT / "tools"
+# The environment of a subprocess that runs a command of the checkout (python -m mfm_fast.pretrain, a bench script).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 SHAPES = [(1, 3, 16, 16), (2, 3, 16, 24), (4, 3, 32, 32)]
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (in float64)."""
-    a, e = actual.detach().double(), expected.detach().double()
+    a, e = actual.detach().double(), expected.detach().double().to(actual.device)
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-300))
 
 
@@ -57,6 +64,14 @@ def loss_and_grad(backend, pred, target, mask, target_grad=False, **kw):
         total = (loss * weights.to(loss)).sum()
     total.backward()
     return (loss.detach(), p.grad, t.grad) if target_grad else (loss.detach(), p.grad)
+
+
+def reference_loss_and_grad(pred, target, mask, **kw):
+    """The fp64 reference's loss and dL/dpred on the inputs' device, for comparing a fast path's (uint8 pixels stay
+    uint8); the options only the fast paths take (mask_band, precision) are dropped."""
+    kw = {k: v for k, v in kw.items() if k not in ("mask_band", "precision")}
+    target = target if target.dtype == torch.uint8 else target.double()
+    return loss_and_grad("reference", pred.double(), target, mask, **kw)
 
 
 def numpy_corrupt(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -115,3 +130,24 @@ def load_bench(stem: str):
 def load_tool(stem: str):
     """tools/<stem>.py as a module, one instance per session."""
     return _load_script(TOOLS_DIR / f"{stem}.py")
+
+
+def one_line_error(call, capsys, prog=None, flag=None) -> str:
+    """call() exits with status 2 and writes exactly one line to stderr (no traceback, no usage dump), which starts
+    with "prog: error: " and names `flag` when they are given; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert prog is None or lines[0].startswith(f"{prog}: error: "), err
+    assert flag is None or flag in lines[0], err
+    return lines[0]
+
+
+def nvcc():
+    """The path of nvcc ($CUDA_HOME/bin, /usr/local/cuda/bin or the PATH), or None."""
+    path = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")

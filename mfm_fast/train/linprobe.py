@@ -242,7 +242,8 @@ def main(argv=None) -> Dict[str, dict]:
         device = pick_device(args.device)
         json_path = result_path(args, saved)
         data_name = args.data_path or args.probe_data
-        log(f"preparing the probe images ({data_name}) at {img_size} px")
+        if args.data_path is None:  # the built-in sets take a while to crop; an ImageFolder is only listed here
+            log(f"preparing the probe images ({args.probe_data}) at {img_size} px")
         train, val = probe_data(args, img_size)
         if args.checkpoint is not None:
             ckpt = load_checkpoint(args.checkpoint)

@@ -17,9 +17,8 @@ import mfm_fast
 from mfm_fast import compat
 from mfm_fast.backends import cuda as cuda_backend
 from mfm_fast import _validate as V
-from helpers import masks_for, max_rel_err, numpy_corrupt, numpy_loss
+from helpers import ROOT, masks_for, max_rel_err, numpy_corrupt, numpy_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEAN = np.array(mfm_fast.IMAGENET_MEAN)[None, :, None, None]
 STD = np.array(mfm_fast.IMAGENET_STD)[None, :, None, None]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mfm_fast
-from helpers import loss_and_grad, masks_for, max_rel_err
+from helpers import loss_and_grad, max_rel_err
 from mfm_fast import dispatch
 
 EPS = 1e-12

@@ -8,7 +8,6 @@ per-plane C++ code (csrc/fft.cuh, csrc/planes.cuh) as the CUDA kernels, match th
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import torch
 import mfm_fast
 from mfm_fast.backends import cuda as cuda_backend
 from mfm_fast import dispatch
-from helpers import load_tool, max_rel_err
+from helpers import load_tool, max_rel_err, nvcc, reference_loss_and_grad
 
 SKIPPED_BUILD = (os.environ.get("MFM_FAST_SKIP_CUDA_BUILD", "") not in ("", "0")
                  or cuda_backend.build_info().get("status") == "skipped")
@@ -41,14 +40,6 @@ def masks(kind, n, side, generator=None):
         return mfm_fast.make_masks(n, side, side, r1=r1, r2=3 * r1, low=torch.arange(n) % 2 == 0)
     return torch.rand(n, side, side, generator=generator)  # random: non-Hermitian, fractional
 
-
-def ref_loss(pred, target, mask, **kw):
-    """fp64 reference loss and dloss/dpred."""
-    p = pred.detach().double().requires_grad_(True)
-    t = target if target.dtype == torch.uint8 else target.double()
-    loss = mfm_fast.masked_freq_loss(p, t, mask, backend="reference", **kw)
-    loss.backward()
-    return loss.detach(), p.grad
 
 
 def cpu_kernel_loss(pred, target, mask, gamma=1.0, reduction="masked", weight=1.0, norm=False, need_grad=True):
@@ -171,22 +162,17 @@ def test_compiles_fullgraph():
     assert torch.equal(p.grad, p2.grad)
 
 
-def _nvcc():
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    path = os.path.join(home, "bin", "nvcc")
-    return path if os.path.exists(path) else shutil.which("nvcc")
-
 
 def _nvcc_cmd(source, *args):
     from torch.utils.cpp_extension import include_paths
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return [_nvcc(), "-std=c++17", "-O3", *(f"-I{p}" for p in include_paths()), *args,
+    return [nvcc(), "-std=c++17", "-O3", *(f"-I{p}" for p in include_paths()), *args,
             os.path.join(root, "csrc", source)]
 
 
 @pytest.mark.slow
 @needs_ext
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
+@pytest.mark.skipif(nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
 @pytest.mark.parametrize("source", ["corrupt.cu", "masked_freq_loss.cu"])
 def test_sm90_plane_kernels_keep_the_fft_in_registers_and_prefetch(source, tmp_path):
     """nvcc -Xptxas -v for sm_90: the plane kernels hold no per-thread line arrays (the first version had a
@@ -211,7 +197,7 @@ def test_sm90_plane_kernels_keep_the_fft_in_registers_and_prefetch(source, tmp_p
 
 @pytest.mark.slow
 @needs_ext
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
+@pytest.mark.skipif(nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
 def test_pre_hopper_build_prefetches_by_lines(tmp_path):
     """Before sm_90 there is no bulk prefetch: the sm_80 PTX prefetches 128-byte lines instead."""
     out = subprocess.run(_nvcc_cmd("corrupt.cu", "-arch=sm_80", "-ptx", "-o", str(tmp_path / "k.ptx")),
@@ -234,11 +220,6 @@ def test_host_corrupt_matches_reference(side, kind):
     out = OPS.corrupt_cuda(x, m.float().contiguous(), MEAN, STD, torch.float32)
     assert out.dtype == torch.float32 and max_rel_err(out, ref) <= 1e-5
 
-
-@pytest.fixture
-def host_vthreads(monkeypatch):
-    """Set MFM_FAST_HOST_VTHREADS (read by the CPU kernels on every call) for one test."""
-    return lambda n: monkeypatch.setenv("MFM_FAST_HOST_VTHREADS", str(n))
 
 
 @needs_ext
@@ -287,7 +268,7 @@ def test_host_loss_matches_reference(side, kind):
     x = torch.rand(n, 3, side, side, generator=g)
     pred = torch.randn(n, 3, side, side, generator=g)
     m = masks(kind, n, side, g)
-    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, normalize_target=True)
     loss, grad = cpu_kernel_loss(pred, x, m, norm=True)
     assert loss.dtype == torch.float32 and max_rel_err(loss, ref) <= 1e-5
     assert max_rel_err(grad, ref_grad) <= 1e-5
@@ -301,7 +282,7 @@ def test_host_loss_options(gamma, reduction, weight):
     x = torch.rand(3, 3, side, side)
     pred = torch.randn(3, 3, side, side)
     m = masks("band", 3, side) if reduction != "mean" or gamma != 1.5 else None
-    ref, ref_grad = ref_loss(pred, x, m, loss_gamma=gamma, reduction=reduction, loss_weight=weight)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, loss_gamma=gamma, reduction=reduction, loss_weight=weight)
     loss, grad = cpu_kernel_loss(pred, x, m, gamma, reduction, weight)
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
 
@@ -316,7 +297,7 @@ def test_host_loss_edge_facts_and_low_precision():
     u8 = (x * 255).round().to(torch.uint8)
     pred = torch.randn(2, 3, side, side).to(torch.bfloat16)
     m = masks("high", 2, side)
-    ref, ref_grad = ref_loss(pred, u8, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(pred, u8, m, normalize_target=True)
     loss, grad = cpu_kernel_loss(pred, u8, m, norm=True)
     assert grad.dtype == torch.bfloat16 and max_rel_err(loss, ref) <= 1e-5
     p = pred.detach().requires_grad_(True)
@@ -365,7 +346,7 @@ def test_host_loss_large_magnitude_does_not_overflow(gamma):
     pred = torch.randn(2, 3, side, side, generator=g) * 1e19
     m = masks("high", 2, side, g)
     assert torch.fft.rfft2(pred.double(), norm="ortho").abs().max() ** 2 > torch.finfo(torch.float32).max
-    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True, loss_gamma=gamma)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, normalize_target=True, loss_gamma=gamma)
     loss, grad = cpu_kernel_loss(pred, x, m, gamma=gamma, norm=True)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
@@ -380,7 +361,7 @@ def test_host_loss_autograd_scales_by_grad_output():
     target = x.clone().requires_grad_(True)
     loss, _ = OPS.masked_freq_loss_cuda(pred, target, m, 1.0, "masked", 1.0, MEAN, STD, True)
     (3.0 * loss).backward()
-    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, normalize_target=True)
     assert max_rel_err(pred.grad, 3.0 * ref_grad) <= 1e-5
     std = torch.tensor(STD).view(1, 3, 1, 1)
     assert max_rel_err(target.grad, -3.0 * ref_grad / std) <= 1e-5
@@ -461,7 +442,7 @@ def test_host_wrappers_take_any_layout():
     pred = torch.randn(2, 3, side, side).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     loss = cuda_backend.masked_freq_loss(pred, x, m, 1.0, "masked", 1.0, MEAN, STD, True)
     loss.backward()
-    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, normalize_target=True)
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(pred.grad, ref_grad) <= 1e-5
 
 
@@ -511,7 +492,7 @@ def test_gpu_corrupt_dtypes(dtype):
 @pytest.mark.parametrize("n", [1, 256])
 def test_gpu_loss_parity_fwd_bwd(side, kind, n):
     x, pred, m = _gpu_batch(n, side, kind, seed=1)
-    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, normalize_target=True)
     p = pred.clone().requires_grad_(True)
     loss = mfm_fast.masked_freq_loss(p, x, m, normalize_target=True, backend="cuda")
     loss.backward()
@@ -523,7 +504,7 @@ def test_gpu_loss_parity_fwd_bwd(side, kind, n):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_loss_low_precision(dtype):
     x, pred, m = _gpu_batch(16, 224, "low", dtype=dtype, seed=2)
-    ref, ref_grad = ref_loss(pred, x, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, normalize_target=True)
     got = {}
     for backend in ("torch", "cuda"):
         p = pred.clone().requires_grad_(True)
@@ -539,7 +520,7 @@ def test_gpu_loss_low_precision(dtype):
 @pytest.mark.parametrize("gamma, reduction", [(0.5, "masked"), (2.0, "mean"), (1.0, "sum")])
 def test_gpu_loss_options_channels_last_and_strided_grad_output(gamma, reduction):
     x, pred, m = _gpu_batch(4, 112, "band", seed=3)
-    ref, ref_grad = ref_loss(pred, x, m, loss_gamma=gamma, reduction=reduction)
+    ref, ref_grad = reference_loss_and_grad(pred, x, m, loss_gamma=gamma, reduction=reduction)
     p = pred.contiguous(memory_format=torch.channels_last).requires_grad_(True)  # non-contiguous NCHW input
     loss = mfm_fast.masked_freq_loss(p, x, m, loss_gamma=gamma, reduction=reduction, backend="cuda")
     go = torch.tensor([3.0, -1.0], device="cuda")[::2].view(())  # a grad_output that is a view
@@ -564,7 +545,7 @@ def test_gpu_unaligned_buffers_and_large_magnitude():
     loss_u, grad_u = cpu_kernel_loss(offset(pred), offset(x), m, norm=True)
     assert torch.equal(grad_u, grad) and torch.equal(loss_u, loss)
     big = pred * 1e19
-    ref, ref_grad = ref_loss(big, x, m, normalize_target=True)
+    ref, ref_grad = reference_loss_and_grad(big, x, m, normalize_target=True)
     loss, grad = cpu_kernel_loss(big, x, m, norm=True)
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
 

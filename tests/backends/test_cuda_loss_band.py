@@ -7,9 +7,7 @@ errors on the same batch. With a GPU (marked `gpu`): backend="cuda" with mask_ba
 """
 
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch
 import mfm_fast
 from mfm_fast.backends import cuda as cuda_backend
 from mfm_fast.masks import disc_band
-from helpers import load_tool, max_rel_err
+from helpers import ROOT, load_tool, max_rel_err, nvcc, reference_loss_and_grad
 
 SKIPPED_BUILD = cuda_backend.build_info().get("status") == "skipped"
 pytestmark = pytest.mark.skipif(SKIPPED_BUILD, reason="installed with MFM_FAST_SKIP_CUDA_BUILD=1")
@@ -25,7 +23,6 @@ OPS = torch.ops.mfm_fast
 if not SKIPPED_BUILD:
     cuda_backend.unavailable_reason()  # loads _C
 MEAN, STD = list(mfm_fast.IMAGENET_MEAN), list(mfm_fast.IMAGENET_STD)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def mfm_batch(n, side, dtype=torch.float32, seed=0, r1=None):
@@ -43,12 +40,6 @@ def host_loss(pred, target, mask, band, gamma=1.0, reduction="masked", need_grad
                                      STD if norm else None, need_grad, band)
 
 
-def ref_loss(pred, target, mask, **kw):
-    p = pred.detach().double().requires_grad_(True)
-    loss = mfm_fast.masked_freq_loss(p, target.double(), mask, backend="reference", normalize_target=True, **kw)
-    loss.backward()
-    return loss.detach(), p.grad
-
 
 def torch_loss(pred, target, mask, **kw):
     p = pred.detach().requires_grad_(True)
@@ -63,7 +54,7 @@ def torch_loss(pred, target, mask, **kw):
 def test_host_band_path_matches_reference(side, dtype, need_grad):
     pred, target, mask, band = mfm_batch(4, side, dtype, seed=side)
     assert band == side // 14
-    ref, ref_grad = ref_loss(pred, target, mask)
+    ref, ref_grad = reference_loss_and_grad(pred, target, mask, normalize_target=True)
     t_loss, t_grad = torch_loss(pred, target, mask)
     loss, grad = host_loss(pred, target, mask, band, need_grad=need_grad)
     assert loss.dtype == torch.float32
@@ -100,7 +91,7 @@ def test_host_band_path_uint8_target_and_16_bit_pred(pred_dtype):
 @pytest.mark.parametrize("gamma, reduction", [(0.5, "masked"), (2.0, "sum"), (1.5, "mean")])
 def test_host_band_path_options(gamma, reduction):
     pred, target, mask, band = mfm_batch(2, 112, seed=5)
-    ref, ref_grad = ref_loss(pred, target, mask, loss_gamma=gamma, reduction=reduction)
+    ref, ref_grad = reference_loss_and_grad(pred, target, mask, loss_gamma=gamma, reduction=reduction, normalize_target=True)
     loss, grad = host_loss(pred, target, mask, band, gamma, reduction)
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
 
@@ -110,7 +101,7 @@ def test_host_band_32(side, r1):
     """mask_band in 17..32 takes the 32-wide band."""
     pred, target, mask, band = mfm_batch(2, side, seed=7, r1=r1)
     assert 16 < band <= 32
-    ref, ref_grad = ref_loss(pred, target, mask)
+    ref, ref_grad = reference_loss_and_grad(pred, target, mask, normalize_target=True)
     loss, grad = host_loss(pred, target, mask, band)
     assert max_rel_err(loss, ref) <= 1e-5 and max_rel_err(grad, ref_grad) <= 1e-5
 
@@ -128,29 +119,25 @@ def test_host_band_path_is_taken_and_the_promise_is_the_callers():
     broken = mask.clone()
     broken[:, 3, 5] = 1 - broken[:, 3, 5]  # far outside the box |ky|, |kx| < 8 (centre at 56): keep <-> remove
     broken[:, 109, 107] = 1 - broken[:, 109, 107]  # and its mirror
-    ref, ref_grad = ref_loss(pred, target, broken)
+    ref, ref_grad = reference_loss_and_grad(pred, target, broken, normalize_target=True)
     loss, grad = host_loss(pred, target, broken, band)
     assert max_rel_err(grad[0], ref_grad[0]) <= 1e-5  # image 0 low-pass: full path, sees the change
     assert max_rel_err(grad[1], ref_grad[1]) > 1e-3  # image 1 high-pass: band path, the change is outside it
     assert max_rel_err(loss, ref) > 1e-4
 
 
-def host_vthreads(monkeypatch):
-    return lambda n: monkeypatch.setenv("MFM_FAST_HOST_VTHREADS", str(n))
-
 
 @pytest.mark.parametrize("side", [224, 112])
-def test_host_band_phases_have_no_shared_writes(side, monkeypatch):
+def test_host_band_phases_have_no_shared_writes(side, host_vthreads):
     """The band plane's phases over 2, 7 and 256 virtual threads, forwards and backwards: the same gradient
     bits as one thread (no two threads touch the same shared-memory element within a phase)."""
     pred, target, mask, band = mfm_batch(2, side, seed=11)
     mask[0] = mask[1]  # every image high-pass: only band planes
-    set_vthreads = host_vthreads(monkeypatch)
-    set_vthreads(1)
+    host_vthreads(1)
     loss1, grad1 = host_loss(pred, target, mask, band, gamma=0.5)
     for n in (2, 7, 256):
         for signed in (n, -n):
-            set_vthreads(signed)
+            host_vthreads(signed)
             loss, grad = host_loss(pred, target, mask, band, gamma=0.5)
             assert torch.equal(grad, grad1), signed
             assert abs(loss.item() - loss1.item()) <= 1e-6 * abs(loss1.item())  # partial sums in another order
@@ -169,14 +156,13 @@ def test_op_schema_fake_and_autograd_with_mask_band():
     torch.library.opcheck(OPS.masked_freq_loss_cuda, (p, target, mask, 1.0, "masked", 1.0, MEAN, STD, True, band))
     loss = cuda_backend.masked_freq_loss(p, target, mask, 1.0, "masked", 1.0, MEAN, STD, True, band)
     (2 * loss).backward()
-    _, ref_grad = ref_loss(pred, target, mask)
+    _, ref_grad = reference_loss_and_grad(pred, target, mask, normalize_target=True)
     assert max_rel_err(p.grad, 2 * ref_grad) <= 1e-5
     with pytest.raises(RuntimeError, match="mask_band must be >= 1"):
         host_loss(pred, target, mask, 0)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
-                    reason="nvcc not found (the extension was built elsewhere)")
+@pytest.mark.skipif(nvcc() is None, reason="nvcc not found (the extension was built elsewhere)")
 @pytest.mark.slow
 def test_sm90_band_kernels_no_local_memory(tmp_path):
     """nvcc -Xptxas -v for sm_90 (setup.py's flags): every band kernel (224 / 112, RB 16 / 32, with and without
@@ -185,8 +171,7 @@ def test_sm90_band_kernels_no_local_memory(tmp_path):
     from torch.utils.cpp_extension import include_paths
     sass_model = load_tool("sass_model")
 
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    out = subprocess.run([nvcc, "-std=c++17", "-O3", "-lineinfo", *(f"-I{p}" for p in include_paths()),
+    out = subprocess.run([nvcc(), "-std=c++17", "-O3", "-lineinfo", *(f"-I{p}" for p in include_paths()),
                           "-arch=sm_90", "-Xptxas", "-v", "-cubin", "-o", str(tmp_path / "k.cubin"),
                           os.path.join(ROOT, "csrc", "loss_band.cu")], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -206,7 +191,7 @@ def test_sm90_band_kernels_no_local_memory(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_band_path_fwd_bwd(side, dtype, n):
     pred, target, mask, band = mfm_batch(n, side, dtype, seed=side + n)
-    ref, ref_grad = ref_loss(pred, target, mask)
+    ref, ref_grad = reference_loss_and_grad(pred, target, mask, normalize_target=True)
     t_loss, t_grad = torch_loss(pred, target, mask)
     p = pred.cuda().requires_grad_(True)
     loss = mfm_fast.masked_freq_loss(p, target.cuda(), mask.cuda(), backend="cuda", normalize_target=True,

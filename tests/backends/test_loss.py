@@ -1,8 +1,6 @@
 """docs/spec.md §3: the masked spectral loss, every backend against the fp64 reference."""
 
-import itertools
 
-import numpy as np
 import pytest
 import torch
 

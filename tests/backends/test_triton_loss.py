@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mfm_fast
-from helpers import loss_and_grad, masks_for, max_rel_err
+from helpers import loss_and_grad, masks_for, max_rel_err, reference_loss_and_grad
 from mfm_fast import dispatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,9 +27,8 @@ def _inputs(shape, pred_dtype=torch.float32, pixels=False):
 
 
 def _reference(pred, target, mask, **kw):
-    kw = {k: v for k, v in kw.items() if k not in ("mask_band", "precision")}
-    return loss_and_grad("reference", pred.cpu().double(), target.cpu().double(),
-                         None if mask is None else mask.cpu(), **kw)
+    """The fp64 reference on the CPU."""
+    return reference_loss_and_grad(pred.cpu(), target.cpu(), None if mask is None else mask.cpu(), **kw)
 
 
 def _check(pred, target, mask, tol=TOL, **kw):

@@ -8,7 +8,7 @@ import json
 import sys
 
 import pytest
-from helpers import BENCH_DIR, load_bench as load
+from helpers import load_bench as load
 TINY = ["--device", "cpu", "--batch", "2", "--size", "16", "--r1", "4", "--reps", "2", "--warmup", "1"]
 
 

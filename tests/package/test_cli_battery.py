@@ -9,16 +9,13 @@ stderr of the process itself. Two cores in CI: the checks stop before any model 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import BENCH_DIR, TOOLS_DIR, load_bench, load_tool
+from helpers import BENCH_DIR, SUBPROCESS_ENV, TOOLS_DIR, load_bench, load_tool, one_line_error
 
 from mfm_fast.train import linprobe, pretrain, visualize
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 TINY = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
         "--vis-num", "0", "--no-progress", "--threads", "1", "--steps", "1"]
 
@@ -110,20 +107,20 @@ PRETRAIN = [
 @pytest.mark.parametrize("extra,flag", PRETRAIN, ids=[" ".join(e) for e, _ in PRETRAIN])
 def test_pretrain_bad_input(files, tmp_path, capsys, extra, flag):
     argv = TINY + ["--output-dir", str(tmp_path / "out")] + [_sub(files, e) for e in extra]
-    _assert_one_line_error(lambda: pretrain.main(argv), capsys, "python -m mfm_fast.pretrain", flag)
+    one_line_error(lambda: pretrain.main(argv), capsys, "python -m mfm_fast.pretrain", flag)
 
 
 def test_pretrain_fresh_run_into_a_used_folder_names_resume_and_overwrite(files, capsys):
-    err = _assert_one_line_error(lambda: pretrain.main(TINY + ["--output-dir", str(files["run"])]), capsys,
+    err = one_line_error(lambda: pretrain.main(TINY + ["--output-dir", str(files["run"])]), capsys,
                                  "python -m mfm_fast.pretrain", "--output-dir")
     assert "--resume auto" in err and "--overwrite" in err
 
 
 def test_resume_messages_say_which_file_to_use(files, capsys):
-    err = _assert_one_line_error(lambda: pretrain.main(TINY + ["--resume", str(files["encoder"])]), capsys,
+    err = one_line_error(lambda: pretrain.main(TINY + ["--resume", str(files["encoder"])]), capsys,
                                  "python -m mfm_fast.pretrain", "--resume")
     assert str(files["ckpt"]) in err  # the encoder.pth's own run folder's checkpoint.pth
-    err = _assert_one_line_error(lambda: pretrain.main(TINY + ["--resume", str(files["ckpt"]), "--img-size", "64"]),
+    err = one_line_error(lambda: pretrain.main(TINY + ["--resume", str(files["ckpt"]), "--img-size", "64"]),
                                  capsys, "python -m mfm_fast.pretrain", "--resume")
     assert "--img-size 32" in err
 
@@ -151,7 +148,7 @@ LINPROBE = [
 @pytest.mark.parametrize("argv,flag", LINPROBE, ids=[" ".join(a) for a, _ in LINPROBE])
 def test_linprobe_bad_input(files, capsys, argv, flag):
     argv = ["--device", "cpu"] + [_sub(files, a) for a in argv]
-    _assert_one_line_error(lambda: linprobe.main(argv), capsys, "python -m mfm_fast.linprobe", flag)
+    one_line_error(lambda: linprobe.main(argv), capsys, "python -m mfm_fast.linprobe", flag)
 
 
 VISUALIZE = [
@@ -174,7 +171,7 @@ VISUALIZE = [
 @pytest.mark.parametrize("argv,flag", VISUALIZE, ids=[" ".join(a) or "no-args" for a, _ in VISUALIZE])
 def test_visualize_bad_input(files, capsys, argv, flag):
     argv = ["--device", "cpu"] + [_sub(files, a) for a in argv]
-    _assert_one_line_error(lambda: visualize.main(argv), capsys, "python -m mfm_fast.visualize", flag)
+    one_line_error(lambda: visualize.main(argv), capsys, "python -m mfm_fast.visualize", flag)
 
 
 BENCH_CASES = [
@@ -225,31 +222,17 @@ def test_bench_bad_input(files, capsys, stem, argv, flag):
     if stem in ("fft_mask", "folk_ops", "e2e_step"):
         argv = ["--device", "cpu"] + argv
     if stem == "aot_sm90":  # it unsets TRITON_INTERPRET and imports the kernels for a GPU target: not in-process
-        proc = subprocess.run([sys.executable, str(TOOLS_DIR / "aot_sm90.py")] + argv, env=ENV, capture_output=True,
+        proc = subprocess.run([sys.executable, str(TOOLS_DIR / "aot_sm90.py")] + argv, env=SUBPROCESS_ENV, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and f"error: {flag}" in proc.stderr
         return
-    _assert_one_line_error(lambda: _script(stem).main(argv), capsys, f"{stem}.py", flag)
+    one_line_error(lambda: _script(stem).main(argv), capsys, f"{stem}.py", flag)
 
 
 def test_battery_has_at_least_60_cases():
     assert len(PRETRAIN) + len(LINPROBE) + len(VISUALIZE) + len(BENCH_CASES) >= 60
 
-
-def _assert_one_line_error(call, capsys, prog, flag):
-    """call() exits with status 2 and its stderr ends with one line 'prog: error: ...flag...'; returns it."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        call()
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith(f"{prog}: error: "), err
-    assert flag in lines[-1], err
-    assert not any(line.startswith("usage:") for line in lines), err
-    return lines[-1]
 
 
 # ---- the same as real processes: exit status and stderr of the process itself ------------------------
@@ -260,7 +243,7 @@ def _assert_one_line_error(call, capsys, prog, flag):
     ([str(BENCH_DIR / "fft_mask.py"), "--device", "cpu", "--reps", "-3"], "--reps"),
 ])
 def test_as_a_process(files, cmd, flag):
-    proc = subprocess.run([sys.executable] + [_sub(files, c) for c in cmd], env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable] + [_sub(files, c) for c in cmd], env=SUBPROCESS_ENV, capture_output=True,
                           text=True, timeout=300, cwd=files["root"])
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

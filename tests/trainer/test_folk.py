@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +18,8 @@ from mfm_fast import MFMHead
 
 from mfm_fast.train import data as D, linprobe, pretrain, visualize
 from mfm_fast.folk import DINOHead, DINOLoss, FOLKModel, teacher_momentum, teacher_temperature
+from helpers import ROOT, SUBPROCESS_ENV
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "8", "--num-workers", "0",
         "--vis-num", "0", "--no-progress", "--threads", "1", "--method", "folk",
         "--dino-out-dim", "64", "--dino-hidden-dim", "64", "--dino-bottleneck-dim", "32"]
@@ -251,7 +249,7 @@ def test_bad_mask_options_name_the_flag(tmp_path, capsys, extra, flag):
 def test_folk_ddp_two_processes_keep_student_and_teacher_identical(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mfm_fast.pretrain"] + BASE + ["--steps", "3", "--log-every", "1", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     end = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
     assert end["event"] == "end" and end["world_size"] == 2
@@ -272,9 +270,9 @@ def test_throughput_report_compares_mfm_and_folk(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_folk_example_runs():
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "folk_minimal.py"), "--model", "test_vit",
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "folk_minimal.py"), "--model", "test_vit",
                            "--img-size", "32", "--steps", "3", "--batch-size", "4", "--out-dim", "256"],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 loss" in proc.stdout and "distill" in proc.stdout
 

@@ -17,11 +17,10 @@ import torch
 # timm and scikit-image (the built-in photos) are in requirements.txt: a missing one fails, it does not skip.
 from mfm_fast import _official
 from mfm_fast.train import data as D, linprobe, pretrain, visualize
+from helpers import ROOT, SUBPROCESS_ENV
 
-REPO = Path(__file__).resolve().parents[2]
 BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
         "--vis-num", "0", "--no-progress", "--log-every", "1", "--threads", "1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 pytestmark = pytest.mark.usefixtures("restore_threads")  # the runs call torch.set_num_threads
@@ -98,7 +97,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
         torch.save = half_then_die
         save_checkpoint({{"step": 2, "w": torch.zeros(10 ** 6)}}, {str(path)!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr  # it really died mid-write
     torn = list(tmp_path.glob(".checkpoint.pth.tmp-*"))
     assert len(torn) == 1 and 0 < torn[0].stat().st_size  # the half-written file exists...
@@ -114,7 +113,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
 def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mfm_fast.pretrain"] + BASE + ["--steps", 4, "--log-every", 2, "--output-dir", tmp_path]
-    proc = subprocess.run([str(c) for c in cmd], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([str(c) for c in cmd], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     end = log_records(tmp_path)[-1]
     assert end["event"] == "end" and end["world_size"] == 2 and end["total_batch"] == 8
@@ -247,7 +246,7 @@ def test_help_documents_every_option():
     parser = pretrain.get_args_parser()
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
-    proc = subprocess.run([sys.executable, "-m", "mfm_fast.pretrain", "--help"], env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "mfm_fast.pretrain", "--help"], env=SUBPROCESS_ENV, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0
     for flag in ("--data-path", "--synthetic", "--resume", "--accum-iter", "--channels-last", "--compile",
@@ -361,9 +360,9 @@ def test_linear_probe_on_builtin_data(tmp_path):
 
 @pytest.mark.slow
 def test_minimal_example_runs():
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "timm_pretrain_minimal.py"), "--model",
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "timm_pretrain_minimal.py"), "--model",
                            "test_vit", "--img-size", "32", "--steps", "3", "--batch-size", "4"],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3 loss" in proc.stdout
 
@@ -401,7 +400,7 @@ def _kill_after(cmd, out_dir, step, delay):
     """Start the trainer, SIGKILL it `delay` s after log.jsonl shows `step`; returns its exit status."""
     import signal
     import time
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         if step in _logged_steps(out_dir):
@@ -427,14 +426,14 @@ def test_sigkill_at_three_moments_then_resume_auto_is_bit_identical(tmp_path):
     assert _kill_after(trainer, out, rng.randint(5, 7), rng.uniform(0, 0.05)) == -9
     # 3: during the next checkpoint write (torn temporary file; checkpoint.pth must stay the previous one)
     before = pretrain.load_checkpoint(out / "checkpoint.pth")["step"] if (out / "checkpoint.pth").exists() else 0
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE] + args, env=ENV, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE] + args, env=SUBPROCESS_ENV, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert list(out.glob(".checkpoint.pth.tmp-*")), "the kill did not come during a checkpoint write"
     assert pretrain.load_checkpoint(out / "checkpoint.pth")["step"] == before
     assert max(_logged_steps(out)) > before  # records past the checkpoint exist now...
     # 4: to the end
-    proc = subprocess.run(trainer, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(trainer, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = log_records(out)  # ...and are gone: each step exactly once, in order
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))

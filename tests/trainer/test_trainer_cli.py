@@ -8,14 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mfm_fast.train import data as D, linprobe, pretrain
+from helpers import ROOT, SUBPROCESS_ENV, one_line_error
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 PROG = "python -m mfm_fast.pretrain"
 TINY = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
         "--vis-num", "0", "--no-progress", "--threads", "1", "--steps", "1"]
@@ -23,17 +21,6 @@ EXTRA_HINT = "pip install -e '.[train]'"
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
-
-def one_line_error(call, capsys) -> str:
-    """call() exits with status 2 and writes exactly one line to stderr; returns it."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        call()
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ---- --img-size against the encoder's patch size / stride ------------------------------------------------
@@ -84,14 +71,14 @@ else:
     ("timm", "timm", ["-m", "mfm_fast.pretrain"] + TINY),
     ("skimage", "scikit-image", ["-m", "mfm_fast.linprobe", "--model", "test_vit", "--img-size", "32"]),
     ("matplotlib", "matplotlib", ["-m", "mfm_fast.visualize", "--views", "folk"]),
-    ("skimage", "scikit-image", [str(REPO / "examples" / "timm_pretrain_minimal.py"), "--model", "test_vit",
+    ("skimage", "scikit-image", [str(ROOT / "examples" / "timm_pretrain_minimal.py"), "--model", "test_vit",
                                  "--img-size", "32", "--steps", "1", "--batch-size", "2"]),
-    ("timm", "timm", [str(REPO / "examples" / "folk_minimal.py")]),
+    ("timm", "timm", [str(ROOT / "examples" / "folk_minimal.py")]),
 ], ids=["pretrain-matplotlib", "pretrain-timm", "linprobe-skimage", "visualize-matplotlib", "example-skimage",
         "folk-example-timm"])
 def test_missing_optional_package_stops_at_start_naming_it_and_the_extra(tmp_path, hidden, pip_name, cmd):
     cmd = cmd + (["--output-dir", str(tmp_path / "out")] if "mfm_fast.pretrain" in cmd else [])
-    proc = subprocess.run([sys.executable, "-c", HIDE_AND_RUN, hidden] + cmd, env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", HIDE_AND_RUN, hidden] + cmd, env=SUBPROCESS_ENV, capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()

@@ -10,10 +10,7 @@ pytest-benchmark times wall clock: on CUDA every call ends with torch.cuda.synch
 no L2 flush, so the headline figures come from bench/fft_mask.py. No test asserts a duration.
 """
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
