@@ -12,7 +12,7 @@ from . import dispatch
 from ._common import IMAGENET_MEAN, IMAGENET_STD, from_blocks, to_blocks
 from ._options import CorruptOptions
 from .dispatch import check_backend_name
-from .masks import check_patch_factor, check_rings, make_masks, mask_band_for
+from .masks import SHAPE_OPTIONS, check_patch_factor, check_rings, make_masks, mask_band_for
 
 
 def corrupt(x: torch.Tensor, mask: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
@@ -88,9 +88,9 @@ class FrequencyCorruption(nn.Module):
         radius_jitter: delta >= 0, every radius of every mask shifted by its own U(-delta, delta).
         patch_factor: pf >= 1, one mask tile and one corruption per patch of a pf x pf grid.
         mean, std, out_dtype, backend, precision: as :func:`mfm_fast.corrupt`.
-        The ``mask_band`` promise (:func:`mfm_fast.masks.mask_band_for`) is passed for you when some
-        ring reaches beyond the tile's half-diagonal (every released config), so the Triton backend
-        runs its band path.
+        The ``mask_band`` promise (:meth:`mask_band`, i.e. :func:`mfm_fast.masks.mask_band_for` of the
+        options the masks are drawn with) is passed for you when some ring reaches beyond the tile's
+        half-diagonal (every released config), so the Triton backend runs its band path.
 
     forward(x, low=None, generator=None) -> (inp (N, C, H, W), mask (N, H, W) float32, 1 = kept).
     ``low``: (N,) or, with patch_factor, (N, pf, pf) bool. Masks are drawn on x's device, so nothing
@@ -120,13 +120,27 @@ class FrequencyCorruption(nn.Module):
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         V.check_images("x", x, V.PIXEL_DTYPES)
         n, _, height, width = x.shape
-        options = dict(bands=self.bands, radius_jitter=self.radius_jitter, patch_factor=self.patch_factor)
-        mask = make_masks(n, height, width, self.r1, self.r2, self.p_low, low=low, generator=generator,
-                          device=x.device, **options)
+        mask = make_masks(n, height, width, p_low=self.p_low, low=low, generator=generator, device=x.device,
+                          **self.mask_options())
         inp = corrupt(x, mask, mean=self.mean, std=self.std, out_dtype=self.out_dtype, backend=self.backend,
-                      mask_band=mask_band_for(height, width, self.r1, self.r2, **options), precision=self.precision,
+                      mask_band=self.mask_band(height, width), precision=self.precision,
                       patch_factor=self.patch_factor)
         return inp, mask
+
+    def mask_options(self) -> dict:
+        """The options of :func:`mfm_fast.make_masks` that shape this module's masks: one dict, for the draw
+        and for its ``mask_band`` promise."""
+        return dict(r1=self.r1, r2=self.r2, bands=self.bands, radius_jitter=self.radius_jitter,
+                    patch_factor=self.patch_factor)
+
+    def mask_band(self, height: int, width: int) -> Optional[int]:
+        """The ``mask_band`` promise of this module's masks on (H, W) images: :func:`mfm_fast.masks.mask_band_for`
+        of the very options they are drawn with, or None (no promise). An option that mask_band_for does not
+        account for (not in masks.SHAPE_OPTIONS) also gives None: no promise rather than a guess."""
+        options = self.mask_options()
+        if not set(options) <= set(SHAPE_OPTIONS):
+            return None
+        return mask_band_for(height, width, **options)
 
     def extra_repr(self) -> str:
         rings = f"bands={list(self.bands)}" if self.bands is not None else f"r1={self.r1:g}, r2={self.r2:g}"

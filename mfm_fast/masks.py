@@ -204,6 +204,13 @@ def make_masks(n: int, height: int, width: int, r1: float = 16, r2: float = 999,
     return from_blocks(tiles.reshape(n, pf * pf, h, w), pf).contiguous()
 
 
+# The options of make_masks that shape a mask (n, the size, p_low, low, generator and device only draw it).
+# mask_band_for takes exactly these and accounts for each in its rule; FrequencyCorruption draws its masks and
+# computes their promise from one dict of them (a shaping option mask_band_for does not know gives no promise).
+# tests/api/test_band_promise.py checks that this list is make_masks' and the promise on the masks themselves.
+SHAPE_OPTIONS = ("r1", "r2", "bands", "radius_jitter", "patch_factor")
+
+
 def mask_band_for(height: int, width: int, r1: float = 16, r2: float = 999, *,
                   bands: Optional[Sequence[Tuple[float, float]]] = None, radius_jitter: float = 0.0,
                   patch_factor: int = 1) -> Optional[int]:
