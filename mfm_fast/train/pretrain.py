@@ -63,7 +63,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m mfm_fast.pretrain``, one argument group per topic."""
     p = OneLineParser(PROG, description=__doc__, formatter_class=_HelpFormatter)
+    for add_group in (_model_options, _task_and_masks_options, _loss_options, _restoration_options,
+                      _pipelines_options, _folk_options, _data_options, _optimisation_options, _run_options):
+        add_group(p)
+    return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The encoder: timm model, preset, crop size, stochastic depth."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="timm model name, created with pretrained=False, num_classes=0 (default "
@@ -74,7 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int, default=224, help="crop side S (even, a multiple of the encoder stride)")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the encoder (recipe: 0)")
 
-    g = p.add_argument_group("task and loss")
+
+def _task_and_masks_options(p: argparse.ArgumentParser) -> None:
+    """What is learned: the task, the method and the masks (disc radii, rings, jitter, patches; FOLK's Com / RCom)."""
+    g = p.add_argument_group("task and masks")
     g.add_argument("--task", choices=TASKS, default="mfm",
                    help="mfm: frequency masking (masked loss); sr / deblur / denoise: the restoration baselines "
                         "of docs/spec.md §5 (loss with the 'mean' reduction)")
@@ -105,6 +117,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-patch-factor", type=int, default=1,
                    help="patch-level masking: a pf x pf grid of patches, each with its own spectrum and mask, for "
                         "the corruption and the loss (MaskedFreqLoss patch_factor); radii in patch frequency units")
+
+
+def _loss_options(p: argparse.ArgumentParser) -> None:
+    """The masked spectral loss: distance and exponent."""
+    g = p.add_argument_group("loss")
     g.add_argument("--distance", choices=DISTANCES, default="complex",
                    help="spectral distance of the loss: complex (MFM's |D|) or magnitude_phase (amplitude error + "
                         "--phase-weight x magnitude-weighted phase error)")
@@ -112,11 +129,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--distance magnitude_phase: weight of the phase term (1: the complex distance, 0: "
                         "amplitude only)")
     g.add_argument("--loss-gamma", type=float, default=1.0, help="exponent of the spectral distance")
+
+
+def _restoration_options(p: argparse.ArgumentParser) -> None:
+    """The degradations of the restoration baselines (docs/spec.md §5)."""
+    g = p.add_argument_group("restoration tasks (--task sr / deblur / denoise)")
     g.add_argument("--sr-factor", type=int, default=8, help="--task sr: bicubic down/up factor")
     g.add_argument("--blur-sigma", type=float, default=5.0, help="--task deblur: Gaussian sigma (pixels)")
     g.add_argument("--blur-sizes", type=int, nargs="+", default=[7, 9, 11, 13, 15, 17, 19, 21],
                    help="--task deblur: odd kernel sizes, one drawn per image")
     g.add_argument("--noise-sigma", type=float, default=75.0, help="--task denoise: noise sigma in 0..255 units")
+
+
+def _pipelines_options(p: argparse.ArgumentParser) -> None:
+    """Which implementation corrupts and scores: the released code's ops or mfm_fast, and mfm_fast's backends."""
+    g = p.add_argument_group("pipeline and backends")
     g.add_argument("--pipeline", default="mfm_fast",
                    help="mfm_fast, or official (eager replica of the released code's fft2 + fftshift corruption "
                         "and loss, for speed comparisons); a comma list (official,mfm_fast) runs each in turn "
@@ -126,6 +153,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-backend", default="auto",
                    help="mfm_fast backend of MaskedFreqLoss: auto, torch, triton, cuda or reference")
 
+
+def _folk_options(p: argparse.ArgumentParser) -> None:
+    """FOLK's loss weights, projection head, teacher and view augmentations."""
     g = p.add_argument_group("FOLK (--method folk; defaults: DINO's ViT-S/16 recipe)")
     g.add_argument("--rec-weight", type=float, default=1.0, help="weight of the reconstruction (masked spectral) loss")
     g.add_argument("--distill-weight", type=float, default=1.0, help="weight of the self-distillation loss")
@@ -151,6 +181,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--jitter-p", type=float, default=0.8, help="probability of colour jitter per view")
     g.add_argument("--grey-p", type=float, default=0.2, help="probability of a grey view")
 
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """The images: folder, synthetic batch or the bundled photos, crops, loader."""
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="ImageFolder root (root/class/img.jpg), e.g. ImageNet train")
     g.add_argument("--synthetic", action="store_true",
@@ -163,6 +196,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--overfit-batch", action="store_true",
                    help="debug: train on the first batch with the same masks every step")
 
+
+def _optimisation_options(p: argparse.ArgumentParser) -> None:
+    """Batch, schedule, AdamW, precision, compile."""
     g = p.add_argument_group("optimisation (defaults: the released recipe)")
     g.add_argument("--batch-size", type=int, default=128, help="images per process per micro-batch")
     g.add_argument("--accum-iter", type=int, default=1, help="micro-batches accumulated per optimiser step")
@@ -184,6 +220,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone + head")
 
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Device, seed, output, checkpoints, logging, pictures, distributed backend."""
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, crops and masks")
@@ -214,8 +253,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing-warmup", type=int, default=10, help="steps left out of the images/s figure")
     g.add_argument("--dist-backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)")
-    return p
-
 
 
 def train(args) -> dict:
