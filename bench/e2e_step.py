@@ -156,6 +156,8 @@ def main(argv=None):
 
 
 def run(args):
+    """The bench: settings, a header, one block of rows per model, the JSON. Returns the exit status (0, 1 when a
+    model or pipeline raised, 2 for a bad --backend or without timm)."""
     device = fft_mask.bench_device(args.device)
     gpu = device.type == "cuda"
     if gpu:
@@ -168,94 +170,136 @@ def run(args):
     except (ValueError, ImportError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    models = [MODELS.get(m, m) for m in (args.models or (list(MODELS) if gpu else ["test_vit", "test_resnet"]))]
-    batch = args.batch or (128 if gpu else 2)
-    steps = args.steps or (20 if gpu else 3)
-    rounds = args.rounds or (5 if gpu else 2)
-    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    config = resolve_config(args, gpu)
     vers = dict(fft_mask.versions(), timm=timm.__version__)
-    print(f"e2e_step bench | {fft_mask.device_name(device)} | torch {vers['torch']} | timm {vers['timm']} | "
-          f"triton {vers['triton']} | mfm_fast {vers['mfm_fast']} | git {fft_mask.git_sha()}")
-    print(f"config: B={batch}, bf16 autocast, AdamW + clip 3.0, warm-up {warmup}, {rounds} interleaved rounds of "
-          f"about {steps} timed steps per pipeline ({timer_name(device)}); mfm_fast --backend {args.backend}")
-    print(f"{'model':<22} {'pipeline':<9} {'backends':<16} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>8} "
-          f"{'MFM ms':>8} {'MFM share':>9} {'peak MiB':>9} {'speed-up (rounds)':>20}")
+    print_header(args, device, config, vers)
     records, ok = [], True
-    for name in models:
-        try:
-            torch.manual_seed(0)
-            model, head, opt, size, cnn = build(name, device)
-            x = torch.rand(batch, 3, size, size, device=device)
-        except Exception as exc:
-            print(f"{name:<22} cannot build: {type(exc).__name__}: {exc}")
-            ok = False
-            continue
-        r1, p_low = min(16, size // 8), (0.3 if cnn else 0.5)
-        steps_of, used_of, peak_of, mfm_of = {}, {}, {}, {}
-        for pipeline in PIPELINES:  # build, warm up, peak memory of one step, the MFM work alone
-            try:
-                corrupt, loss_fn = pipeline_fns(pipeline, r1, p_low, args.backend)
-                used_of[pipeline] = backends_used(args.backend, device) if pipeline == "mfm_fast" else {}
-                step = make_step(model, head, opt, corrupt, loss_fn, x, cnn)
-                for _ in range(warmup):
-                    step()
-                peak_of[pipeline] = peak_step_mib(step, device)
-                mfm_of[pipeline] = time_ms(mfm_work(corrupt, loss_fn, x), device, max(steps, 5), 2, budget_s=5.0)
-                steps_of[pipeline] = step
-            except Exception as exc:  # report and go on with the other pipelines and models
-                print(f"{name:<22} {pipeline:<9} raised {type(exc).__name__}: {exc}")
-                ok = False
-                if gpu:
-                    torch.cuda.empty_cache()
-        try:
-            rounds_of = interleaved(steps_of, device, rounds, steps)
-        except Exception as exc:
-            print(f"{name:<22} timing the steps raised {type(exc).__name__}: {exc}")
-            ok, rounds_of = False, {}
-        round_med = {p: [summary(r)[0] for r in rounds] for p, rounds in rounds_of.items()}
-        for pipeline, rounds_ms in rounds_of.items():
-            samples = [t for r in rounds_ms for t in r]
-            med, p20, p80 = summary(samples)
-            mfm, used, peak = mfm_of[pipeline], used_of[pipeline], peak_of[pipeline]
-            mfm_med = summary(mfm)[0]
-            paired = ([o / m for o, m in zip(round_med["official"], round_med[pipeline])]
-                      if "official" in round_med else None)  # round r of official over round r of this
-            speedup = summary(paired)[0] if paired else None
-            label = "/".join(dict.fromkeys(used.values())) if used else "eager"
-            rec = {"model": name, "pipeline": pipeline, "backends": used, "batch": batch, "size": size, "r1": r1,
-                   "p_low": p_low, "median_ms": med, "p20_ms": p20, "p80_ms": p80, "images_per_s": batch / med * 1e3,
-                   "mfm_ms": mfm_med, "mfm_share": mfm_med / med, "peak_mib": peak,
-                   "speedup_vs_official": speedup, "speedup_rounds": paired,
-                   "speedup_min": min(paired) if paired else None, "speedup_max": max(paired) if paired else None,
-                   "round_median_ms": round_med[pipeline], "samples_ms": samples, "mfm_samples_ms": mfm}
-            records.append(rec)
-            spread = (f"{fft_mask._ratio(speedup)} ({min(paired):.3g}..{max(paired):.3g})" if paired else "-")
-            print(f"{name:<22} {pipeline:<9} {label:<16} {med:>9.2f} {p20:>8.2f} {p80:>8.2f} "
-                  f"{rec['images_per_s']:>8.1f} {mfm_med:>8.2f} {rec['mfm_share']:>8.1%} "
-                  f"{'-' if peak is None else f'{peak:.0f}':>9} {spread:>20}")
-        del model, head, opt, x
-        if gpu:
-            torch.cuda.empty_cache()
+    for name in config["models"]:
+        rows, model_ok = bench_model(name, args, device, config)
+        records += rows
+        ok &= model_ok
     print("MFM ms: corrupt + loss fwd + bwd alone on the step's shapes (bf16 pred); share = MFM ms / ms per step; "
-          f"speed-up = median over {rounds} interleaved rounds of official's round median / this pipeline's "
-          "(min..max of the rounds).")
+          f"speed-up = median over {config['rounds']} interleaved rounds of official's round median / this "
+          "pipeline's (min..max of the rounds).")
     if not args.no_json:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
-        path = Path(args.out_dir) / f"e2e_step-{dev_tag}-{stamp}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": fft_mask.device_name(device), "device_type": device.type, **vers,
-                                    "git_sha": fft_mask.git_sha(), "date": datetime.datetime.now().isoformat(
-                                        timespec="seconds"), "command": sys.argv,
-                                    "timer": timer_name(device),
-                                    "config": {"models": models, "batch": batch, "steps": steps, "rounds": rounds,
-                                               "warmup": warmup, "backend": args.backend, "autocast": "bf16"},
-                                    "all_ok": ok, "samples": records}, indent=1))
-        print(f"wrote {path}")
+        write_json(args, device, vers, config, ok, records)
     if not ok:
         print("FAILED: a model or pipeline raised (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def resolve_config(args, gpu):
+    """{models (timm names), batch, steps, rounds, warmup}: the arguments, or the device's defaults."""
+    names = args.models or (list(MODELS) if gpu else ["test_vit", "test_resnet"])
+    return {"models": [MODELS.get(m, m) for m in names],
+            "batch": args.batch or (128 if gpu else 2),
+            "steps": args.steps or (20 if gpu else 3),
+            "rounds": args.rounds or (5 if gpu else 2),
+            "warmup": args.warmup if args.warmup is not None else (5 if gpu else 1)}
+
+
+def print_header(args, device, config, vers):
+    """The versions, the configuration and the table's column titles."""
+    print(f"e2e_step bench | {fft_mask.device_name(device)} | torch {vers['torch']} | timm {vers['timm']} | "
+          f"triton {vers['triton']} | mfm_fast {vers['mfm_fast']} | git {fft_mask.git_sha()}")
+    print(f"config: B={config['batch']}, bf16 autocast, AdamW + clip 3.0, warm-up {config['warmup']}, "
+          f"{config['rounds']} interleaved rounds of about {config['steps']} timed steps per pipeline "
+          f"({timer_name(device)}); mfm_fast --backend {args.backend}")
+    print(f"{'model':<22} {'pipeline':<9} {'backends':<16} {'ms/step':>9} {'p20':>8} {'p80':>8} {'img/s':>8} "
+          f"{'MFM ms':>8} {'MFM share':>9} {'peak MiB':>9} {'speed-up (rounds)':>20}")
+
+
+def bench_model(name, args, device, config):
+    """One model: build it, prepare both pipelines, time their steps in interleaved rounds, print a row per
+    pipeline. Returns (records, nothing raised)."""
+    try:
+        torch.manual_seed(0)
+        model, head, opt, size, cnn = build(name, device)
+        x = torch.rand(config["batch"], 3, size, size, device=device)
+    except Exception as exc:
+        print(f"{name:<22} cannot build: {type(exc).__name__}: {exc}")
+        return [], False
+    r1, p_low = min(16, size // 8), (0.3 if cnn else 0.5)
+    prepared, ok = prepare_pipelines(name, args, device, config, (model, head, opt, x, cnn), r1, p_low)
+    try:
+        rounds_of = interleaved({p: step for p, (step, _, _, _) in prepared.items()}, device, config["rounds"],
+                                config["steps"])
+    except Exception as exc:
+        print(f"{name:<22} timing the steps raised {type(exc).__name__}: {exc}")
+        ok, rounds_of = False, {}
+    round_med = {p: [summary(r)[0] for r in rounds] for p, rounds in rounds_of.items()}
+    meta = {"model": name, "batch": config["batch"], "size": size, "r1": r1, "p_low": p_low}
+    records = [pipeline_record(meta, pipeline, rounds_ms, prepared[pipeline][1:], round_med)
+               for pipeline, rounds_ms in rounds_of.items()]
+    del model, head, opt, x, prepared
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records, ok
+
+
+def prepare_pipelines(name, args, device, config, setup, r1, p_low):
+    """Per pipeline: build it, warm its step up, the peak memory of one step and the MFM work alone. Returns
+    ({pipeline: (step, backends used, peak MiB, MFM ms samples)} for those that ran, nothing raised)."""
+    model, head, opt, x, cnn = setup
+    prepared, ok = {}, True
+    for pipeline in PIPELINES:
+        try:
+            corrupt, loss_fn = pipeline_fns(pipeline, r1, p_low, args.backend)
+            used = backends_used(args.backend, device) if pipeline == "mfm_fast" else {}
+            step = make_step(model, head, opt, corrupt, loss_fn, x, cnn)
+            for _ in range(config["warmup"]):
+                step()
+            peak = peak_step_mib(step, device)
+            mfm = time_ms(mfm_work(corrupt, loss_fn, x), device, max(config["steps"], 5), 2, budget_s=5.0)
+            prepared[pipeline] = (step, used, peak, mfm)
+        except Exception as exc:  # report and go on with the other pipelines and models
+            print(f"{name:<22} {pipeline:<9} raised {type(exc).__name__}: {exc}")
+            ok = False
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return prepared, ok
+
+
+def pipeline_record(meta, pipeline, rounds_ms, measured, round_med):
+    """The record of one pipeline's timed rounds (and its printed row): ms per step, images/s, MFM share, peak
+    memory, the paired per-round speed-up over official."""
+    used, peak, mfm = measured
+    samples = [t for r in rounds_ms for t in r]
+    med, p20, p80 = summary(samples)
+    mfm_med = summary(mfm)[0]
+    paired = ([o / m for o, m in zip(round_med["official"], round_med[pipeline])]
+              if "official" in round_med else None)  # round r of official over round r of this
+    speedup = summary(paired)[0] if paired else None
+    label = "/".join(dict.fromkeys(used.values())) if used else "eager"
+    batch = meta["batch"]
+    rec = {"model": meta["model"], "pipeline": pipeline, "backends": used, "batch": batch, "size": meta["size"],
+           "r1": meta["r1"], "p_low": meta["p_low"], "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+           "images_per_s": batch / med * 1e3, "mfm_ms": mfm_med, "mfm_share": mfm_med / med, "peak_mib": peak,
+           "speedup_vs_official": speedup, "speedup_rounds": paired,
+           "speedup_min": min(paired) if paired else None, "speedup_max": max(paired) if paired else None,
+           "round_median_ms": round_med[pipeline], "samples_ms": samples, "mfm_samples_ms": mfm}
+    spread = (f"{fft_mask._ratio(speedup)} ({min(paired):.3g}..{max(paired):.3g})" if paired else "-")
+    print(f"{meta['model']:<22} {pipeline:<9} {label:<16} {med:>9.2f} {p20:>8.2f} {p80:>8.2f} "
+          f"{rec['images_per_s']:>8.1f} {mfm_med:>8.2f} {rec['mfm_share']:>8.1%} "
+          f"{'-' if peak is None else f'{peak:.0f}':>9} {spread:>20}")
+    return rec
+
+
+def write_json(args, device, vers, config, ok, records):
+    """bench/results/e2e_step-<device>-<stamp>.json (in --out-dir): versions, configuration, every record."""
+    gpu = device.type == "cuda"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
+    path = Path(args.out_dir) / f"e2e_step-{dev_tag}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": fft_mask.device_name(device), "device_type": device.type, **vers,
+                                "git_sha": fft_mask.git_sha(), "date": datetime.datetime.now().isoformat(
+                                    timespec="seconds"), "command": sys.argv,
+                                "timer": timer_name(device),
+                                "config": {**config, "backend": args.backend, "autocast": "bf16"},
+                                "all_ok": ok, "samples": records}, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

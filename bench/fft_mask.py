@@ -561,9 +561,50 @@ def choose_providers(spec, device):
 
 
 def run(args):
+    """The bench: its settings and providers, a header, one table per (size, pred dtype, batch), the files.
+    Returns the exit status (0, 1 when a provider failed or raised, 2 for bad settings)."""
     global _compile_mode
     started = time.perf_counter()
     device = bench_device(args.device)
+    settings = resolve_settings(args, device)
+    if settings is None:
+        return 2
+    batches, sizes, works = settings
+    _compile_mode = args.compile_mode
+    _raise_recompile_limit()
+    plan = plan_providers(args, works, device)
+    if plan is None:
+        return 2
+    providers, skipped = plan
+    vers = versions()
+    print_header(args, device, batches, sizes, skipped, vers)
+
+    records, all_ok = [], True
+    for size in sizes:
+        r1 = args.r1 if args.r1 is not None else min(16, size // 8)
+        band = mask_band(r1, size)
+        for dtype_name in args.dtype:
+            for batch in batches:
+                block, ok = bench_batch(args, providers, works, device, batch, size, r1, band, dtype_name)
+                records += block
+                all_ok &= ok
+    print("\nfloor = the fp32 copy out.copy_(x) (read + write the batch once) times the bytes each work must move "
+          "(corrupt 1x; loss fwd: read pred + x; loss bwd: write grad; step: all). x-floor = median / floor; "
+          "vs official / vs compile = their median / this median.")
+    if args.markdown:
+        print("\n" + markdown_table(records))
+    config = {"batch": batches, "size": sizes, "works": list(works), "providers": ["copy"] + providers}
+    write_results(args, device, vers, config, skipped, all_ok, records)
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    if not all_ok:
+        print("FAILED: a provider failed its check or raised (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def resolve_settings(args, device):
+    """(batches, sizes, works) of this run, with --reps / --warmup / --budget filled in on `args` for the device;
+    None (after a one-line message) for sizes or batches that cannot run."""
     gpu = device.type == "cuda"
     if not gpu:
         torch.set_num_threads(max(1, args.threads))
@@ -571,19 +612,22 @@ def run(args):
     sizes = args.size or ([224] if gpu else [64])
     if any(s <= 0 or s % 2 for s in sizes) or any(b <= 0 for b in batches):
         print("--size: image sides must be even and positive; --batch: positive", file=sys.stderr)
-        return 2
+        return None
     args.reps = args.reps or (20 if args.quick else 50 if gpu else 30)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick or not gpu else 5)
     args.budget = args.budget or (0.25 if args.quick else 0.5 if gpu else 2.0)
     works = WORKS if "all" in args.work else tuple(w for w in WORKS if w in args.work)
-    _compile_mode = args.compile_mode
-    _raise_recompile_limit()
+    return batches, sizes, works
 
+
+def plan_providers(args, works, device):
+    """(providers to time, in PROVIDER_ORDER, {provider or "provider (works)": why it is skipped}); None (after a
+    one-line message) for an unknown provider. --check adds the reference, its oracle."""
     providers, left_out = choose_providers(args.providers, device)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
         print(f"--providers: unknown {unknown}; choose from copy, {', '.join(PROVIDER_ORDER)}", file=sys.stderr)
-        return 2
+        return None
     skipped = dict(left_out)
     for name in providers:  # one line per provider and reason, naming the works it covers
         by_reason = {}
@@ -598,57 +642,60 @@ def run(args):
         providers.append("reference")  # the oracle of --check must exist; it is also timed
     providers = sorted((p for p in providers if any(unavailable(p, w, device.type) is None for w in works)),
                        key=PROVIDER_ORDER.index)
+    return providers, skipped
 
-    timer = timer_name(device)
-    vers = versions()
+
+def print_header(args, device, batches, sizes, skipped, vers):
+    """The versions, the configuration and the skipped providers."""
     print(f"fft_mask bench | {device_name(device)} | torch {vers['torch']} | triton {vers['triton']} | "
           f"python {vers['python']} | mfm_fast {vers['mfm_fast']} | git {git_sha()}")
     print(f"config: B {' '.join(map(str, batches))} | 3x{'/'.join(map(str, sizes))} | pred "
-          f"{'/'.join(args.dtype)} | p_low={args.p_low:g} | {timer}, warm-up {args.warmup}, reps <= {args.reps} "
-          f"(<= {args.budget:g} s each) | mask_band promise {'passed' if HAS_MASK_BAND else 'not in this mfm_fast'}")
+          f"{'/'.join(args.dtype)} | p_low={args.p_low:g} | {timer_name(device)}, warm-up {args.warmup}, reps <= "
+          f"{args.reps} (<= {args.budget:g} s each) | mask_band promise "
+          f"{'passed' if HAS_MASK_BAND else 'not in this mfm_fast'}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
 
-    records, all_ok = [], True
-    for size in sizes:
-        r1 = args.r1 if args.r1 is not None else min(16, size // 8)
-        band = mask_band(r1, size)
-        for dtype_name in args.dtype:
-            dtype = DTYPES[dtype_name]
-            for batch in batches:
-                try:
-                    x, mask, pred = make_inputs(batch, size, r1, args.p_low, dtype, device)
-                except Exception as exc:  # e.g. out of memory for a big batch: go on with the next
-                    print(f"\nB={batch} 3x{size}x{size}: cannot make the inputs ({type(exc).__name__}: {exc})")
-                    all_ok = False
-                    continue
-                n_low = int((mask.flatten(1)[:, 0] == 0).sum()) if size // 2 > r1 else None  # low-pass drops corners
-                masks = f"; {n_low} low-pass, {batch - n_low} high-pass masks" if n_low is not None else ""
-                print(f"\nB={batch} (3x{size}x{size}, r1={r1:g}, pred {dtype_name}{masks})")
-                failed = {}
-                with warnings.catch_warnings(record=True) as caught:  # printed after the table, not inside it
-                    if args.check:
-                        tol = 1e-4 if dtype == torch.float32 else 1e-2
-                        try:
-                            failed = run_checks(providers, device, x, mask, pred, band, tol)
-                        except Exception as exc:  # the reference itself failed: nothing can be checked
-                            print(f"  check: the reference raised {type(exc).__name__}: {exc}")
-                            failed = {name: {"corrupt", "masked_freq_loss"} for name in providers}
-                        all_ok &= not failed
-                    meta = {"batch": batch, "size": size, "r1": r1, "dtype": dtype_name}
-                    block, ok = bench_block(providers, works, (x, mask, pred, band), device, args, failed, meta)
-                for note in dict.fromkeys(f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})"
-                                          for w in caught):
-                    print(f"  warned while running the providers: {note}")
-                records += block
-                all_ok &= ok
-                del x, mask, pred
-    print("\nfloor = the fp32 copy out.copy_(x) (read + write the batch once) times the bytes each work must move "
-          "(corrupt 1x; loss fwd: read pred + x; loss bwd: write grad; step: all). x-floor = median / floor; "
-          "vs official / vs compile = their median / this median.")
-    if args.markdown:
-        print("\n" + markdown_table(records))
 
+def bench_batch(args, providers, works, device, batch, size, r1, band, dtype_name):
+    """One block: make the inputs, --check the providers, time every (work, provider) and print the table, then
+    the warnings the providers raised. Returns (records, no provider failed or raised)."""
+    dtype = DTYPES[dtype_name]
+    try:
+        x, mask, pred = make_inputs(batch, size, r1, args.p_low, dtype, device)
+    except Exception as exc:  # e.g. out of memory for a big batch: go on with the next
+        print(f"\nB={batch} 3x{size}x{size}: cannot make the inputs ({type(exc).__name__}: {exc})")
+        return [], False
+    n_low = int((mask.flatten(1)[:, 0] == 0).sum()) if size // 2 > r1 else None  # low-pass drops corners
+    masks = f"; {n_low} low-pass, {batch - n_low} high-pass masks" if n_low is not None else ""
+    print(f"\nB={batch} (3x{size}x{size}, r1={r1:g}, pred {dtype_name}{masks})")
+    failed, checks_ok = {}, True
+    with warnings.catch_warnings(record=True) as caught:  # printed after the table, not inside it
+        if args.check:
+            failed = check_block(providers, device, (x, mask, pred, band), dtype)
+            checks_ok = not failed
+        meta = {"batch": batch, "size": size, "r1": r1, "dtype": dtype_name}
+        block, ok = bench_block(providers, works, (x, mask, pred, band), device, args, failed, meta)
+    for note in dict.fromkeys(f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})"
+                              for w in caught):
+        print(f"  warned while running the providers: {note}")
+    return block, ok and checks_ok
+
+
+def check_block(providers, device, inputs, dtype):
+    """--check on one set of inputs: {provider: ops that failed} (every provider's, when the reference raises)."""
+    x, mask, pred, band = inputs
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    try:
+        return run_checks(providers, device, x, mask, pred, band, tol)
+    except Exception as exc:  # the reference itself failed: nothing can be checked
+        print(f"  check: the reference raised {type(exc).__name__}: {exc}")
+        return {name: {"corrupt", "masked_freq_loss"} for name in providers}
+
+
+def write_results(args, device, vers, config, skipped, all_ok, records):
+    """The JSON of every sample (unless --no-json) and the --plot PNG beside it, in --out-dir."""
+    gpu = device.type == "cuda"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device) if gpu else "cpu").strip("-")
     stem = Path(args.out_dir) / f"fft_mask-{dev_tag}-{stamp}"
@@ -657,23 +704,19 @@ def run(args):
     if not args.no_json:
         payload = {"device": device_name(device), "device_type": device.type, **vers, "git_sha": git_sha(),
                    "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": sys.argv,
-                   "timer": timer, "config": {"batch": batches, "size": sizes, "channels": 3, "r1": args.r1,
-                                              "p_low": args.p_low, "dtype": args.dtype, "works": list(works),
-                                              "providers": ["copy"] + providers, "reps": args.reps,
-                                              "warmup": args.warmup, "budget_s": args.budget, "check": args.check,
-                                              "compile_mode": args.compile_mode, "mask_band_passed": HAS_MASK_BAND},
+                   "timer": timer_name(device),
+                   "config": {"batch": config["batch"], "size": config["size"], "channels": 3, "r1": args.r1,
+                              "p_low": args.p_low, "dtype": args.dtype, "works": config["works"],
+                              "providers": config["providers"], "reps": args.reps, "warmup": args.warmup,
+                              "budget_s": args.budget, "check": args.check, "compile_mode": args.compile_mode,
+                              "mask_band_passed": HAS_MASK_BAND},
                    "skipped": skipped, "all_ok": all_ok, "samples": records}
         stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         print(f"wrote {stem.with_suffix('.json')}")
     if args.plot:
         plot(records, stem.with_suffix(".png"), f"fft_mask: median time per call | {device_name(device)} | "
-             f"3x{'/'.join(map(str, sizes))} | pred {'/'.join(args.dtype)} | torch {vers['torch']} | "
+             f"3x{'/'.join(map(str, config['size']))} | pred {'/'.join(args.dtype)} | torch {vers['torch']} | "
              f"{datetime.date.today()}")
-    print(f"done in {time.perf_counter() - started:.1f} s")
-    if not all_ok:
-        print("FAILED: a provider failed its check or raised (see above)", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
