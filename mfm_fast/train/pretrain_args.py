@@ -34,6 +34,32 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args = argparse.Namespace(**vars(args))
     preset_model, preset_p_low = PRESETS[args.preset] if args.preset else (None, None)
     args.model = args.model or preset_model or "vit_small_patch16_224"
+    check_ranges(args)
+    check_restoration_args(args)
+    pipelines = [s.strip() for s in str(args.pipeline).split(",") if s.strip()]
+    if not pipelines or any(s not in PIPELINES for s in pipelines):
+        raise ArgError(f"--pipeline: expected mfm_fast, official or a comma list of them, got {args.pipeline!r}")
+    args.pipeline = ",".join(pipelines)
+    for name in ("corrupt_backend", "loss_backend"):
+        if getattr(args, name) not in BACKENDS + ("auto",):
+            raise ArgError(f"{_flag(name)}: expected auto or one of {', '.join(BACKENDS)}, "
+                           f"got {getattr(args, name)!r}")
+    check_output_and_data_args(args)
+    import timm
+    if not timm.is_model(args.model):
+        raise ArgError(f"--model: {args.model!r} is not a timm model (see timm.list_models())")
+    resolve_mask_args(args, preset_model, preset_p_low)
+    resolve_method_args(args)
+    if not 0 <= args.r1 < args.r2:
+        raise ArgError(f"--r1: must be >= 0 and < --r2 = {args.r2}, got {args.r1}")
+    if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
+        raise ArgError(f"--stop-at: {args.stop_at} is past the last step (--steps {args.steps})")
+    check_with_library(args)
+    return args
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every number against its range (counts >= 1 or >= 0, rates >= 0 and finite, an even --img-size, ...)."""
     positive = ("img_size", "batch_size", "accum_iter", "epochs", "samples_per_epoch", "log_every", "save_every",
                 "sr_factor", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_layers")
     for name in positive:
@@ -63,6 +89,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgError(f"--lr: must be > 0, got {args.lr}")
     if not all(0 <= b < 1 for b in args.betas):
         raise ArgError(f"--betas: both must be in [0, 1), got {args.betas}")
+
+
+def check_restoration_args(args: argparse.Namespace) -> None:
+    """--task deblur's kernel sizes and sigma, --task sr's factor."""
     if args.task == "deblur" and (not args.blur_sizes or any(k < 1 or k % 2 == 0 for k in args.blur_sizes)):
         raise ArgError(f"--blur-sizes: must be odd positive kernel sizes, got {args.blur_sizes}")
     if args.task == "deblur" and max(args.blur_sizes) // 2 >= args.img_size:
@@ -71,14 +101,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgError(f"--sr-factor: {args.sr_factor} must divide --img-size {args.img_size}")
     if args.task == "deblur" and args.blur_sigma <= 0:
         raise ArgError(f"--blur-sigma: must be > 0, got {args.blur_sigma}")
-    pipelines = [s.strip() for s in str(args.pipeline).split(",") if s.strip()]
-    if not pipelines or any(s not in PIPELINES for s in pipelines):
-        raise ArgError(f"--pipeline: expected mfm_fast, official or a comma list of them, got {args.pipeline!r}")
-    args.pipeline = ",".join(pipelines)
-    for name in ("corrupt_backend", "loss_backend"):
-        if getattr(args, name) not in BACKENDS + ("auto",):
-            raise ArgError(f"{_flag(name)}: expected auto or one of {', '.join(BACKENDS)}, "
-                           f"got {getattr(args, name)!r}")
+
+
+def check_output_and_data_args(args: argparse.Namespace) -> None:
+    """--overwrite against --resume, --data-path against --synthetic, and the folder itself."""
     if args.overwrite and args.resume is not None:
         raise ArgError(f"--overwrite: cannot be combined with --resume {args.resume} (--resume continues the run in "
                        "--output-dir, --overwrite starts it afresh); drop one of them")
@@ -89,9 +115,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             D.check_data_path(args.data_path)
         except ValueError as exc:
             raise ArgError(str(exc)) from None
-    import timm
-    if not timm.is_model(args.model):
-        raise ArgError(f"--model: {args.model!r} is not a timm model (see timm.list_models())")
+
+
+def resolve_mask_args(args: argparse.Namespace, preset_model, preset_p_low) -> None:
+    """--p-low from the preset (for its own model), --mask-patch-factor, --bands against --r1 / --r2, and --r1's
+    default (16 at 224 px, in patch frequency units)."""
     if args.p_low is None:
         args.p_low = preset_p_low if (preset_p_low is not None and args.model == preset_model) else None
     if args.p_low is not None and not 0 <= args.p_low <= 1:
@@ -104,13 +132,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgError("--bands: replaces --r1 / --r2; give either the rings or the radii")
     if args.r1 is None:
         args.r1 = 16 * args.img_size / pf / 224
-    resolve_method_args(args)
-    if not 0 <= args.r1 < args.r2:
-        raise ArgError(f"--r1: must be >= 0 and < --r2 = {args.r2}, got {args.r1}")
-    if args.stop_at is not None and args.steps is not None and args.stop_at > args.steps:
-        raise ArgError(f"--stop-at: {args.stop_at} is past the last step (--steps {args.steps})")
-    check_with_library(args)
-    return args
 
 
 # library argument name -> the flag that feeds it (library messages are reused, prefixed by the flag)
