@@ -7,10 +7,11 @@
 - _dft.py: the cached DFT tables both use (DFT-as-GEMM on ``tl.dot``).
 
 Installed as the subpackage ``mfm_fast.kernels`` (never a bare top-level ``kernels``, which is PyPI's kernel hub
-loader). This file is the backend declaration read by mfm_fast.dispatch (``OPS``, ``unavailable_reason``,
-``unsupported_reason``, ``run``); it imports no kernel module (they import triton, on first use). On CPU
-tensors the kernels run only under TRITON_INTERPRET=1. Imports point down: mfm_fast._common, _options and
-the torch backend's autograd helper, never the front-ends.
+loader). This file is the backend ``triton`` of the registry (mfm_fast.backends, which declares its ops): the
+backend protocol (``unavailable_reason``, ``unsupported_reason``, ``run``, ``auto_reason``); it imports no kernel
+module at import (they import triton, on first use). On CPU tensors the kernels run only under
+TRITON_INTERPRET=1. Imports point down: mfm_fast._common, _options and the torch backend's autograd helper,
+never the front-ends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Optional
 
 from mfm_fast._common import triton_interpreted
 
-OPS = ("corrupt", "masked_freq_loss")
+_GENERAL_CORRUPT = ("masks without a mask_band promise take the general DFT-as-GEMM path, which is slower "
+                    "than cuFFT (ask for backend='triton' to force it)")
 
 
 def unavailable_reason(device_type: Optional[str] = None, size=None, build: bool = True) -> Optional[str]:
@@ -57,3 +59,13 @@ def unsupported_reason(op: str, inputs: tuple, options) -> Optional[str]:
 def run(op: str, inputs: tuple, options):
     """Run `op` on validated `inputs` with its options object (see mfm_fast._options)."""
     return _op_module(op).run(*inputs, options)
+
+
+def auto_reason(op: str, inputs: tuple, options) -> Optional[str]:
+    """Why ``auto`` should not pick these kernels for these inputs although they run them, or None: the
+    corruption only with a ``mask_band`` promise its band path takes (the general path is slower than cuFFT)."""
+    if op == "corrupt":
+        from .corrupt import band_fits
+
+        return None if band_fits(options.mask_band, *inputs[0].shape[-2:]) else _GENERAL_CORRUPT
+    return None

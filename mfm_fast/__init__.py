@@ -11,7 +11,7 @@ from ._common import IMAGENET_MEAN, IMAGENET_STD
 from ._validate import set_value_checks
 from .adaptive_masks import make_adaptive_masks
 from .corruption import FrequencyCorruption, corrupt
-from .dispatch import BACKENDS, available_backends
+from .dispatch import available_backends
 from .head import MFMHead, predict_image, tokens_to_map
 from .loss import MaskedFreqLoss, masked_freq_loss
 from .masks import base_mask, make_masks
@@ -22,3 +22,12 @@ __all__ = [
     "available_backends", "base_mask", "corrupt", "make_adaptive_masks", "make_masks", "masked_freq_loss",
     "predict_image", "set_value_checks", "tokens_to_map", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """BACKENDS: the registered backends' names (mfm_fast.backends.names()), read when asked."""
+    if name == "BACKENDS":
+        from . import backends
+
+        return backends.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

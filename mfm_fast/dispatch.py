@@ -1,27 +1,20 @@
-"""The one place that chooses a backend: a registry of backends and one decision, before any op runs.
+"""The one place that chooses a backend: one decision, before any op runs, from the registry.
 
-Backends, in the order ``auto`` prefers them on CUDA tensors: ``cuda`` (the csrc/ extension,
-mfm_fast.backends.cuda), ``triton`` (kernels/, mfm_fast.kernels), ``torch`` (rfft2 half spectrum,
-mfm_fast.backends.torch_backend). On CPU tensors ``auto`` picks ``torch``. ``reference`` (fp64 full-grid oracle,
-mfm_fast.backends.reference) is never picked by ``auto``; ask for it by name.
-
-Each backend is a module that declares itself (imported on first use: the triton one imports triton, the
-cuda one loads or compiles the extension):
-
-- ``OPS``: the ops it implements;
-- ``unavailable_reason(device_type, size=..., build=...)``: None if it runs on these tensors here (the
-  install, the device, the compiled sizes (C, H, W)), else why not;
-- ``unsupported_reason(op, inputs, options)``: None if it runs these inputs and options, else why not;
-- ``run(op, inputs, options)``: the op on validated inputs with its options object (mfm_fast._options).
+The backends and everything this module knows about them (their ops, ``auto``'s order, the fallback, the
+measured policy) are declared in the registry, :mod:`mfm_fast.backends`; each backend's module (imported
+on first use) says whether it runs here and on these inputs through the protocol described there. This
+module names no backend.
 
 :func:`run` decides. An explicit backend (argument, or ``MFM_FAST_BACKEND=<name>`` in the environment,
 which overrides ``auto`` but not an explicit choice) raises when it cannot run here:
 ``NotImplementedError`` if it does not have the op, ``RuntimeError`` if it has it but cannot run here
-(the message says why); for inputs or options it does not support, it hands the op to the torch backend
-and says so once (logger "mfm_fast"). ``auto`` takes the first backend of its order that is available,
-supports the inputs and is not skipped by the measured policy (``AUTO_SKIPS``, and the Triton corruption
-only with a ``mask_band`` promise its band path takes), and logs once what it chose and why it skipped
-the others.
+(the message says why); for inputs or options it does not support, it hands the op to the fallback
+backend and says so once (logger "mfm_fast"). ``auto`` takes the first backend of its order for the
+device (:func:`mfm_fast.backends.auto_order`) that is available, supports the inputs and is not skipped by
+the measured policy (the declarations' ``auto_skips``, and the modules' input-dependent ``auto_reason``),
+and logs once what it chose and why it skipped the others.
+
+``BACKENDS``, ``IMPLEMENTED`` and ``AUTO_SKIPS`` are views of the registry, computed when read.
 """
 
 from __future__ import annotations
@@ -32,59 +25,49 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .backends import reference, torch_backend  # registers the torch ops (torch.ops.mfm_fast.*_torch) at import
+from . import backends
+from .backends import OPS  # noqa: F401  (re-exported: the library's ops)
 from ._common import triton_interpreted  # noqa: F401  (re-exported: where tests and bench/ ask for it)
 
 logger = logging.getLogger("mfm_fast")
 
-BACKENDS = ("reference", "torch", "triton", "cuda")
-OPS = ("corrupt", "masked_freq_loss", "adaptive_masks")
-_AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
-_WHERE = {"triton": "the Triton backend (kernels/)", "cuda": "the CUDA extension backend (csrc/)"}
-_CUDA_UNVALIDATED = ("auto skips it: the CUDA extension kernels are not validated on a GPU (only their host "
-                     "build is tested); ask for backend='cuda' to use it")
-# (backend, op) pairs that work but that ``auto`` does not pick, with the measured reason.
-AUTO_SKIPS = {
-    ("triton", "masked_freq_loss"): "auto skips it: measured slower than the torch backend on an H200 "
-                                    "(fwd+bwd 3.43 ms vs 2.33 ms at B=256, 3x224x224, bench/fft_mask.py); ask for backend='triton' to use it",
-    ("cuda", "corrupt"): _CUDA_UNVALIDATED,
-    ("cuda", "masked_freq_loss"): _CUDA_UNVALIDATED,
-}
-_TRITON_GENERAL_CORRUPT = ("masks without a mask_band promise take the general DFT-as-GEMM path, which is slower "
-                           "than cuFFT (ask for backend='triton' to force it)")
-
-# Which ops each backend implements (its OPS, written here too so that nothing is imported to answer).
-# A backend/op pair missing here is "not implemented" (NotImplementedError when asked for by name; auto
-# skips it and says why). adaptive_masks (FOLK Com / RCom) is reference and torch only.
-IMPLEMENTED = {
-    "reference": set(OPS),
-    "torch": set(OPS),
-    "triton": {"corrupt", "masked_freq_loss"},
-    "cuda": {"corrupt", "masked_freq_loss"},
-}
-
 _logged: set = set()
-_modules: dict = {"reference": reference, "torch": torch_backend}
+
+# The fallback's module now: it registers torch.library ops (torch.ops.mfm_fast.*) that a compiled graph
+# may reference before any op has run.
+backends.module(backends.fallback())
+
+
+def __getattr__(name: str):
+    """BACKENDS (names), IMPLEMENTED ({name: ops}), AUTO_SKIPS ({(name, op): message}): the registry now."""
+    if name == "BACKENDS":
+        return backends.names()
+    if name == "IMPLEMENTED":
+        return {n: set(backends.get(n).ops) for n in backends.names()}
+    if name == "AUTO_SKIPS":
+        return {(n, op): auto_skip_reason(n, op) for n in backends.names() for op in backends.get(n).auto_skips}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def backend_module(name: str):
-    """The module that declares backend `name` (imported on first use)."""
-    module = _modules.get(name)
-    if module is None:
-        if name == "triton":
-            from . import kernels as module
-        else:
-            from .backends import cuda as module
-        _modules[name] = module
-    return module
+    """The module of backend `name` (imported on first use)."""
+    return backends.module(name)
 
 
-def _not_implemented(name: str, op: Optional[str]) -> Optional[str]:
-    where = _WHERE.get(name, name)
-    if op is not None and op not in IMPLEMENTED[name]:
-        return f"{op} is not implemented in {where}"
-    if op is None and not IMPLEMENTED[name]:
-        return f"{where} is not implemented"
+def auto_skip_reason(name: str, op: str) -> Optional[str]:
+    """Why ``auto`` does not pick backend `name` for `op` on CUDA tensors whatever the inputs (its declared,
+    measured reason), or None."""
+    reason = backends.get(name).auto_skips.get(op)
+    return None if reason is None else f"auto skips it: {reason}; ask for backend={name!r} to use it"
+
+
+def not_implemented_reason(name: str, op: Optional[str]) -> Optional[str]:
+    """Why backend `name` does not have `op` (any op when None), or None: its declaration, nothing imported."""
+    backend = backends.get(name)
+    if op is not None and op not in backend.ops:
+        return f"{op} is not implemented in {backend.where}"
+    if op is None and not backend.ops:
+        return f"{backend.where} is not implemented"
     return None
 
 
@@ -92,40 +75,34 @@ def backend_unavailable_reason(name: str, device_type: Optional[str] = None, op:
                                size: Optional[Tuple[int, int, int]] = None, build: bool = True) -> Optional[str]:
     """None if backend `name` can run `op` (any op when None) on `device_type` tensors (any when None), else why not.
 
-    `size`: optional (C, H, W) of the images, for backends compiled for some sizes only (cuda); `build`: False
-    reports a CUDA extension that is not built yet without compiling it."""
-    reason = _not_implemented(name, op)
+    `size`: optional (C, H, W) of the images, for backends compiled for some sizes only; `build`: False
+    reports a backend that would compile on first use without compiling it."""
+    reason = not_implemented_reason(name, op)
     if reason is not None:
         return reason
-    if name == "triton":
-        try:
-            module = backend_module(name)
-        except ImportError as exc:  # an install without kernels/
-            return f"the Triton kernels (mfm_fast.kernels) cannot be imported ({exc})"
-    else:
+    try:
         module = backend_module(name)
-    return module.unavailable_reason(device_type, size=size, build=build)
+    except ImportError as exc:  # an install without it (kernels/ left out, ...)
+        return f"{backends.get(name).where} cannot be imported ({backends.get(name).module}: {exc})"
+    return module.unavailable_reason(device_type, size, build)
 
 
 def available_backends(device_type: Optional[str] = None, op: Optional[str] = None) -> Dict[str, Optional[str]]:
     """{backend: None if available, else the reason} for `op` (any when None) on `device_type` tensors
-    ("cpu", "cuda", or any when None)."""
-    return {name: backend_unavailable_reason(name, device_type, op) for name in BACKENDS}
+    (a torch device type, any when None)."""
+    return {name: backend_unavailable_reason(name, device_type, op) for name in backends.names()}
 
 
 def check_backend_name(name, what: str = "backend") -> str:
-    if not isinstance(name, str) or name not in BACKENDS + ("auto",):
-        raise ValueError(f"{what}: expected one of 'auto', {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    names = backends.names()
+    if not isinstance(name, str) or name not in names + ("auto",):
+        raise ValueError(f"{what}: expected one of 'auto', {', '.join(map(repr, names))}, got {name!r}")
     return name
 
 
-def _auto_policy_reason(name: str, op: str, inputs: Optional[tuple], options) -> Optional[str]:
-    """Why ``auto`` does not pick a backend that could run these inputs (measured slower), or None."""
-    if name == "triton" and op == "corrupt" and inputs is not None:
-        from .kernels.corrupt import band_fits
-
-        return None if band_fits(options.mask_band, *inputs[0].shape[-2:]) else _TRITON_GENERAL_CORRUPT
-    return None
+def _auto_reason(module, op: str, inputs: tuple, options) -> Optional[str]:
+    auto_reason = getattr(module, "auto_reason", None)
+    return None if auto_reason is None else auto_reason(op, inputs, options)
 
 
 def choose_backend(requested: str, op: str, device: torch.device, inputs: Optional[tuple] = None,
@@ -144,26 +121,26 @@ def choose_backend(requested: str, op: str, device: torch.device, inputs: Option
     if requested != "auto":
         reason = backend_unavailable_reason(requested, device.type, op, size)
         if reason is not None:
-            exc = NotImplementedError if _not_implemented(requested, op) is not None else RuntimeError
+            exc = NotImplementedError if not_implemented_reason(requested, op) is not None else RuntimeError
             raise exc(f"backend={requested!r} for {op} on {device.type}: {reason}")
         why = None if inputs is None else backend_module(requested).unsupported_reason(op, inputs, options)
         if why is not None:
-            log_fallback_once(op, requested, "torch", why)
-            return "torch"
+            fallback = backends.fallback()
+            log_fallback_once(op, requested, fallback, why)
+            return fallback
         return requested
-    order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
     skipped = []
-    for name in order:
-        # AUTO_SKIPS first: a skipped backend is not even loaded (the cuda one would be compiled on first use)
-        reason = AUTO_SKIPS.get((name, op)) or backend_unavailable_reason(name, device.type, op, size)
+    for name in backends.auto_order(device.type):
+        # the declared skips first: a skipped backend is not even loaded (one may compile on first use)
+        reason = auto_skip_reason(name, op) or backend_unavailable_reason(name, device.type, op, size)
         if reason is None and inputs is not None:
-            reason = backend_module(name).unsupported_reason(op, inputs, options) or \
-                _auto_policy_reason(name, op, inputs, options)
+            module = backend_module(name)
+            reason = module.unsupported_reason(op, inputs, options) or _auto_reason(module, op, inputs, options)
         if reason is None:
             _log_once(op, device.type, name, skipped)
             return name
         skipped.append(f"{name}: {reason}")
-    raise RuntimeError(f"no backend can run {op} on {device.type}")  # unreachable: torch always runs
+    raise RuntimeError(f"no backend can run {op} on {device.type}" + (": " + "; ".join(skipped) if skipped else ""))
 
 
 LAST_CHOICE: Dict[str, str] = {}  # {op: the backend its latest run() chose}, for reports such as pretrain's header

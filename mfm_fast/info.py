@@ -17,8 +17,9 @@ import torch
 
 from .cli import OneLineParser
 from . import __version__
+from . import backends
 from .backends import cuda as cuda_backend
-from .dispatch import AUTO_SKIPS, BACKENDS, IMPLEMENTED, OPS, _not_implemented, backend_unavailable_reason
+from .dispatch import auto_skip_reason, backend_unavailable_reason
 
 
 def _version(module: str) -> str:
@@ -58,10 +59,10 @@ def backend_table(build: bool = False) -> list:
     notes: list = []
 
     def cell(name: str, op: str, device_type: str) -> str:
-        if device_type == "cuda" and not gpu and _not_implemented(name, op) is None:
+        if device_type == "cuda" and not gpu and op in backends.get(name).ops:
             return "no GPU visible"
         reason = backend_unavailable_reason(name, device_type, op, build=build)
-        skip = AUTO_SKIPS.get((name, op)) if device_type == "cuda" else None
+        skip = auto_skip_reason(name, op) if device_type == "cuda" else None
         if reason is None and skip is None:
             return "available"
         text = reason if reason is not None else skip
@@ -69,10 +70,10 @@ def backend_table(build: bool = False) -> list:
             notes.append(text)
         return f"{'available' if reason is None else 'unavailable'} [{notes.index(text) + 1}]"
 
-    lines = ["backends per op, on CPU / CUDA tensors (from the registry in mfm_fast.dispatch; notes below):",
+    lines = ["backends per op, on CPU / CUDA tensors (from the registry in mfm_fast.backends; notes below):",
              f"  {'op':<18} {'backend':<10} {'cpu':<16} cuda"]
-    for op in OPS:
-        for i, name in enumerate(BACKENDS):
+    for op in backends.OPS:
+        for i, name in enumerate(backends.names()):
             lines.append(f"  {op if i == 0 else '':<18} {name:<10} {cell(name, op, 'cpu'):<16} {cell(name, op, 'cuda')}")
     lines += [f"  [{i}] {text}" for i, text in enumerate(notes, 1)]
     return lines
@@ -94,7 +95,8 @@ def report(build: bool = False) -> str:
     else:
         lines.append("GPU          none visible (torch.cuda.is_available() is False)")
     lines.append(f"cuda ext     {cuda_backend.how_built(build)}")
-    lines.append("ops per backend: " + "; ".join(f"{name} {', '.join(sorted(IMPLEMENTED[name]))}" for name in BACKENDS))
+    lines.append("ops per backend: " + "; ".join(f"{name} {', '.join(sorted(backends.get(name).ops))}"
+                                                 for name in backends.names()))
     lines += backend_table(build)
     return "\n".join(lines)
 

@@ -19,6 +19,9 @@ imports ``_C``. The first use loads the ahead-of-time ``mfm_fast._C`` that setup
 just-in-time build of the same sources (mfm_fast/backends/_jit_build.py: compiled on first use and cached);
 :func:`unavailable_reason` says why neither can be used and :func:`how_built` how the loaded one was built,
 as reported by ``python -m mfm_fast.info``.
+
+The backend ``cuda`` of the registry (mfm_fast.backends, which declares its ops): :func:`unavailable_reason`,
+:func:`unsupported_reason` and :func:`run` are the backend protocol.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from .._common import needs_grad
 from .._options import op_kwargs
 from .torch_backend.masked_freq_loss import register_saved_grad_autograd
 
-OPS = ("corrupt", "masked_freq_loss")  # backend declaration read by mfm_fast.dispatch (with the functions below)
 SIDES = (224, 112)
 SMEM_PER_BLOCK = 232448  # sm_90's opt-in shared memory per block (csrc/fft.cuh, kHopperSmemPerBlock)
 MAX_CHANNELS = 8
@@ -149,7 +151,7 @@ def how_built(build: bool = False) -> str:
     return _state["how"] if reason is None else f"not loaded: {reason}"
 
 
-def unavailable_reason(device_type: Optional[str] = None, build: bool = True, size=None) -> Optional[str]:
+def unavailable_reason(device_type: Optional[str] = None, size=None, build: bool = True) -> Optional[str]:
     """None if the extension can run on `device_type` tensors (any when None) of planes `size` = (C, H, W) (any
     when None), else why not.
 

@@ -12,7 +12,8 @@ import torch
 
 from . import data as D
 from ..cli import ArgError, flag_of as _flag
-from ..dispatch import BACKENDS, backend_unavailable_reason
+from ..backends import names as backend_names
+from ..dispatch import backend_unavailable_reason
 from ..loss import MaskedFreqLoss
 from ..masks import check_rings, check_rings_on_grid
 
@@ -41,8 +42,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ArgError(f"--pipeline: expected mfm_fast, official or a comma list of them, got {args.pipeline!r}")
     args.pipeline = ",".join(pipelines)
     for name in ("corrupt_backend", "loss_backend"):
-        if getattr(args, name) not in BACKENDS + ("auto",):
-            raise ArgError(f"{_flag(name)}: expected auto or one of {', '.join(BACKENDS)}, "
+        if getattr(args, name) not in backend_names() + ("auto",):
+            raise ArgError(f"{_flag(name)}: expected auto or one of {', '.join(backend_names())}, "
                            f"got {getattr(args, name)!r}")
     check_output_and_data_args(args)
     import timm

@@ -3,8 +3,9 @@
 It uses the full complex spectrum (fft2 + fftshift) exactly as the released MFM code does and
 lets autograd differentiate it. Slow and memory-hungry on purpose: readable first.
 
-Backend declaration read by :mod:`mfm_fast.dispatch`: ``OPS``, ``unavailable_reason``,
-``unsupported_reason`` and ``run`` (every op, every option, any device; ``auto`` never picks it).
+The backend ``reference`` of the registry (:mod:`mfm_fast.backends`, which declares its ops): the backend
+protocol ``unavailable_reason``, ``unsupported_reason`` and ``run`` (every op, every option, any device;
+``auto`` never picks it).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from .corrupt import corrupt
 from .masked_freq_loss import masked_freq_loss
 from .masks import base_mask, masks_from
 
-__all__ = ["OPS", "base_mask", "corrupt", "make_adaptive_masks", "masked_freq_loss", "masks_from", "run",
+__all__ = ["base_mask", "corrupt", "make_adaptive_masks", "masked_freq_loss", "masks_from", "run",
            "unavailable_reason", "unsupported_reason"]
 
-OPS = ("corrupt", "masked_freq_loss", "adaptive_masks")
 _IGNORED = ("mask_band", "precision")  # promises and GEMM modes of the fast backends: exact maths needs neither
 
 

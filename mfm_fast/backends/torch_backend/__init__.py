@@ -1,8 +1,8 @@
 """The torch backend: rfft2 half-spectrum ops registered with torch.library (CPU and CUDA).
 
-Backend declaration read by :mod:`mfm_fast.dispatch`: ``OPS``, ``unavailable_reason``,
-``unsupported_reason`` and ``run``. It runs every op with every option on any device, so it is also
-where the other backends' unsupported inputs go.
+The backend ``torch`` of the registry (:mod:`mfm_fast.backends`, which declares its ops): the backend
+protocol ``unavailable_reason``, ``unsupported_reason`` and ``run``. It runs every op with every option on
+any device, so it is also the fallback, where the other backends' unsupported inputs go.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from .corrupt import corrupt
 from .magnitude_phase_loss import magnitude_phase_loss
 from .masked_freq_loss import masked_freq_loss, masked_freq_loss_map
 
-__all__ = ["OPS", "corrupt", "make_adaptive_masks", "masked_freq_loss", "masked_freq_loss_map", "run", "unavailable_reason",
+__all__ = ["corrupt", "make_adaptive_masks", "masked_freq_loss", "masked_freq_loss_map", "run", "unavailable_reason",
            "unsupported_reason"]
 
-OPS = ("corrupt", "masked_freq_loss", "adaptive_masks")
 _CORRUPT_ARGS = schema_names(corrupt)[2:]  # after x, mask
 _LOSS_ARGS = schema_names(masked_freq_loss)[3:]  # after pred, target, mask
 _MAP_ARGS = schema_names(masked_freq_loss_map)[3:]
