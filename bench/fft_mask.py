@@ -64,7 +64,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without `pip install -e .`
 import mfm_fast  # noqa: E402
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from mfm_fast import _official  # noqa: E402
+from mfm_fast import _official, backends  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 from mfm_fast.dispatch import triton_interpreted  # noqa: E402
 from mfm_fast.masks import disc_band  # noqa: E402
@@ -78,7 +78,7 @@ WORK_TITLES = {"corrupt": "corrupt", "loss_fwd": "loss fwd", "loss_bwd": "loss b
                "step": "step"}
 WORK_OPS = {"corrupt": ("corrupt",), "loss_fwd": ("masked_freq_loss",), "loss_bwd": ("masked_freq_loss",),
             "loss": ("masked_freq_loss",), "step": ("corrupt", "masked_freq_loss")}
-PROVIDER_ORDER = ("official", "torch_compile", "reference", "torch", "triton", "cuda")
+PROVIDER_ORDER = ("official", "torch_compile") + tuple(backends.names())  # then mfm_fast with each backend
 
 
 def floor_factor(work: str, pred_bytes: int) -> float:
@@ -383,8 +383,8 @@ def plot(records, path, title):
                "whiskers: p20 - p80",
                "copy floor (dashed): out.copy_(x) of the fp32 batch, scaled to the bytes each work must move at least"]
     caption += [PROVIDER_NOTES[n] for n in names if n in PROVIDER_NOTES]
-    backends = [n for n in ("torch", "triton", "cuda") if n in names]
-    caption += [f"{', '.join(backends)} = mfm_fast with that backend"] if backends else []
+    used = [n for n in backends.names() if n in names]
+    caption += [f"{', '.join(used)} = mfm_fast with that backend"] if used else []
     panel_w = max(3.6, 1.0 + 0.3 * len(batches) * (len(names) + 1))
     head, foot = 0.6, 0.15 + 0.16 * len(caption)  # inches of title + legend, of caption
     height = 3.4 * len(configs) + head + foot

@@ -32,10 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fft_mask  # noqa: E402  (versions, device names, relative errors)
 from timing import summary, time_ms, timer_name  # noqa: E402  (bench/timing.py: the benchmarks' one timer)
 import mfm_fast  # noqa: E402
+from mfm_fast import backends  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
 WORKS = ("masks", "folk_corrupt", "mp_loss", "loss")
 FLOOR = {"masks": 1.0, "folk_corrupt": 1.0, "mp_loss": 1.5, "loss": 1.5}
+PROVIDERS = tuple(n for n in backends.names() if "adaptive_masks" in backends.get(n).ops)  # FOLK's masks run there
 
 
 def work_fn(work, backend, x, pred, keep_ratio):
@@ -111,8 +113,8 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     providers = [s.strip() for s in args.providers.split(",") if s.strip()]
-    if not providers or any(s not in ("reference", "torch") for s in providers):
-        print(f"folk_ops.py: error: --providers: expected a comma list of reference, torch, got {args.providers!r}",
+    if not providers or any(s not in PROVIDERS for s in providers):
+        print(f"folk_ops.py: error: --providers: expected a comma list of {', '.join(PROVIDERS)}, got {args.providers!r}",
               file=sys.stderr)
         return 2
     batches, size = args.batch or ([64, 256] if gpu else [8]), args.size or (224 if gpu else 64)

@@ -39,6 +39,7 @@ from torch import nn
 
 from .checkpoint import (load_checkpoint, load_training_state, plan_output, prepare_output_dir,  # noqa: F401
                          save_checkpoint, trim_log)
+from .. import backends
 from ..cli import ArgError, OneLineParser
 from .engine import NonFiniteLoss, RunLog, TrainingRun, train as train_loop
 from .model import build_model, create_encoder, freeze_unused, is_vit, make_distiller  # noqa: F401
@@ -149,9 +150,9 @@ def _pipelines_options(p: argparse.ArgumentParser) -> None:
                         "and loss, for speed comparisons); a comma list (official,mfm_fast) runs each in turn "
                         "and prints a throughput table")
     g.add_argument("--corrupt-backend", default="auto",
-                   help="mfm_fast backend of the corruption: auto, torch, triton, cuda or reference")
+                   help=f"mfm_fast backend of the corruption: auto, {', '.join(backends.names())}")
     g.add_argument("--loss-backend", default="auto",
-                   help="mfm_fast backend of MaskedFreqLoss: auto, torch, triton, cuda or reference")
+                   help=f"mfm_fast backend of MaskedFreqLoss: auto, {', '.join(backends.names())}")
 
 
 def _folk_options(p: argparse.ArgumentParser) -> None:

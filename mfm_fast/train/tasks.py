@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import backends
 from .._common import imagenet_normalize
 from ..adaptive_masks import make_adaptive_masks
 from ..corruption import FrequencyCorruption, corrupt
@@ -54,8 +55,9 @@ class Corruptor:
         self.gen = torch.Generator(device).manual_seed(seed)
         self.official = args.pipeline == "official"
         self.adaptive = getattr(args, "mask", "disc") == "adaptive"  # (older checkpoints lack the new options)
-        # adaptive masks have reference and torch backends only; "auto" picks torch for the others
-        self.mask_backend = args.corrupt_backend if args.corrupt_backend in ("reference", "torch") else "auto"
+        # the corruption's backend draws the adaptive masks where it implements them, else "auto" does
+        asked = args.corrupt_backend
+        self.mask_backend = asked if asked != "auto" and "adaptive_masks" in backends.get(asked).ops else "auto"
         self.pf, self.bands = getattr(args, "mask_patch_factor", 1), getattr(args, "bands", None)
         radii = {"bands": self.bands} if self.bands is not None else {"r1": args.r1, "r2": args.r2}
         self.corruption = FrequencyCorruption(p_low=args.p_low if args.p_low is not None else 0.5,
