@@ -3,12 +3,12 @@
     python tools/kernel_model.py [--json] [--batch 256] [--no-cache]
 
 For each kernel path (CUDA corruption, CUDA loss with and without the gradient, the CUDA loss's band kernel
-for the high-pass half under mask_band, Triton corruption band and general paths, Triton loss) at 224 x 224, fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/,
-triton.compile for kernels/, specialised as Triton's launcher specialises the captured launch),
-reads registers and spills from ptxas, walks one CTA (program) of each kernel through its SASS with
-tools/sass_model.py (dynamic warp instructions: loop bodies x the trip counts the code itself computes)
-and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per SM, measured copy 0.077 ms for the
-154 MB batch read + written) as the largest of four bounds:
+for the high-pass half under mask_band, Triton corruption band and general paths, Triton loss) at 224 x 224,
+fp32, C = 3 and B = 256 it builds the sm_90 code (nvcc for csrc/, triton.compile for kernels/, specialised as
+Triton's launcher specialises the captured launch), reads registers and spills from ptxas, walks one CTA
+(program) of each kernel through its SASS with tools/sass_model.py (dynamic warp instructions: loop bodies x
+the trip counts the code itself computes) and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per
+SM, the copy of the 154 MB batch read + written as measured there: COPY_MS_B256) as the largest of four bounds:
 
 - issue:  waves x CTAs per SM x warp instructions per CTA / (4 schedulers x clock x efficiency), the
           efficiency min(1, resident warps per scheduler / LATENCY_WARPS) (latency hiding; one constant,
@@ -20,10 +20,10 @@ and models the time on an H200 (132 SMs, 1.98 GHz, 4 schedulers per SM, measured
 - HBM:    bytes read + written / the measured copy bandwidth.
 
 Calibration rows: the two kernels measured on the H200 (bench/results/fft_mask-NVIDIA-H200-*.log, B = 256,
-fp32, 224): the one-launch Triton corruption band path 0.345 ms and the first Triton loss fwd+bwd 3.43 ms,
-both compiled from kernels/ as it was when measured (git show of MEASURED_BAND_COMMIT and
-MEASURED_LOSS_COMMIT). It is a model: ncu's
-executed-instruction counts (smsp__inst_executed) and times on a GPU are the check (docs/kernel_model.md).
+fp32, 224; their times in MEASURED): the one-launch Triton corruption band path and the first Triton loss
+fwd+bwd, both compiled from kernels/ as it was when measured (git show of MEASURED_BAND_COMMIT and
+MEASURED_LOSS_COMMIT). It is a model: ncu's executed-instruction counts (smsp__inst_executed) and times on a
+GPU are the check. What it models and its current figures: docs/kernel_model.md.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import sass_model  # noqa: E402
+from mfm_fast.backends._jit_build import cache_dir_problem  # noqa: E402
 
 # H200 (SXM, 141 GB): the figures the model uses
 SMS, CLOCK_HZ, SCHEDULERS = 132, 1.98e9, 4
@@ -133,17 +134,6 @@ def _cached(key: str, build, force: bool = False):
 
 
 NO_CACHE = False
-
-
-def cache_problem(path: str):
-    """Why `path` cannot hold the cache (None when it is, or could be made, a writable folder)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "is a file, not a folder"
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        return f"cannot be created as a folder ({exc.strerror or exc})"
-    return None if os.access(path, os.W_OK | os.X_OK) else "is a folder this user cannot write to"
 
 
 # ------------------------------------------------------------------ occupancy and time
@@ -778,9 +768,15 @@ def loss_rows(mfl, label, x, mask, band, small, batch, key) -> list:
     return triton_kernel_rows(label, launches, small, batch, nbytes, "loss", key, share)
 
 
+# Imports of mfm_fast in the measured versions of kernels/ whose modules have moved since: old -> where it is now.
+MOVED_IMPORTS = {"from mfm_fast.torch_backend.": "from mfm_fast.backends.torch_backend.",
+                 "from mfm_fast.dispatch import triton_interpreted": "from mfm_fast._common import triton_interpreted"}
+
+
 def _measured_package(commit: str, modules: tuple, name: str, namespace: str):
     """kernels/ of `commit` (git show) as a temporary package `name` (its torch custom ops moved to
-    `namespace` so that they do not clash with the current ones); returns (its modules, its source key)."""
+    `namespace` so that they do not clash with the current ones, its imports of moved mfm_fast modules
+    redirected by MOVED_IMPORTS); returns (its modules, its source key)."""
     d = os.path.join(CACHE, f"kernels_{commit}")
     pkg = os.path.join(d, name)
     os.makedirs(pkg, exist_ok=True)
@@ -791,6 +787,8 @@ def _measured_package(commit: str, modules: tuple, name: str, namespace: str):
         text = proc.stdout if mod != "__init__.py" else ""
         text = text.replace('custom_op("mfm_fast::', f'custom_op("{namespace}::')
         text = text.replace('register_fake("mfm_fast::', f'register_fake("{namespace}::')
+        for was, now in MOVED_IMPORTS.items():
+            text = text.replace(was, now)
         with open(os.path.join(pkg, mod), "w") as f:
             f.write(text)
     if d not in sys.path:
@@ -885,10 +883,11 @@ def main(argv=None) -> int:
     if args.batch < 1:
         ap.error(f"--batch: must be >= 1, got {args.batch}")
     NO_CACHE = args.no_cache
-    problem = cache_problem(CACHE)
+    problem = cache_dir_problem(CACHE)
     if problem is not None:
         where = "" if "MFM_FAST_MODEL_CACHE" in os.environ else " (the default: the variable is unset)"
-        ap.error(f"MFM_FAST_MODEL_CACHE: the cache path {CACHE!r}{where} {problem}; point the variable at a folder")
+        ap.error(f"MFM_FAST_MODEL_CACHE: the cache path {CACHE!r}{where}: {problem}; point the variable at a "
+                 "writable folder")
     start = time.time()
     try:
         res = model(args.batch)

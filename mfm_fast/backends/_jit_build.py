@@ -219,23 +219,32 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def cache_dir_problem(path: str) -> Optional[str]:
+    """Why the folder `path` cannot hold a cache, or None when it can: it is created if missing (with its
+    parents) and a temporary file is written in it. The cause, for a message that names the path first:
+    "is a file, not a folder", "<parent> is a file, not a folder" or "not writable (<OS error>)". Shared by the
+    just-in-time build's cache and tools/kernel_model.py's."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        blocker = path
+        while blocker != os.path.dirname(blocker) and not os.path.lexists(blocker):
+            blocker = os.path.dirname(blocker)
+        if not os.path.isdir(blocker):
+            return "is a file, not a folder" if blocker == path else f"{blocker} is a file, not a folder"
+        return f"not writable ({exc.strerror or exc})"
+    return None
+
+
 def _writable_cache() -> str:
     """cache_root(), created if missing; CacheError (one line, the folder and the cause first) when it is not a
     writable folder."""
     root = cache_root()
-    try:
-        os.makedirs(root, exist_ok=True)
-        tempfile.TemporaryFile(dir=root).close()
-    except OSError as exc:
+    problem = cache_dir_problem(root)
+    if problem is not None:
         name = f"MFM_FAST_CACHE {root}" if os.environ.get("MFM_FAST_CACHE") else f"the build cache {root}"
-        blocker = root
-        while blocker != os.path.dirname(blocker) and not os.path.lexists(blocker):
-            blocker = os.path.dirname(blocker)
-        if not os.path.isdir(blocker):
-            cause = "is a file, not a folder" if blocker == root else f"{blocker} is a file, not a folder"
-        else:
-            cause = f"not writable ({exc.strerror})"
-        raise CacheError(f"{name}: {cause} (set MFM_FAST_CACHE to a writable folder)") from None
+        raise CacheError(f"{name}: {problem} (set MFM_FAST_CACHE to a writable folder)")
     return root
 
 

@@ -213,6 +213,21 @@ def test_kernel_model_cache_variable_pointing_at_a_file(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("kernel_model.py: error: MFM_FAST_MODEL_CACHE: ") and repr(cache) in lines[0]
+    assert ": is a file, not a folder;" in lines[0], lines[0]
+
+
+def test_kernel_model_cache_below_a_file_names_the_file(tmp_path):
+    """The cache-folder check is the just-in-time build's (mfm_fast.backends._jit_build.cache_dir_problem): a path
+    under a file names that file."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cache = str(a_file / "cache")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "kernel_model.py")], capture_output=True, text=True,
+                          env=dict(os.environ, MFM_FAST_MODEL_CACHE=cache), timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert repr(cache) in lines[0] and f": {a_file} is a file, not a folder;" in lines[0], lines[0]
+    assert not os.path.exists(cache)
 
 
 def test_smem_bank_model_runs_and_sees_the_old_conflicts(capsys):
