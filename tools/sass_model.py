@@ -458,124 +458,172 @@ def classify(op: str) -> str:
 
 def walk_warp(prog: Program, kernel: str, warp_id: int, ntid: int, ctaid: int, params: dict, stats: Stats,
               max_steps: int = 5_000_000):
-    w = Warp(warp_id, ntid, ctaid, params)
-    insns = prog.insns
-    pcs = np.full(LANES, prog.entry[kernel], np.int64)
-    alive = w.live.copy()
-    callstack = [[] for _ in range(LANES)]
-    depth = np.zeros(LANES, np.int64)  # call depth: lanes inside a call issue first (calls sit out of line)
-    while alive.any():
-        key = pcs - depth * (1 << 40)
-        kmin = key[alive].min()
-        mask = alive & (key == kmin)
-        pc = int(pcs[mask][0])
-        if pc >= len(insns):
-            raise WalkError(f"{kernel}: walked off the end of the code")
-        ins = insns[pc]
-        stats.steps += 1
-        if stats.steps > max_steps:
-            raise WalkError(f"{kernel}: more than {max_steps} warp instructions in one warp (a loop the walk "
-                            f"cannot bound, last at {ins.src}: {ins.text})")
-        stats.by_class[classify(ins.op)] += 1
-        stats.by_src[ins.src] += 1
+    """Walk one warp of a CTA from the kernel's entry until every lane has exited, adding what it issues to
+    `stats`. Each step: the lanes that issue next, the instruction they issue (counted), its guard, then the
+    instruction's effect on the lanes' program counters (control flow) or registers (everything else)."""
+    walk = _WarpWalk(prog, kernel, Warp(warp_id, ntid, ctaid, params), stats, max_steps)
+    while walk.alive.any():
+        pc, mask = walk.issuing_lanes()
+        ins = walk.fetch(pc)
+        walk.count(ins)
+        exec_mask, known = walk.guard(ins, mask)
+        nxt = np.where(mask, pc + 1, walk.pcs)
+        step = _WarpWalk.CONTROL.get(ins.op, _WarpWalk.compute)
+        walk.pcs = step(walk, ins, pc, mask, exec_mask, known, nxt)
+
+
+class _WarpWalk:
+    """The state of walk_warp: the warp's registers, each lane's program counter, whether it is still alive, its
+    return addresses and call depth. The step methods take the issuing lanes (`mask`), those whose guard holds
+    (`exec_mask`), where the guard's value is known (`known`) and the fall-through PCs (`nxt`), and return the
+    lanes' next PCs."""
+
+    def __init__(self, prog: Program, kernel: str, w: Warp, stats: Stats, max_steps: int):
+        self.prog, self.kernel, self.w, self.stats, self.max_steps = prog, kernel, w, stats, max_steps
+        self.pcs = np.full(LANES, prog.entry[kernel], np.int64)
+        self.alive = w.live.copy()
+        self.callstack = [[] for _ in range(LANES)]
+        self.depth = np.zeros(LANES, np.int64)  # call depth: lanes inside a call issue first (calls sit out of line)
+
+    def issuing_lanes(self) -> tuple:
+        """(pc, mask): the live lanes at the lowest PC issue next (min-PC reconvergence), lanes inside a call
+        first."""
+        key = self.pcs - self.depth * (1 << 40)
+        mask = self.alive & (key == key[self.alive].min())
+        return int(self.pcs[mask][0]), mask
+
+    def fetch(self, pc: int) -> Insn:
+        """The instruction at pc, as one more issued step (WalkError past the code's end or max_steps)."""
+        if pc >= len(self.prog.insns):
+            raise WalkError(f"{self.kernel}: walked off the end of the code")
+        ins = self.prog.insns[pc]
+        self.stats.steps += 1
+        if self.stats.steps > self.max_steps:
+            raise WalkError(f"{self.kernel}: more than {self.max_steps} warp instructions in one warp (a loop the "
+                            f"walk cannot bound, last at {ins.src}: {ins.text})")
+        return ins
+
+    def count(self, ins: Insn) -> None:
+        self.stats.by_class[classify(ins.op)] += 1
+        self.stats.by_src[ins.src] += 1
         if ins.op in ("BAR",):
-            stats.bar += 1
-        exec_mask = mask
-        gk = np.ones(LANES, bool)
-        if ins.guard:
-            gv, gk = w.pred(("!" if ins.neg_guard else "") + ins.guard)
-            exec_mask = mask & gv
-        nxt = np.where(mask, pc + 1, pcs)
-        op = ins.op
-        if op == "EXIT":
-            if (mask & ~gk).any():  # a data-dependent early exit: the lanes go on (the path that works)
-                stats.unknown_branches += 1
-                stats.unknown_at[(ins.src, ins.text)] += 1
-            alive &= ~(exec_mask & gk)
-            pcs = nxt
-            continue
-        if op == "BRA":
-            tgt = ins.target
-            if tgt is None:
-                raise WalkError(f"{kernel}: indirect branch at {ins.src}: {ins.text}")
-            take = exec_mask.copy()
-            unknown = mask & ~gk
-            if ins.args and is_pred(ins.args[0]):  # BRA Pc, target: also needs Pc
-                cv, ck = w.pred(ins.args[0])
-                take &= cv
-                unknown |= mask & gk & ~ck
-            if "ANY" in ins.mods:
-                take = mask & (exec_mask & gk).any()
-            if unknown.any():
-                if tgt <= pc:
-                    raise WalkError(f"{kernel}: loop branch at {ins.src} ({ins.text}) depends on a value the "
-                                    f"walk does not model (global / shared memory or an unmodelled opcode)")
-                stats.unknown_branches += 1
-                stats.unknown_at[(ins.src, ins.text)] += 1
-                # toward the path that works fast: jump over a slow-path CALL or an early EXIT, else fall through
-                skips_call = any(insns[j].op == "CALL" or (insns[j].op == "EXIT" and insns[j].guard is None)
-                                 for j in range(pc + 1, tgt))
-                take = (take | unknown) if skips_call else (take & ~unknown)
-            pcs = np.where(take, tgt, nxt)
-            continue
-        if op == "CALL":
-            for i in np.nonzero(exec_mask)[0]:
-                callstack[i].append(pc + 1)
-            depth = depth + exec_mask
-            pcs = np.where(exec_mask, ins.target, nxt)
-            continue
-        if op == "RET":
-            for i in np.nonzero(exec_mask)[0]:
-                if not callstack[i]:
-                    raise WalkError(f"{kernel}: RET without CALL at {ins.src}")
-                nxt[i] = callstack[i].pop()
-            depth = depth - exec_mask
-            pcs = nxt
-            continue
-        if op == "BRX":
-            # BRX Ra imm: to the function-relative address Ra + imm + (address of the next instruction); Ra
-            # comes from the jump table in constant bank 2. The target must be one of nvdisasm's
-            # BRANCH_TARGETS, and every lane's index known.
-            if exec_mask.any():
-                m = re.match(r"BRX\s+(R\d+)\s+(-?0x[0-9a-f]+|-?\d+)", ins.text)
-                if m is None:
-                    raise WalkError(f"{kernel}: cannot read the BRX at {ins.src}: {ins.text[:60]}")
-                reg = read_operand(w, m.group(1))
-                if not (reg.k[exec_mask] & gk[exec_mask]).all():
-                    raise WalkError(f"{kernel}: jump table index at {ins.src} ({ins.text[:40]}) depends on a "
-                                    f"value the walk does not model")
-                func = prog.owner[pc]
-                imm = int(m.group(2), 0)
-                allowed = {prog.funcs[func][1].get(t.strip()) for t in
-                           re.search(r'BRANCH_TARGETS ([^"]*)"', ins.text).group(1).split(",")} \
-                    if "BRANCH_TARGETS" in ins.text else None
-                for i in np.nonzero(exec_mask)[0]:
-                    addr = (int(_s(reg.v[i:i + 1])[0]) + imm + ins.pc + 16) & M32
-                    tgt = prog.at_pc.get((func, addr))
-                    if tgt is None or (allowed is not None and tgt - prog.entry[func] not in allowed):
-                        raise WalkError(f"{kernel}: jump table at {ins.src} goes to 0x{addr:x}, not one of its "
-                                        f"branch targets")
-                    nxt[i] = tgt
-            pcs = nxt
-            continue
-        if op == "JMX":
-            raise WalkError(f"{kernel}: indirect branch (jump table) at {ins.src}: {ins.text}")
-        if op in ("HGMMA", "HMMA") and exec_mask.any():
+            self.stats.bar += 1
+
+    def guard(self, ins: Insn, mask) -> tuple:
+        """(exec_mask, known): the issuing lanes whose guard predicate holds, and the lanes where it is known."""
+        if not ins.guard:
+            return mask, np.ones(LANES, bool)
+        gv, gk = self.w.pred(("!" if ins.neg_guard else "") + ins.guard)
+        return mask & gv, gk
+
+    def unknown_branch(self, ins: Insn) -> None:
+        self.stats.unknown_branches += 1
+        self.stats.unknown_at[(ins.src, ins.text)] += 1
+
+    def exit(self, ins, pc, mask, exec_mask, known, nxt):
+        if (mask & ~known).any():  # a data-dependent early exit: the lanes go on (the path that works)
+            self.unknown_branch(ins)
+        self.alive &= ~(exec_mask & known)
+        return nxt
+
+    def branch(self, ins, pc, mask, exec_mask, known, nxt):
+        """BRA [Pc,] target (.ANY: every issuing lane jumps if one would). A loop branch on an unknown value is an
+        error; a forward one goes toward the path that works fast (see resolve_unknown)."""
+        tgt = ins.target
+        if tgt is None:
+            raise WalkError(f"{self.kernel}: indirect branch at {ins.src}: {ins.text}")
+        take = exec_mask.copy()
+        unknown = mask & ~known
+        if ins.args and is_pred(ins.args[0]):  # BRA Pc, target: also needs Pc
+            cv, ck = self.w.pred(ins.args[0])
+            take &= cv
+            unknown |= mask & known & ~ck
+        if "ANY" in ins.mods:
+            take = mask & (exec_mask & known).any()
+        if unknown.any():
+            take = self.resolve_unknown(ins, pc, take, unknown)
+        return np.where(take, tgt, nxt)
+
+    def resolve_unknown(self, ins, pc, take, unknown):
+        """The lanes that take a branch whose condition is unknown for `unknown`: toward the path that works
+        fast, jumping over a slow-path CALL or an early EXIT, else falling through. Backward (a loop): WalkError."""
+        tgt = ins.target
+        if tgt <= pc:
+            raise WalkError(f"{self.kernel}: loop branch at {ins.src} ({ins.text}) depends on a value the "
+                            f"walk does not model (global / shared memory or an unmodelled opcode)")
+        self.unknown_branch(ins)
+        insns = self.prog.insns
+        skips_call = any(insns[j].op == "CALL" or (insns[j].op == "EXIT" and insns[j].guard is None)
+                         for j in range(pc + 1, tgt))
+        return (take | unknown) if skips_call else (take & ~unknown)
+
+    def call(self, ins, pc, mask, exec_mask, known, nxt):
+        for i in np.nonzero(exec_mask)[0]:
+            self.callstack[i].append(pc + 1)
+        self.depth = self.depth + exec_mask
+        return np.where(exec_mask, ins.target, nxt)
+
+    def ret(self, ins, pc, mask, exec_mask, known, nxt):
+        for i in np.nonzero(exec_mask)[0]:
+            if not self.callstack[i]:
+                raise WalkError(f"{self.kernel}: RET without CALL at {ins.src}")
+            nxt[i] = self.callstack[i].pop()
+        self.depth = self.depth - exec_mask
+        return nxt
+
+    def jump_table(self, ins, pc, mask, exec_mask, known, nxt):
+        """BRX Ra imm: to the function-relative address Ra + imm + (address of the next instruction); Ra comes
+        from the jump table in constant bank 2. The target must be one of nvdisasm's BRANCH_TARGETS, and every
+        lane's index known."""
+        if not exec_mask.any():
+            return nxt
+        kernel, prog = self.kernel, self.prog
+        m = re.match(r"BRX\s+(R\d+)\s+(-?0x[0-9a-f]+|-?\d+)", ins.text)
+        if m is None:
+            raise WalkError(f"{kernel}: cannot read the BRX at {ins.src}: {ins.text[:60]}")
+        reg = read_operand(self.w, m.group(1))
+        if not (reg.k[exec_mask] & known[exec_mask]).all():
+            raise WalkError(f"{kernel}: jump table index at {ins.src} ({ins.text[:40]}) depends on a "
+                            f"value the walk does not model")
+        func = prog.owner[pc]
+        imm = int(m.group(2), 0)
+        allowed = {prog.funcs[func][1].get(t.strip()) for t in
+                   re.search(r'BRANCH_TARGETS ([^"]*)"', ins.text).group(1).split(",")} \
+            if "BRANCH_TARGETS" in ins.text else None
+        for i in np.nonzero(exec_mask)[0]:
+            addr = (int(_s(reg.v[i:i + 1])[0]) + imm + ins.pc + 16) & M32
+            tgt = prog.at_pc.get((func, addr))
+            if tgt is None or (allowed is not None and tgt - prog.entry[func] not in allowed):
+                raise WalkError(f"{kernel}: jump table at {ins.src} goes to 0x{addr:x}, not one of its "
+                                f"branch targets")
+            nxt[i] = tgt
+        return nxt
+
+    def indirect(self, ins, pc, mask, exec_mask, known, nxt):
+        raise WalkError(f"{self.kernel}: indirect branch (jump table) at {ins.src}: {ins.text}")
+
+    def compute(self, ins, pc, mask, exec_mask, known, nxt):
+        """Any other instruction: its tensor-core FLOPs and shared-memory wavefronts counted, its arithmetic done
+        on the lanes whose guard is known to hold; where the guard is unknown its destinations become unknown."""
+        if not exec_mask.any():
+            return nxt
+        if ins.op in ("HGMMA", "HMMA"):
             kind, flops = mma_flops(ins)
-            stats.mma_flops[kind] += flops
-        if op in ("LDS", "STS", "LDSM", "STSM", "ATOMS") and exec_mask.any():
-            stats.smem_insns += 1
-            stats.smem_wavefronts += smem_wavefronts(ins)
-        if exec_mask.any():
-            execute(w, ins, exec_mask & gk, pc)
-            unknown_guard = mask & ~gk
-            if unknown_guard.any():  # guarded by an unknown predicate: the destination becomes unknown
-                for d in dests(ins):
-                    if is_pred(d):
-                        w.set_pred(d, np.zeros(LANES, bool), np.zeros(LANES, bool), unknown_guard)
-                    else:
-                        w.set(d, Lanes(k=np.zeros(LANES, bool)), unknown_guard)
-        pcs = nxt
+            self.stats.mma_flops[kind] += flops
+        if ins.op in ("LDS", "STS", "LDSM", "STSM", "ATOMS"):
+            self.stats.smem_insns += 1
+            self.stats.smem_wavefronts += smem_wavefronts(ins)
+        execute(self.w, ins, exec_mask & known, pc)
+        unknown_guard = mask & ~known
+        if unknown_guard.any():
+            for d in dests(ins):
+                if is_pred(d):
+                    self.w.set_pred(d, np.zeros(LANES, bool), np.zeros(LANES, bool), unknown_guard)
+                else:
+                    self.w.set(d, Lanes(k=np.zeros(LANES, bool)), unknown_guard)
+        return nxt
+
+    CONTROL = {"EXIT": exit, "BRA": branch, "CALL": call, "RET": ret, "BRX": jump_table, "JMX": indirect}
 
 
 def dests(ins: Insn) -> list:
