@@ -1,6 +1,7 @@
 # Quick start: `make bench` runs the benchmark, `make test` runs the tests. Both create the virtual
 # environment .venv and install everything the first time (requirements.txt at the exact versions of
-# constraints.txt, then `pip install -e .`), so they work on a fresh machine with Python 3.10+.
+# constraints.txt, then `pip install -e .`), so they work on a fresh machine with Python 3.10+. `make test` and
+# `make test-fast` also install tools/requirements.txt once (the kernel tools' own, which the tests cover).
 # Without a GPU, `make bench` leaves the CUDA extension to its just-in-time build (nothing to compile);
 # `make test` builds it once ahead of time (about 2 minutes on 2 cores), since the tests run its host build.
 PY ?= python3
@@ -8,6 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mfm_fast_installed
 EXT_STAMP := $(VENV)/.mfm_fast_cuda_ext
+TOOLS_STAMP := $(VENV)/.mfm_fast_tools_installed
 PIP := $(BIN)/python -m pip
 PYTEST_ARGS ?=
 JOBS ?= auto
@@ -41,13 +43,21 @@ $(EXT_STAMP): $(STAMP)
 	    --no-build-isolation -c constraints.txt); fi
 	touch $(EXT_STAMP)
 
+# The kernel tools' requirements (tools/requirements.txt: nvidia-mathdx for tools/cufftdx_plane.py), once; the
+# tests need them, the benchmark does not. Order-only on $(STAMP): the venv must exist, a reinstall of the
+# user requirements does not repeat this.
+$(TOOLS_STAMP): tools/requirements.txt constraints.txt | $(STAMP)
+	@echo "make: installing the kernel tools' requirements (tools/requirements.txt) into $(VENV)"
+	@$(call quietly,installing tools/requirements.txt into $(VENV),$(PIP) install --no-compile -r tools/requirements.txt -c constraints.txt)
+	touch $(TOOLS_STAMP)
+
 install: $(EXT_STAMP)
 
-test: $(EXT_STAMP)
+test: $(EXT_STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest --benchmark-disable $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (fresh-venv installs, real compiles, training runs), on every core.
-test-fast: $(EXT_STAMP)
+test-fast: $(EXT_STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest --benchmark-disable -m "not slow" -n $(JOBS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -56,12 +66,13 @@ bench: $(STAMP)
 info: $(STAMP)
 	$(BIN)/python -m mfm_fast.info
 
-# Refresh constraints.txt on purpose: the newest releases of requirements.txt (within its ranges), of pip and of
-# the packages the install tests fetch (PyPI's kernels), resolved in a fresh venv. Review the diff, run make test.
+# Refresh constraints.txt on purpose: the newest releases of requirements.txt and tools/requirements.txt (within
+# their ranges), of pip and of the packages the install tests fetch (PyPI's kernels), resolved in a fresh venv.
+# Review the diff, run make test.
 lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -U pip
-	.venv-lock/bin/python -m pip install -r requirements.txt kernels
+	.venv-lock/bin/python -m pip install -r requirements.txt -r tools/requirements.txt kernels
 	{ grep '^#' constraints.txt; .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^mfm.fast'; } \
 	  > constraints.txt.new && mv constraints.txt.new constraints.txt
 	rm -rf .venv-lock

@@ -196,6 +196,8 @@ setup(
     extras_require={
         "train": ["timm", "torchvision", "tqdm", "matplotlib", "scikit-image>=0.25"],
         "test": ["pytest", "pytest-benchmark"],
+        # the kernel tools' own requirements (tools/requirements.txt): cuFFTDx headers for tools/cufftdx_plane.py
+        "tools": ["nvidia-mathdx>=25.6"],
     },
     license="MIT",
     **_ext,

@@ -20,8 +20,13 @@
 # "skip <step>: needs ~Ns, M s left" and the next one is tried. Each step runs under a timeout (the smaller
 # of its cap and the time left) and a failing step never stops the next. Without a GPU every step says so.
 # Files in $OUT (at most 8): device_check.log (this output), build.log, tests.log, sanitizer.log, ncu.txt,
-# fft_mask.log and fft_mask's JSON and PNG. cuFFTDx needs PyPI nvidia-mathdx: installed, at $MATHDX_ROOT,
-# or its wheel carried in .whl/ (docs/gpu-runs.md). Exit status 1 if a step failed, else 0.
+# fft_mask.log and fft_mask's JSON and PNG. cuFFTDx needs PyPI nvidia-mathdx (tools/requirements.txt):
+# installed, at $MATHDX_ROOT, or, on a machine without network, its wheel carried in .whl/ at the checkout's root
+# (unpacked to /tmp/mathdx). Fetch it where there is network, at constraints.txt's pin, and keep it out of git:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps -d .whl "$(grep '^nvidia-mathdx==' constraints.txt)"
+# then carry .whl with the checkout: being ignored, it travels only where the copy to the GPU machine names it
+# (docs/gpu-runs.md, tools/README.md). Exit status 1 if a step failed, else 0.
 set -uo pipefail
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-480}
@@ -166,7 +171,7 @@ run_fft_mask() {
 
 run_cufftdx() {
   local whl
-  if ! "$PY" -c "import sys; sys.path.insert(0, 'bench'); import cufftdx_plane as c; sys.exit(c.mathdx_root() is None)"; then
+  if ! "$PY" -c "import sys; sys.path.insert(0, 'tools'); import cufftdx_plane as c; sys.exit(c.mathdx_root() is None)"; then
     whl=$(ls .whl/nvidia_mathdx-*.whl 2>/dev/null | head -1)
     if [ -z "$whl" ]; then
       say "cufftdx: nvidia-mathdx is not installed and no .whl/nvidia_mathdx-*.whl was carried (docs/gpu-runs.md)"

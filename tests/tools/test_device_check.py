@@ -139,6 +139,19 @@ def test_cufftdx_checks_pass_the_exact_maths_and_catch_a_wrong_one():
     assert bench.rel_err(torch.full((2,), float("nan")), torch.ones(2)) == float("inf")  # unwritten output
 
 
+def test_device_check_cufftdx_step_finds_the_installed_headers(tmp_path):
+    """The cufftdx step looks nvidia-mathdx up through tools/cufftdx_plane.py: installed (tools/requirements.txt),
+    it neither asks for a carried wheel nor unpacks one, and runs the script (which, without a GPU, says so)."""
+    if load("cufftdx_plane").mathdx_root() is None:
+        pytest.fail("nvidia-mathdx is not installed: pip install -r tools/requirements.txt -c constraints.txt")
+    proc, _ = run_check(tmp_path, DEVICE_CHECK_ASSUME_GPU="1", ONLY="cufftdx", DEADLINE_S="100")
+    assert "== cufftdx (~45 s;" in proc.stdout, proc.stdout + proc.stderr
+    assert "no .whl/nvidia_mathdx" not in proc.stdout and "headers from" not in proc.stdout, proc.stdout
+    assert "tools/cufftdx_plane.py" not in proc.stderr, proc.stderr  # the lookup imports it without an error
+    if not torch.cuda.is_available():
+        assert "needs a CUDA device" in proc.stdout and proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @needs_no_gpu
 def test_cufftdx_without_a_device_says_so(capsys):
     assert load("cufftdx_plane").main([]) == 0
@@ -159,9 +172,11 @@ def test_cufftdx_ptxas_report_is_parsed():
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.isfile("/usr/local/cuda/bin/nvcc"),
                     reason="nvcc not found")
 def test_cufftdx_kernel_compiles_for_sm90_without_spills():
-    """nvidia-mathdx is in requirements.txt: a missing install fails here rather than skipping."""
+    """nvidia-mathdx is in tools/requirements.txt, which make test installs: a missing install fails here rather
+    than skipping."""
     bench = load("cufftdx_plane")
-    assert bench.mathdx_root() is not None, "nvidia-mathdx is not installed: pip install -r requirements.txt"
+    assert bench.mathdx_root() is not None, ("nvidia-mathdx is not installed: pip install -r tools/requirements.txt "
+                                             "-c constraints.txt")
     lib, facts = bench.build("sm_90", force=True)
     assert lib.is_file() and facts["arch"] == "sm_90"
     assert set(facts["kernels"]) == {f"plane_kernel<{s}, {m}>" for s in (224, 112) for m in ("forward", "roundtrip")}
