@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/timing.py
 import mfm_fast  # noqa: E402
 from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
 
