@@ -537,7 +537,8 @@ MFM_HD void per_pair_entry(const Sched& sched, cf* spec, const Gather& gather, c
 // spectral (+ inverse M-point), then with kInverse: columns inverse radix-7, pack (2), rows inverse
 // M-point, rows inverse radix-7, store.
 // kFreshPack: the pack derives its entry indices anew (per_pair_entry's kFresh) instead of letting the
-// compiler keep the unpack's in registers across the column passes (the loss: 128 registers, no spills).
+// compiler keep the unpack's in registers across the column passes (so the loss kernel fits 512 threads'
+// 128 registers per thread without spills).
 template <int S, bool kInverse, bool kFreshPack = false, class Sched, class Load, class Spectral, class Store,
           class Prefetch>
 MFM_HD void plane_pipeline(const Sched& sched, cf* spec, const cf* tw, const Load& load, Spectral& spectral,

@@ -9,9 +9,10 @@
 namespace mfm {
 namespace {
 
-// CTAs per SM the register budget is sized for (ptxas -v, sm_90): 3 (80 registers, 0 spills) for the 224 x 16
-// kernel with the gradient and at 112; 2 (<= 128 registers) for the 224 x 16 forward-only kernel, which at
-// 80 spills 28 bytes; 1 for the 224 x 32 band (its 32 row accumulators need more than 128 registers).
+// CTAs per SM the register budget is sized for (__launch_bounds__' minimum blocks per SM): 3 for the 224 x 16
+// kernel with the gradient and at 112; 2 (<= 128 registers) for the 224 x 16 forward-only kernel, which spills
+// under the 3-CTA budget; 1 for the 224 x 32 band (its 32 row accumulators need more than 128 registers).
+// Each instantiation's registers and spills: docs/kernels.md, sm_90 build figures (nvcc -Xptxas -v).
 template <int S, int RB, bool kGrad>
 MFM_HDC int band_ctas_per_sm() { return S >= 224 && RB > 16 ? 1 : (S >= 224 && !kGrad ? 2 : 3); }
 

@@ -112,7 +112,7 @@ MFM_HD void make_band_twiddles(cf* tw, int tid, int nth) {
   });
 }
 
-constexpr int kRowCols = 2;  // columns n1 per global access of the row passes (4 would need > 80 registers)
+constexpr int kRowCols = 2;  // columns n1 per global access of the row passes (4 spill under the 3-CTA budget)
 
 // x[j][i] = pred - normalise(target) at row y, columns x0 + i + M j (i < kRowCols, j < 7): 7 accesses of
 // kRowCols elements per tensor; the element types and the vector choice picked by with_dtype / with_bool.

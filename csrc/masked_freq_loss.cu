@@ -19,8 +19,9 @@ __global__ void __launch_bounds__(kRedThreads) removed_kernel(const float* mask,
   if (threadIdx.x == 0) removed[blockIdx.x] = v;
 }
 
-// 512 at 224 (16 warps, 128 registers each, 0 spills: the pack re-derives its entry indices,
-// plane_pipeline's kFreshPack, instead of holding the unpack's across the column passes).
+// 512 at 224 (16 warps: at most 128 registers each, a budget the kernel meets without spills because the pack
+// re-derives its entry indices, plane_pipeline's kFreshPack, instead of holding the unpack's across the column
+// passes; registers and spills: docs/kernels.md, sm_90 build figures).
 template <int S>
 MFM_HDC int loss_threads() { return S >= 224 ? 512 : 256; }
 

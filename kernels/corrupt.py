@@ -45,9 +45,10 @@ from mfm_fast._options import CorruptOptions, op_kwargs, schema_names
 
 from ._dft import channel_stats, dft_table, next_pow2
 
-BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (tools/aot_sm90.py:
-#                        160 KiB of shared memory per phase at R = 32); wider promises take the general path
-GENERAL_MAX_SIDE = 256  # largest side of the general path: at 257..512 it needs 416 KiB of shared memory
+BAND_MAX = 32          # widest band of the band path, compiled and checked for sm_90 (tools/aot_sm90.py: each
+#                        phase within Hopper's 227 KiB of shared memory at R = 32); wider promises take the general path
+GENERAL_MAX_SIDE = 256  # largest side of the general path: larger sides need more than Hopper's 227 KiB of shared
+#                         memory (python tools/aot_sm90.py --size S prints it; docs/kernels.md, sm_90 build figures)
 # band-path tiles (block_rows, block_cols, num_warps, num_stages), phase 1 and phase 2: <= 128 registers, no
 # spills at R = 16 on sm_90 (tools/aot_sm90.py). One stage: no software-pipelined copies, so less shared memory
 # and far fewer instructions per plane; the two resident programs per SM hide the load latency instead

@@ -39,7 +39,8 @@ Precision: tl.dot inputs are "tf32x3" by default (three tf32 products: a_lo t + 
 tables pre-split on the host), ~fp32 accuracy; "ieee", "tf32" and "bf16" are the other modes. The
 three products of each tile start from a zero accumulator and are added to the running sum in fp32:
 tensor cores round each k-step toward zero, and fed the running sum they bias it over the whole
-DFT (4.2e-5 gradient error at gamma = 0.5 on the H200; tests/backends/tensor_core_emulation.py models it).
+DFT (the gradient error at gamma = 0.5 measured on the H200: docs/kernels.md, Triton loss;
+tests/backends/tensor_core_emulation.py models it).
 Extra memory: the gradient, plus an fp32 copy of it for bf16 / fp16 pred, and O(planes) scalars.
 """
 
@@ -60,8 +61,8 @@ from mfm_fast.backends.torch_backend.masked_freq_loss import loss_value_of_op_ar
 from ._dft import channel_stats, dft_table, next_pow2
 
 BAND_MAX = 32  # widest mask_band the band kernel takes (its (2R-1) x R spectrum stays in registers)
-MAX_SIDE = 256  # largest plane side (after patch_factor): at 257..512 the forward kernel needs 274 KiB of
-#                 shared memory on sm_90 (tools/aot_sm90.py), more than Hopper's 227 KiB
+MAX_SIDE = 256  # largest plane side (after patch_factor): larger sides need more shared memory in the forward
+#                 kernel than Hopper's 227 KiB (python tools/aot_sm90.py --size S; docs/kernels.md, sm_90 build figures)
 
 
 # ---------------------------------------------------------------- device helpers
@@ -600,9 +601,9 @@ def _config(h: int, w: int) -> dict:
     HP, WP, KXP: padded rows, columns and half-spectrum columns. Forward kernel: BKX half-spectrum
     columns per program, BY x BW input tiles, BKC frequencies per step of the inverse along H;
     inverse kernel: BYV rows per program, BX output columns per step; band kernel: BY x BW tiles.
-    Chosen so that every side up to MAX_SIDE fits Hopper's shared memory with tf32x3 (at 224 x 224:
-    forward 146 KiB, inverse 132 KiB; w > 254 has KXP = 256 and halves the inverse's tiles, else it
-    would need 260 KiB): `python tools/aot_sm90.py --size S` prints them; to be tuned on the GPU."""
+    Chosen so that every side up to MAX_SIDE fits Hopper's 227 KiB of shared memory with tf32x3 (w > 254 has
+    KXP = 256 and halves the inverse's tiles, which would not fit otherwise): `python tools/aot_sm90.py --size S`
+    prints each kernel's shared memory (docs/kernels.md, sm_90 build figures); to be tuned on the GPU."""
     HP, WP, KXP = next_pow2(h), next_pow2(w), next_pow2(w // 2 + 1)
     wide = KXP > 128
     return dict(HP=HP, WP=WP, KXP=KXP, BKX=min(32, KXP), BY=min(16, HP), BW=min(32, WP), BKC=min(16, HP),
