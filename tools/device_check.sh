@@ -8,7 +8,7 @@
 #                  and past one wave, need_grad on and off; error against the torch backend
 #   sanitizer  75  compute-sanitizer memcheck, racecheck, synccheck on tools/gpu_smoke.py --one-launch
 #   graph      15  tools/gpu_smoke.py --graph: CUDA graph replay of corrupt + loss vs eager, bit for bit
-#   tests      90  pytest -m gpu, one process per file: test_cuda_ext, test_triton_loss, test_gpu
+#   tests      90  pytest -m gpu, one process per file that has a GPU-marked test
 #   fft_mask  120  bench/fft_mask.py --batch 64 256 --check: official, torch_compile, torch, triton, cuda;
 #                  fp32 and bf16 pred; corrupt, loss fwd+bwd, step
 #   cufftdx    45  tools/cufftdx_plane.py: NVIDIA's cuFFTDx plane round trip vs ours and a copy
@@ -143,9 +143,18 @@ run_graph() {
 }
 
 run_tests() {
-  local f rc=0 r
+  local f rc=0 r files
   : >"$out/tests.log"
-  for f in tests/backends/test_cuda_ext.py tests/backends/test_triton_loss.py tests/backends/test_gpu.py; do
+  # every file with a GPU-marked test, one process each (a kernel fault cannot take the other files down)
+  files=$("$PY" -m pytest --collect-only -q -m gpu -p no:cacheprovider tests 2>>"$out/tests.log" | grep "::" |
+          cut -d: -f1 | sort -u)
+  if [ -z "$files" ]; then
+    say "tests: no GPU-marked test collected (pytest --collect-only -m gpu; tests.log says why)"
+    tail -5 "$out/tests.log" | tee -a "$log"
+    return 1
+  fi
+  say "tests: $(echo $files | wc -w) files with GPU-marked tests"
+  for f in $files; do
     if (($(left) < 10)); then
       say "skip tests $f: $(left) s left"
       continue

@@ -64,6 +64,18 @@ def test_device_check_keeps_to_its_deadline_and_goes_on_after_a_failure(tmp_path
     assert len(files) <= 8
 
 
+def test_device_check_tests_step_fails_when_no_gpu_test_is_collected(tmp_path):
+    """The tests step runs every file that has a GPU-marked test, found by collection; a collection that finds
+    none (here: a python that cannot even load the suite) fails the step instead of passing it empty."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ImportError while loading conftest' >&2\nexit 4\n")
+    fake.chmod(0o755)
+    proc, files = run_check(tmp_path, DEVICE_CHECK_ASSUME_GPU="1", DEADLINE_S="400", ONLY="tests", PYTHON=str(fake))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "tests: no GPU-marked test collected" in proc.stdout and re.search(r"^tests +FAIL 1 ", proc.stdout, re.M)
+    assert "ImportError while loading conftest" in (tmp_path / "out" / "tests.log").read_text()
+
+
 def test_device_check_with_no_time_left_starts_nothing(tmp_path):
     proc, _ = run_check(tmp_path, DEVICE_CHECK_ASSUME_GPU="1", DEADLINE_S="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
