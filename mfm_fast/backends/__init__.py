@@ -82,7 +82,7 @@ class Backend:
             if not isinstance(reason, str) or not reason:
                 raise bad("auto_skips", f"{op!r}: expected the measured reason, got {reason!r}")
         object.__setattr__(self, "ops", frozenset(self.ops))
-        object.__setattr__(self, "auto_skips", types.MappingProxyType(dict(self.auto_skips)))
+        object.__setattr__(self, "auto_skips", dict(self.auto_skips))  # a plain dict: torch.compile traces reads of it
 
 
 _registry: Dict[str, Backend] = {}  # in registration order
