@@ -204,8 +204,12 @@ def test_non_editable_install_and_wheel_checked_from_another_directory(tmp_path,
     (wheel,) = glob.glob(str(tmp_path / "dist" / "mfm_fast-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"mfm_fast/csrc/ops.cpp", "mfm_fast/csrc/fft.cuh", "mfm_fast/_build_info.json", "mfm_fast/backends/_jit_build.py",
-            "mfm_fast/kernels/__init__.py", "mfm_fast/py.typed"} <= set(names)
+            "mfm_fast/kernels/__init__.py", "mfm_fast/py.typed", "mfm_fast/backends/__init__.py",
+            "mfm_fast/train/__init__.py", "mfm_fast/train/pretrain.py"} <= set(names)
     assert not [n for n in names if n.startswith("kernels/")]
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    mathdx = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: nvidia-mathdx")]
+    assert mathdx and all('extra == "tools"' in line for line in mathdx), metadata  # the kernel tools' extra only
     _run([python, "-m", "pip", "install", "--force-reinstall", "--no-deps", wheel], elsewhere, env)
     _check_kernels_after_install(python, elsewhere, env, jit_cache, "install      non-editable, from the archive")
 
