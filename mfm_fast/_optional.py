@@ -33,4 +33,3 @@ def require(prog: str, *modules: str) -> None:
         sys.stderr.write(f"{prog}: error: needs {', '.join(absent)} (not installed): pip install -e '.[train]' "
                          "(or pip install 'mfm_fast[train]')\n")
         raise SystemExit(2)
-

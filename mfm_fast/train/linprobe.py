@@ -25,18 +25,18 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .._optional import NEEDS, require
-
-PROG = "python -m mfm_fast.linprobe"
 import torch
 import torch.nn.functional as F
 
-from . import data as D
 from .._common import imagenet_normalize
-from .checkpoint import check_checkpoint, load_checkpoint
+from .._optional import NEEDS, require
 from ..cli import ArgError, OneLineParser, check_bench_args
+from . import data as D
+from .checkpoint import check_checkpoint, load_checkpoint
 from .model import create_encoder
 from .runtime import pick_device
+
+PROG = "python -m mfm_fast.linprobe"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -29,18 +29,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .._optional import NEEDS, require
-
-PROG = "python -m mfm_fast.pretrain"
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import backends
+from .._optional import NEEDS, require
+from ..cli import ArgError, OneLineParser
 from .checkpoint import (load_checkpoint, load_training_state, plan_output, prepare_output_dir,  # noqa: F401
                          save_checkpoint, trim_log)
-from .. import backends
-from ..cli import ArgError, OneLineParser
 from .engine import NonFiniteLoss, RunLog, TrainingRun, train as train_loop
 from .model import build_model, create_encoder, freeze_unused, is_vit, make_distiller  # noqa: F401
 from .optim import lr_at, make_lr_scheduler, make_optimizer, make_schedule, param_groups  # noqa: F401
@@ -48,6 +46,8 @@ from .pretrain_args import ADAPTIVE_MODES, DISTANCES, MASKS, PRESETS, TASKS, che
 from .pretrain_data import Batches
 from .runtime import amp_dtype_of, init_distributed
 from .tasks import Corruptor, degrade  # noqa: F401
+
+PROG = "python -m mfm_fast.pretrain"
 
 # load_checkpoint, save_checkpoint, create_encoder, lr_at, param_groups and degrade are used by the library
 # modules, not here; they stay importable from mfm_fast.train.pretrain as well.

@@ -28,18 +28,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .._optional import NEEDS, require
-
-PROG = "python -m mfm_fast.visualize"
 import numpy as np
 import torch
 
 from .._common import IMAGENET_MEAN, IMAGENET_STD, from_blocks, to_blocks
+from .._optional import NEEDS, require
 from .checkpoint import check_checkpoint, load_checkpoint
 from .model import build_model, prediction
 from .pretrain_data import sample_images
 from .runtime import pick_device
 from .tasks import Corruptor
+
+PROG = "python -m mfm_fast.visualize"
 
 COLUMNS = ("original", "spectrum, removed shaded", "corrupted input", "raw prediction", "reconstruction",
            "input spectrum", "reconstruction spectrum")
