@@ -13,8 +13,6 @@ backend and says so once (logger "mfm_fast"). ``auto`` takes the first backend o
 device (:func:`mfm_fast.backends.auto_order`) that is available, supports the inputs and is not skipped by
 the measured policy (the declarations' ``auto_skips``, and the modules' input-dependent ``auto_reason``),
 and logs once what it chose and why it skipped the others.
-
-``BACKENDS``, ``IMPLEMENTED`` and ``AUTO_SKIPS`` are views of the registry, computed when read.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import backends
-from .backends import OPS  # noqa: F401  (re-exported: the library's ops)
 from ._common import triton_interpreted  # noqa: F401  (re-exported: where tests and bench/ ask for it)
 
 logger = logging.getLogger("mfm_fast")
@@ -36,17 +33,6 @@ _logged: set = set()
 # The fallback's module now: it registers torch.library ops (torch.ops.mfm_fast.*) that a compiled graph
 # may reference before any op has run.
 backends.module(backends.fallback())
-
-
-def __getattr__(name: str):
-    """BACKENDS (names), IMPLEMENTED ({name: ops}), AUTO_SKIPS ({(name, op): message}): the registry now."""
-    if name == "BACKENDS":
-        return backends.names()
-    if name == "IMPLEMENTED":
-        return {n: set(backends.get(n).ops) for n in backends.names()}
-    if name == "AUTO_SKIPS":
-        return {(n, op): auto_skip_reason(n, op) for n in backends.names() for op in backends.get(n).auto_skips}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def backend_module(name: str):

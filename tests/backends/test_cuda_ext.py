@@ -16,7 +16,7 @@ import torch
 
 import mfm_fast
 from mfm_fast.backends import cuda as cuda_backend
-from mfm_fast import dispatch
+from mfm_fast import backends, dispatch
 from helpers import load_tool, max_rel_err, nvcc, reference_loss_and_grad
 
 SKIPPED_BUILD = (os.environ.get("MFM_FAST_SKIP_CUDA_BUILD", "") not in ("", "0")
@@ -63,9 +63,9 @@ def test_extension_built_and_reported():
 
 
 def test_dispatch_declares_cuda_but_auto_skips_it():
-    assert dispatch.IMPLEMENTED["cuda"] == {"corrupt", "masked_freq_loss"}
+    assert backends.get("cuda").ops == {"corrupt", "masked_freq_loss"}
     for op in ("corrupt", "masked_freq_loss"):
-        assert "not validated on a GPU" in dispatch.AUTO_SKIPS[("cuda", op)]
+        assert "not validated on a GPU" in dispatch.auto_skip_reason("cuda", op)
         assert dispatch.backend_unavailable_reason("cuda", "cpu", op) is not None
 
 
