@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import mfm_fast
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,6 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def masks_for(shape, r1=None):
     """Deterministic MFM masks for a (N, C, H, W) batch: low-pass for even n, high-pass for odd n."""
-    import mfm_fast
-
     n, _, h, w = shape
     r1 = r1 if r1 is not None else max(1, min(h, w) // 6)
     return mfm_fast.make_masks(n, h, w, r1=r1, low=torch.arange(n) % 2 == 0)
@@ -53,8 +52,6 @@ def loss_and_grad(backend, pred, target, mask, target_grad=False, **kw):
 
     Returns (loss, dL/dpred), or (loss, dL/dpred, dL/dtarget) with `target_grad`; L is the loss, or for a
     per-element map (reduction="none") its sum weighted by fixed random weights, so that every entry counts."""
-    import mfm_fast
-
     p = pred.detach().clone().requires_grad_(True)
     t = target.detach().clone().requires_grad_(True) if target_grad else target
     loss = mfm_fast.masked_freq_loss(p, t, mask, backend=backend, **kw)
