@@ -78,7 +78,6 @@ WORK_TITLES = {"corrupt": "corrupt", "loss_fwd": "loss fwd", "loss_bwd": "loss b
                "step": "step"}
 WORK_OPS = {"corrupt": ("corrupt",), "loss_fwd": ("masked_freq_loss",), "loss_bwd": ("masked_freq_loss",),
             "loss": ("masked_freq_loss",), "step": ("corrupt", "masked_freq_loss")}
-PROVIDER_ORDER = ("official", "torch_compile") + tuple(backends.names())  # then mfm_fast with each backend
 
 
 def floor_factor(work: str, pred_bytes: int) -> float:
@@ -177,13 +176,14 @@ PROVIDERS = {
     "official": {"corrupt": official_corrupt, "loss": lambda pred, x, mask, band=None: official_loss(pred, x, mask)},
     "torch_compile": {"corrupt": lambda x, mask, band=None: _compiled("corrupt", _compile_mode)(x, mask),
                       "loss": lambda pred, x, mask, band=None: _compiled("loss", _compile_mode)(pred, x, mask)},
-    **{name: _mfm_provider(name) for name in mfm_fast.BACKENDS},
+    **{name: _mfm_provider(name) for name in backends.names()},
 }
+PROVIDER_ORDER = tuple(PROVIDERS)  # the released code's ops, torch.compile, then mfm_fast with each backend
 
 
 def unavailable(provider: str, work: str, device_type: str):
     """None if `provider` can run `work` on `device_type` tensors, else the reason."""
-    if provider not in mfm_fast.BACKENDS:
+    if provider not in backends.names():
         return None
     for op in WORK_OPS[work]:
         reason = mfm_fast.available_backends(device_type, op)[provider]
