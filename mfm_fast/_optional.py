@@ -9,7 +9,8 @@ TRAIN = ("timm", "torchvision", "tqdm", "matplotlib", "skimage")  # setup.py's e
 PIP_NAMES = {"skimage": "scikit-image"}  # import name -> pip name, where they differ
 # What each command of the trainer (python -m mfm_fast.<command>, mfm_fast/train/<command>.py) imports.
 NEEDS = {"pretrain": TRAIN, "linprobe": ("timm", "torchvision", "tqdm", "skimage"),
-         "visualize": ("timm", "matplotlib", "skimage")}
+         "visualize": ("timm", "matplotlib", "skimage"), "finetune": TRAIN,
+         "evaluate": ("timm", "torchvision", "tqdm")}
 
 
 def missing(*modules: str) -> list:
