@@ -60,9 +60,13 @@ def check_img_size(name: str, encoder: nn.Module, img_size: int) -> None:
 def build_model(args) -> nn.Module:
     """Encoder + head (stride = patch size for ViTs, the feature reduction, 32 for ResNets); checks the output size.
 
-    --method folk adds the DINO projection head on the pooled features (mfm_fast.folk.FOLKModel)."""
+    --method folk adds the DINO projection head on the pooled features (mfm_fast.folk.FOLKModel). --preset
+    vit_small / vit_base: the released pre-training encoder's initialisation and no key bias (released.py)."""
     encoder = create_encoder(args.model, args.img_size, args.drop_path)
     check_img_size(args.model, encoder, args.img_size)
+    if getattr(args, "preset", None) in ("vit_small", "vit_base") and is_vit(encoder):
+        from .released import apply_released_vit_init, pin_key_bias  # released.py imports this module
+        pin_key_bias(apply_released_vit_init(encoder, pretraining=True))  # the released encoder
     if getattr(args, "method", "mfm") == "folk":
         dino = DINOHead(encoder.num_features, args.dino_out_dim, args.dino_hidden_dim, args.dino_bottleneck_dim,
                         args.dino_layers, norm_last_layer=not args.no_norm_last_layer)
