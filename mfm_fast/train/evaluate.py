@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader, Dataset
 from .._optional import NEEDS, require
 from ..cli import ArgError, OneLineParser, check_bench_args
 from . import robustness as RB
+from .finetune_engine import KIND  # the "kind" of the checkpoints python -m mfm_fast.finetune writes
 from .runtime import pick_device
 
 PROG = "python -m mfm_fast.evaluate"
-KIND = "finetune"  # the "kind" of the checkpoints python -m mfm_fast.finetune writes
 BENCHMARKS = ("folder", "imagenet-r", "imagenet-a", "imagenet-c")
 _WANT = "a best.pth or checkpoint.pth written by python -m mfm_fast.finetune"
 _LAYOUT = {"imagenet-c": "root/<corruption>/<severity 1-5>/<class>/img.jpg"}
@@ -135,7 +135,7 @@ def build_classifier(ckpt: dict, path, ema: bool = False) -> torch.nn.Module:
     if not timm.is_model(a["model"]):
         raise ArgError(f"--checkpoint: {path} is a checkpoint of {a['model']!r}, which this timm "
                        f"({timm.__version__}) does not have")
-    net = create_classifier(a["model"], a["num_classes"], a["img_size"])
+    net = create_classifier(a["model"], a["num_classes"], a["img_size"], global_pool=a.get("global_pool", "avg"))
     try:
         net.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
     except RuntimeError as exc:

@@ -74,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="timm model (default: the preset's, else vit_small_patch16_224)")
     g.add_argument("--img-size", type=int, default=224, help="input side")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (recipe 0.1)")
+    g.add_argument("--global-pool", choices=("avg", "token"), default="avg",
+                   help="ViTs: avg = mean of the patch tokens + fc_norm (the released model; the encoder's final "
+                        "norm is left out of --init), token = the cls token after the final norm")
     g.add_argument("--init", default="none",
                    help="weights to start from: an mfm_fast checkpoint.pth / encoder.pth, a released MFM checkpoint, "
                         "a finetune checkpoint, or none (random init)")
@@ -177,7 +180,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 def build_classifier(args, num_classes: int) -> nn.Module:
     """The timm classifier (ViTs: mean pooling + fc_norm, the released initialisation), checked on one image."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = create_classifier(args.model, num_classes, args.img_size, args.drop_path, released_init=True)
+    try:
+        net = create_classifier(args.model, num_classes, args.img_size, args.drop_path, released_init=True,
+                                global_pool=args.global_pool)
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise ArgError(f"--global-pool: {args.model} does not take global_pool={args.global_pool!r} "
+                       f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})") from None
     try:
         with torch.no_grad():
             net.eval()(torch.zeros(1, 3, args.img_size, args.img_size))

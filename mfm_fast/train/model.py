@@ -9,6 +9,7 @@ from torch import nn
 from ..cli import ArgError
 from ..folk import DINOHead, FOLKModel, SelfDistillation
 from ..head import MFMHead, timm_stride
+from .released import apply_released_vit_init, is_vit, pin_key_bias
 
 
 class MFMModel(nn.Module):
@@ -36,10 +37,6 @@ def create_encoder(name: str, img_size: int, drop_path: float = 0.0) -> nn.Modul
         return timm.create_model(name, **kwargs)
 
 
-def is_vit(encoder: nn.Module) -> bool:
-    return hasattr(encoder, "patch_embed") and hasattr(encoder, "num_prefix_tokens")
-
-
 def prediction(out) -> torch.Tensor:
     """The MFM prediction from a model output: MFMModel returns it, FOLKModel returns (prediction, logits)."""
     return out[0] if isinstance(out, tuple) else out
@@ -65,7 +62,6 @@ def build_model(args) -> nn.Module:
     encoder = create_encoder(args.model, args.img_size, args.drop_path)
     check_img_size(args.model, encoder, args.img_size)
     if getattr(args, "preset", None) in ("vit_small", "vit_base") and is_vit(encoder):
-        from .released import apply_released_vit_init, pin_key_bias  # released.py imports this module
         pin_key_bias(apply_released_vit_init(encoder, pretraining=True))  # the released encoder
     if getattr(args, "method", "mfm") == "folk":
         dino = DINOHead(encoder.num_features, args.dino_out_dim, args.dino_hidden_dim, args.dino_bottleneck_dim,

@@ -30,25 +30,31 @@ import torch
 from torch import nn
 
 from ..cli import ArgError
-from .model import is_vit
+
+
+def is_vit(net: nn.Module) -> bool:
+    """A timm VisionTransformer-like model (patch_embed and prefix tokens)."""
+    return hasattr(net, "patch_embed") and hasattr(net, "num_prefix_tokens")
 
 
 # ---- the classifier and the released initialisation ---------------------------------------------------
 
 def create_classifier(model: str, num_classes: int, img_size: int, drop_path: float = 0.0,
-                      released_init: bool = False, **model_kwargs) -> nn.Module:
-    """timm classifier `model` with `num_classes` outputs for img_size px inputs (ViTs: mean pooling + fc_norm).
+                      released_init: bool = False, global_pool: str = "avg", **model_kwargs) -> nn.Module:
+    """timm classifier `model` with `num_classes` outputs for img_size px inputs. ViTs: global_pool "avg" = mean
+    over the patch tokens then fc_norm (the released fine-tuning model; the encoder's final norm is unused),
+    "token" = the cls token after the final norm (every pre-trained encoder tensor is used).
 
     released_init (fine-tuning's ViT presets): a ViT gets the released fine-tuning initialisation and its key
     bias pinned at 0; other models keep timm's. model_kwargs go to timm.create_model (e.g. embed_dim, depth)."""
     import timm
     kwargs = dict(pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **model_kwargs)
     try:
-        net = timm.create_model(model, img_size=img_size, global_pool="avg", **kwargs)
+        net = timm.create_model(model, img_size=img_size, global_pool=global_pool, **kwargs)
     except TypeError as exc:
-        if "img_size" not in str(exc) and "global_pool" not in str(exc):
+        if "img_size" not in str(exc):
             raise
-        net = timm.create_model(model, **kwargs)
+        net = timm.create_model(model, global_pool=global_pool, **kwargs)  # a CNN: no img_size
     if released_init and is_vit(net):
         apply_released_vit_init(net, pretraining=False)
         pin_key_bias(net)

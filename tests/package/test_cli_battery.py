@@ -240,6 +240,9 @@ def test_battery_has_at_least_60_cases():
 @pytest.mark.parametrize("cmd,flag", [
     (["-m", "mfm_fast.pretrain"] + TINY + ["--loss-gamma", "-1"], "--loss-gamma"),
     (["-m", "mfm_fast.linprobe", "--checkpoint", "{root}/truncated.pth"], "--checkpoint"),
+    (["-m", "mfm_fast.finetune", "--device", "cpu", "--model", "test_vit", "--img-size", "32", "--layer-decay", "2"],
+     "--layer-decay"),
+    (["-m", "mfm_fast.evaluate", "--checkpoint", "{root}/truncated.pth", "--data-path", "{root}"], "--checkpoint"),
     ([str(BENCH_DIR / "fft_mask.py"), "--device", "cpu", "--reps", "-3"], "--reps"),
 ])
 def test_as_a_process(files, cmd, flag):

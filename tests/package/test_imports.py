@@ -29,7 +29,8 @@ LOW_LEVEL = ("mfm_fast._common", "mfm_fast._options", "mfm_fast._validate", "mfm
              "mfm_fast.backends.torch_backend", "mfm_fast.backends.reference")
 NATIVE = ("mfm_fast._C",)
 TRAINER = "mfm_fast.train"  # the training application: the library never imports it
-ENTRY_POINTS = ("mfm_fast.pretrain", "mfm_fast.linprobe", "mfm_fast.visualize")  # its `python -m` aliases  # the compiled CUDA extension (csrc/): a leaf, built by setup.py or just in time
+ENTRY_POINTS = ("mfm_fast.pretrain", "mfm_fast.linprobe", "mfm_fast.visualize", "mfm_fast.finetune",
+                "mfm_fast.evaluate")  # its `python -m` aliases
 
 
 def module_files(packages: dict) -> dict:

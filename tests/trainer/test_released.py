@@ -253,6 +253,12 @@ def test_mfm_fast_pretraining_checkpoint_and_encoder_pth_load_every_encoder_tens
                 assert torch.equal(state[key], value), key
         assert report["kind"] == ("mfm_fast_pretrain" if prefix else "mfm_fast_encoder")
 
+    net = create_classifier("test_vit", 17, 32, global_pool="token")  # cls token after the final norm
+    report = load_init(runs / method / "checkpoint.pth", net, img_size=32)
+    assert sorted(report["left_out"]) == sorted(heads)  # no encoder tensor left out
+    assert report["fresh"] == ["head.weight", "head.bias"] and report["loaded"] == len(encoder)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in encoder.items())
+
     net = create_classifier("test_vit", 17, 32, released_init=True)  # pinned: the key bias back to 0
     load_init(runs / method / "checkpoint.pth", net, img_size=32)
     q, k, v = net.blocks[1].attn.qkv.bias.detach().view(3, -1)
