@@ -1,11 +1,15 @@
 """The training application: ``python -m mfm_fast.pretrain`` (MFM / FOLK pre-training of a timm backbone),
-``linprobe`` and ``visualize``, built on the library (mfm_fast's masks, corruption, loss, heads and FOLK).
+``linprobe``, ``visualize``, ``finetune`` and ``evaluate``, built on the library (mfm_fast's masks, corruption,
+loss, heads and FOLK).
 
 - pretrain.py, pretrain_args.py: the command and its arguments; engine.py: the step loop; tasks.py: what a step
   computes for each method; pretrain_data.py: the batches; data.py: the datasets (built-in photos and faces,
   ImageFolder); model.py: encoder + head; optim.py: optimiser and schedule; checkpoint.py: kill-safe save and
   bit-exact resume; runtime.py: device, DDP and threads;
-- linprobe.py: frozen features + a linear classifier; visualize.py: the pictures.
+- linprobe.py: frozen features + a linear classifier; visualize.py: the pictures;
+- finetune.py: the fine-tuning command; finetune_engine.py: its loop, evaluation and checkpoints; finetune_data.py:
+  its transforms, datasets and few-shot subsets; released.py: the released ViT on timm and --init's checkpoint
+  loading; evaluate.py + robustness.py: top-1 / top-5, ImageNet-R / -A / -C.
 
 The library never imports this package (tests/package/test_imports.py checks it).
 """

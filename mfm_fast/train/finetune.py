@@ -58,7 +58,7 @@ RECIPE = dict(model="vit_small_patch16_224", epochs=100, blr=2e-3, warmup_epochs
 PRESETS = {
     "vit_small": dict(model="vit_small_patch16_224", epochs=200),  # finetune__vit_small__img224__200ep.yaml
     "vit_base": dict(model="vit_base_patch16_224", epochs=100),  # finetune__vit_base__img224__100ep.yaml
-    # ours (the released code has no ResNet fine-tuning): timm's "ResNet strikes back" A3-style recipe at 224 px
+    # ours (the released code fine-tunes no ResNet): timm's "ResNet strikes back" A3 at 224 px, A2's drop path
     "resnet50": dict(model="resnet50", epochs=100, opt="lamb", blr=2e-3, weight_decay=0.02, layer_decay=1.0,
                      drop_path=0.05, mixup=0.1, cutmix=1.0, smoothing=0.0, bce=True,
                      auto_augment="rand-m6-mstd0.5-inc1", reprob=0.0, min_lr=1e-6),
