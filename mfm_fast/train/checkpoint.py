@@ -51,24 +51,33 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def read_checkpoint(path, flag: str, expected: str, stand_ins=None):
+    """torch.load(path, weights_only=True, mmap=True): tensors, numbers, strings only, the tensors memory-mapped.
+    ArgError naming `flag` and ending with `expected` (what to pass instead): no such file, not a complete zip
+    archive (truncated, another kind of file), unreadable. stand_ins(path) may list (class, "module.Name") pairs
+    that take the place of the file's other Python objects (torch.serialization.safe_globals)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArgError(f"{flag}: no such checkpoint {str(path)!r} ({expected})")
+    if not zipfile.is_zipfile(p):
+        raise ArgError(f"{flag}: {path} is not a torch checkpoint file (not a complete zip archive: truncated, or "
+                       f"another kind of file); {expected}")
+    try:
+        with torch.serialization.safe_globals(stand_ins(p) if stand_ins else []):
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a damaged archive, a foreign pickle: all one line
+        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise ArgError(f"{flag}: {path} is not a readable checkpoint ({type(exc).__name__}: {why}); "
+                       f"{expected}") from None
+
+
 def check_checkpoint(path, flag: str, **expected) -> dict:
     """The ``args`` of the pretrain checkpoint at `path`, checked before any weight is loaded; ArgError naming
     `flag` otherwise: no such file, unreadable (truncated, not a torch file), the encoder.pth state dict (timm
     weights only) instead of checkpoint.pth, or saved arguments that differ from ``expected`` (model,
     img_size, method, task: name -> value, None = any). Reads the pickle only (mmap), not the tensors."""
     p = Path(path)
-    if not p.is_file():
-        raise ArgError(f"{flag}: no such checkpoint {str(path)!r} (expected a checkpoint.pth written by "
-                       "python -m mfm_fast.pretrain)")
-    if not zipfile.is_zipfile(p):
-        raise ArgError(f"{flag}: {path} is not a torch checkpoint file (not a complete zip archive: truncated, or "
-                       "another kind of file); expected a checkpoint.pth written by python -m mfm_fast.pretrain")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a damaged archive, a foreign pickle: all one line
-        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ArgError(f"{flag}: {path} is not a readable checkpoint ({type(exc).__name__}: {why}); expected a "
-                       "complete checkpoint.pth written by python -m mfm_fast.pretrain") from None
+    ckpt = read_checkpoint(p, flag, "expected a checkpoint.pth written by python -m mfm_fast.pretrain")
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ArgError(f"{flag}: {path} is a state dict of weights only (the encoder.pth that pretrain writes for "
                        f"timm), not a run checkpoint; use {p.parent / CHECKPOINT_NAME} from the same run")

@@ -31,7 +31,6 @@ import json
 import os
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,12 +41,11 @@ from torch.utils.data import DataLoader, Dataset
 from .._optional import NEEDS, require
 from ..cli import ArgError, OneLineParser, check_bench_args
 from . import robustness as RB
-from .finetune_engine import KIND  # the "kind" of the checkpoints python -m mfm_fast.finetune writes
+from .finetune_engine import load_finetune_checkpoint
 from .runtime import pick_device
 
 PROG = "python -m mfm_fast.evaluate"
 BENCHMARKS = ("folder", "imagenet-r", "imagenet-a", "imagenet-c")
-_WANT = "a best.pth or checkpoint.pth written by python -m mfm_fast.finetune"
 _LAYOUT = {"imagenet-c": "root/<corruption>/<severity 1-5>/<class>/img.jpg"}
 _TREE = "an ImageFolder tree root/<class>/img.jpg"
 
@@ -80,47 +78,6 @@ def _few(names: Sequence[str], n: int = 4) -> str:
 
 
 # ---- the checkpoint --------------------------------------------------------------------------------------------
-
-def load_finetune_checkpoint(path, flag: str = "--checkpoint") -> dict:
-    """The finetune checkpoint at `path` (torch.load(weights_only=True), tensors memory-mapped): kind "finetune",
-    model (the classifier's state dict), args with model, img_size, num_classes, class_names. ArgError naming
-    `flag` for anything else: no such file, not a torch file, a weights-only state dict (encoder.pth), a
-    pre-training checkpoint, another kind, missing entries."""
-    p = Path(path)
-    if not p.is_file():
-        raise ArgError(f"{flag}: no such checkpoint {str(path)!r} (expected {_WANT})")
-    if not zipfile.is_zipfile(p):
-        raise ArgError(f"{flag}: {path} is not a torch checkpoint file (not a complete zip archive: truncated, or "
-                       f"another kind of file); expected {_WANT}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a damaged archive, a foreign pickle: all one line
-        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ArgError(f"{flag}: {path} is not a readable checkpoint ({type(exc).__name__}: {why}); "
-                       f"expected {_WANT}") from None
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ArgError(f"{flag}: {path} is a state dict of weights only (such as pretrain's encoder.pth), not a "
-                       f"fine-tuned classifier; fine-tune it (python -m mfm_fast.finetune --init {path}) and pass "
-                       "the run's best.pth")
-    if isinstance(ckpt, dict) and "kind" not in ckpt and {"model", "args", "step"} <= set(ckpt):
-        raise ArgError(f"{flag}: {path} is a pre-training checkpoint (python -m mfm_fast.pretrain), not a fine-tuned "
-                       f"classifier; fine-tune it (python -m mfm_fast.finetune --init {path}) and pass the run's "
-                       f"best.pth, or probe it with python -m mfm_fast.linprobe --checkpoint {path}")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
-        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ArgError(f"{flag}: {path} is not a finetune checkpoint (kind {kind!r}); expected {_WANT}")
-    args = ckpt.get("args")
-    need = ("model", "img_size", "num_classes", "class_names")
-    absent = ["model"] if "model" not in ckpt else []
-    absent += [f"args[{k!r}]" for k in need if not isinstance(args, dict) or args.get(k) is None]
-    if absent:
-        raise ArgError(f"{flag}: {path} is a finetune checkpoint without {', '.join(absent)}; expected {_WANT}")
-    names = args["class_names"]
-    if not isinstance(names, (list, tuple)) or len(names) != args["num_classes"]:
-        raise ArgError(f"{flag}: {path} lists {len(names) if isinstance(names, (list, tuple)) else 'no'} class "
-                       f"names for {args['num_classes']} classes; expected {_WANT}")
-    return ckpt
-
 
 def build_classifier(ckpt: dict, path, ema: bool = False) -> torch.nn.Module:
     """The checkpoint's classifier (released.create_classifier of its model, num_classes, img_size) with its
@@ -384,7 +341,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:  # everything checked before any image is read or any file written
-        ckpt = load_finetune_checkpoint(args.checkpoint)
+        ckpt = load_finetune_checkpoint(args.checkpoint, "--checkpoint")
         saved = ckpt["args"]
         if args.benchmark in RB.SUBSETS:
             check_imagenet_1k(args.benchmark, saved, args.checkpoint)

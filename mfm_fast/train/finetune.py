@@ -43,7 +43,7 @@ from . import finetune_data
 from .checkpoint import load_checkpoint, set_rng_state, trim_log
 from .data import ResumableSampler
 from .engine import RunLog
-from .finetune_engine import CHECKPOINT_NAME, KIND, FinetuneRun, evaluate, train as train_loop
+from .finetune_engine import CHECKPOINT_NAME, FinetuneRun, evaluate, load_finetune_checkpoint, train as train_loop
 from .optim import make_lr_scheduler, make_schedule
 from .released import create_classifier, describe_init, load_init
 from .runtime import amp_dtype_of, init_distributed
@@ -243,21 +243,13 @@ def make_criterion(args, mixing: bool) -> nn.Module:
 # ---- output folder and resume --------------------------------------------------------------------------
 
 def check_finetune_checkpoint(path, flag: str, args, num_classes: int) -> dict:
-    """A finetune checkpoint of this model, image size and class count, else ArgError naming `flag`."""
-    p = Path(path)
-    if not p.is_file():
-        raise ArgError(f"{flag}: no such checkpoint {str(path)!r}")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ArgError(f"{flag}: {path} is not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
-        what = "a pre-training checkpoint" if isinstance(ckpt, dict) and "step" in ckpt else "not a finetune checkpoint"
-        raise ArgError(f"{flag}: {path} is {what}; expected a checkpoint.pth written by {PROG} (pass a pre-training "
-                       "checkpoint with --init)")
+    """A finetune checkpoint (finetune_engine.load_finetune_checkpoint) of this model, image size, pooling and
+    class count, else ArgError naming `flag`."""
+    ckpt = load_finetune_checkpoint(path, flag)
     saved = ckpt["args"]
-    for name, want in (("model", args.model), ("img_size", args.img_size), ("num_classes", num_classes)):
-        if saved.get(name) != want:
+    for name, want in (("model", args.model), ("img_size", args.img_size), ("global_pool", args.global_pool),
+                       ("num_classes", num_classes)):
+        if saved.get(name, "avg" if name == "global_pool" else None) != want:
             raise ArgError(f"{flag}: {path} is a checkpoint of {name} {saved.get(name)}, this run has {want}")
     return ckpt
 

@@ -21,12 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import rng_state, save_checkpoint
+from ..cli import ArgError
+from .checkpoint import read_checkpoint, rng_state, save_checkpoint
 from .data import ResumableSampler
 from .engine import RunLog, optimizer_step
 from .runtime import fingerprint, gather
 
 CHECKPOINT_NAME, BEST_NAME, KIND = "checkpoint.pth", "best.pth", "finetune"
+WANT = "a best.pth or checkpoint.pth written by python -m mfm_fast.finetune"
 
 
 @dataclasses.dataclass
@@ -117,6 +119,36 @@ def evaluate(net: nn.Module, dataset, args, device: torch.device, amp_dtype, ran
     net.train(was_training)
     hit1, hit5, loss, n = sums.tolist()
     return {"top1": hit1 / max(n, 1), "top5": hit5 / max(n, 1), "loss": loss / max(n, 1), "n": int(n)}
+
+
+def load_finetune_checkpoint(path, flag: str) -> dict:
+    """The finetune checkpoint at `path` (torch.load(weights_only=True), tensors memory-mapped): kind "finetune",
+    model (the classifier's state dict), args with model, img_size, num_classes, class_names. ArgError naming
+    `flag` for anything else: no such file, not a torch file, a weights-only state dict (encoder.pth), a
+    pre-training checkpoint, another kind, missing entries."""
+    ckpt = read_checkpoint(path, flag, f"expected {WANT}")
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ArgError(f"{flag}: {path} is a state dict of weights only (such as pretrain's encoder.pth), not a "
+                       f"fine-tuned classifier; fine-tune it (python -m mfm_fast.finetune --init {path}) and pass "
+                       "the run's best.pth")
+    if isinstance(ckpt, dict) and "kind" not in ckpt and {"model", "args", "step"} <= set(ckpt):
+        raise ArgError(f"{flag}: {path} is a pre-training checkpoint (python -m mfm_fast.pretrain), not a fine-tuned "
+                       f"classifier; fine-tune it (python -m mfm_fast.finetune --init {path}) and pass the run's "
+                       f"best.pth, or probe it with python -m mfm_fast.linprobe --checkpoint {path}")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ArgError(f"{flag}: {path} is not a finetune checkpoint (kind {kind!r}); expected {WANT}")
+    args = ckpt.get("args")
+    need = ("model", "img_size", "num_classes", "class_names")
+    absent = ["model"] if "model" not in ckpt else []
+    absent += [f"args[{k!r}]" for k in need if not isinstance(args, dict) or args.get(k) is None]
+    if absent:
+        raise ArgError(f"{flag}: {path} is a finetune checkpoint without {', '.join(absent)}; expected {WANT}")
+    names = args["class_names"]
+    if not isinstance(names, (list, tuple)) or len(names) != args["num_classes"]:
+        raise ArgError(f"{flag}: {path} lists {len(names) if isinstance(names, (list, tuple)) else 'no'} class "
+                       f"names for {args['num_classes']} classes; expected {WANT}")
+    return ckpt
 
 
 def state(run: FinetuneRun, step: int, val: Optional[dict], full: bool) -> dict:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import collections
 import math
-import zipfile
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..cli import ArgError
+from .checkpoint import read_checkpoint
 
 
 def is_vit(net: nn.Module) -> bool:
@@ -164,27 +163,10 @@ EXPECTED = ("expected an mfm_fast checkpoint.pth / encoder.pth, a released MFM c
             "python -m mfm_fast.finetune")
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:160]
-
-
-def read_torch_file(path, flag: str):
-    """torch.load(path, weights_only=True, mmap=True) with the file's non-tensor globals (the released yacs
-    config, anything else) replaced by inert stand-ins; ArgError naming `flag`: no such file, not a torch file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ArgError(f"{flag}: no such file {str(path)!r}")
-    if not zipfile.is_zipfile(p):
-        raise ArgError(f"{flag}: {path} is not a torch file (not a zip archive: another kind of file, or "
-                       f"truncated); {EXPECTED}")
-    try:
-        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(p)
-        stand_ins = [(STAND_INS.get(name, _Placeholder), name) for name in unknown]
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a damaged archive, a pickle weights_only refuses: one line
-        raise ArgError(f"{flag}: {path} is not a readable torch file ({type(exc).__name__}: {_first_line(exc)}); "
-                       f"{EXPECTED}") from None
+def _stand_ins(path) -> list:
+    """(stand-in, name) for every non-tensor global the file's pickle names (the released yacs config, ...)."""
+    return [(STAND_INS.get(name, _Placeholder), name)
+            for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
 
 
 # ---- what a file holds --------------------------------------------------------------------------------
@@ -321,7 +303,7 @@ def load_init(path, net: nn.Module, *, img_size: int, flag: str = "--init") -> d
     no such file, not a torch file, no known kind, architecture mismatch (the first key, both shapes, what the
     file looks like), image size mismatch (pos_embed: the size it was trained at). A pinned key bias
     (pin_key_bias) is set back to 0 after loading."""
-    ckpt = read_torch_file(path, flag)
+    ckpt = read_checkpoint(path, flag, EXPECTED, stand_ins=_stand_ins)
     kind, what, weights, other, saved = identify(ckpt)
     if kind is None:
         raise ArgError(f"{flag}: {path} is a checkpoint of no known kind: it holds {what}; {EXPECTED}")

@@ -324,12 +324,12 @@ def test_released_resnet_checkpoint_with_its_config(tmp_path, monkeypatch):
 def test_refusals_are_one_line_naming_the_flag(fix, files, runs, tmp_path):
     net = tiny()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    assert "no such file" in refusal(tmp_path / "nothing.pth", net)
+    assert "no such checkpoint" in refusal(tmp_path / "nothing.pth", net)
     (tmp_path / "log.json").write_text(json.dumps({"model": "vit"}))
-    assert "is not a torch file" in refusal(tmp_path / "log.json", net)
+    assert "is not a torch checkpoint file" in refusal(tmp_path / "log.json", net)
     whole = (files / "finetuned.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
-    assert "is not a torch file" in refusal(tmp_path / "cut.pth", net)
+    assert "is not a torch checkpoint file" in refusal(tmp_path / "cut.pth", net)
 
     torch.save({"a": torch.zeros(3), "b": torch.ones(2, 2)}, tmp_path / "tensors.pth")
     msg = refusal(tmp_path / "tensors.pth", net)
