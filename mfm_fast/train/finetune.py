@@ -34,7 +34,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._optional import NEEDS, require
@@ -46,7 +45,7 @@ from .engine import RunLog
 from .finetune_engine import CHECKPOINT_NAME, FinetuneRun, evaluate, load_finetune_checkpoint, train as train_loop
 from .optim import make_lr_scheduler, make_schedule
 from .released import create_classifier, describe_init, load_init
-from .runtime import amp_dtype_of, init_distributed
+from .runtime import amp_dtype_of, run_distributed
 
 PROG = "python -m mfm_fast.finetune"
 
@@ -296,12 +295,7 @@ def train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     resume = plan_output(args)
-    rank, world, device = init_distributed(args)
-    try:
-        return _train(args, rank, world, device, resume)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(args, lambda rank, world, device: _train(args, rank, world, device, resume))
 
 
 def _train(args, rank: int, world: int, device: torch.device, resume: Optional[str]) -> dict:

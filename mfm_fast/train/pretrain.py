@@ -31,7 +31,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .. import backends
@@ -44,7 +43,7 @@ from .model import build_model, create_encoder, freeze_unused, is_vit, make_dist
 from .optim import lr_at, make_lr_scheduler, make_optimizer, make_schedule, param_groups  # noqa: F401
 from .pretrain_args import ADAPTIVE_MODES, DISTANCES, MASKS, PRESETS, TASKS, check_backends, resolve_args
 from .pretrain_data import Batches
-from .runtime import amp_dtype_of, init_distributed
+from .runtime import amp_dtype_of, run_distributed
 from .tasks import Corruptor, degrade  # noqa: F401
 
 PROG = "python -m mfm_fast.pretrain"
@@ -265,13 +264,11 @@ def train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     resume = plan_output(args)
-    rank, world, device = init_distributed(args)
-    check_backends(args, device)
-    try:
+
+    def body(rank: int, world: int, device: torch.device) -> dict:
+        check_backends(args, device)
         return _train(args, rank, world, device, resume)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_distributed(args, body)
 
 
 def _train(args, rank: int, world: int, device: torch.device, resume: Optional[str]) -> dict:

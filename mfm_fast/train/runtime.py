@@ -39,6 +39,17 @@ def init_distributed(args):
     return rank, world, device
 
 
+def run_distributed(args, body):
+    """body(rank, world_size, device) inside the process group of init_distributed(args), which is destroyed
+    afterwards (also on an error)."""
+    rank, world, device = init_distributed(args)
+    try:
+        return body(rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def fingerprint(net: nn.Module) -> str:
     """SHA-256 of every parameter's bytes: equal on all ranks iff the weights are identical (buffers such as
     BatchNorm running statistics are rank-local under DDP and left out)."""
