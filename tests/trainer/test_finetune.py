@@ -177,3 +177,23 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys):
     fails("--resume", "--data-path", three, "--resume", tmp_path / "two" / "checkpoint.pth")
     one_line_error(lambda: run(tmp_path / "two", "--batch-size", 4, "--steps", 1), capsys, PROG,
                    "--output-dir")  # a fresh run into a folder that holds a run
+
+
+def test_image_folder_few_shot_run_and_evaluate_agree_on_val(tmp_path, capsys):
+    """--data-path with --shots: the chosen indices are logged, and python -m mfm_fast.evaluate on val/ counts
+    the same top-1 as the run's own evaluation (two separate code paths)."""
+    from mfm_fast.train import evaluate
+    data = _image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=5)
+    run(tmp_path / "out", "--data-path", data, "--shots", 2, "--batch-size", 6, "--steps", 3, "--mixup", 0,
+        "--cutmix", 0)
+    start = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[0])
+    chosen = start["subset"]["indices_per_class"]
+    assert start["subset"]["kind"] == "shots" and sorted(chosen) == ["a", "b", "c"]
+    assert all(len(v) == 2 for v in chosen.values())
+    best = torch.load(tmp_path / "out" / "best.pth", weights_only=True)
+    assert best["args"]["class_names"] == ["a", "b", "c"]
+    result = tmp_path / "eval.json"
+    evaluate.main(["--checkpoint", str(tmp_path / "out" / "best.pth"), "--data-path", str(data / "val"),
+                   "--device", "cpu", "--num-workers", "0", "--no-progress", "--output", str(result)])
+    report = json.loads(result.read_text())
+    assert report["top1"] == pytest.approx(best["val"]["top1"], abs=1e-12) and best["val"]["n"] == 15
