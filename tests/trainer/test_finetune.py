@@ -197,3 +197,31 @@ def test_image_folder_few_shot_run_and_evaluate_agree_on_val(tmp_path, capsys):
                    "--device", "cpu", "--num-workers", "0", "--no-progress", "--output", str(result)])
     report = json.loads(result.read_text())
     assert report["top1"] == pytest.approx(best["val"]["top1"], abs=1e-12) and best["val"]["n"] == 15
+
+
+def test_presets_are_the_released_configs_and_flags_override_them():
+    parse = finetune.get_args_parser().parse_args
+    base = finetune.resolve_args(parse(["--preset", "vit_base"]))
+    assert (base.model, base.epochs, base.blr, base.warmup_epochs, base.warmup_lr, base.min_lr) == \
+        ("vit_base_patch16_224", 100, 2e-3, 5, 2.5e-7, 2.5e-7)
+    assert (base.weight_decay, base.layer_decay, base.drop_path, base.betas, base.clip_grad, base.opt) == \
+        (0.05, 0.8, 0.1, [0.9, 0.999], 0.0, "adamw")
+    assert (base.mixup, base.cutmix, base.smoothing, base.auto_augment, base.reprob, base.color_jitter) == \
+        (0.8, 1.0, 0.1, "rand-m9-mstd0.5-inc1", 0.25, 0.0)
+    small = finetune.resolve_args(parse(["--preset", "vit_small", "--epochs", "3", "--layer-decay", "0.65"]))
+    assert (small.model, small.epochs, small.layer_decay) == ("vit_small_patch16_224", 3, 0.65)
+    resnet = finetune.resolve_args(parse(["--preset", "resnet50"]))
+    assert (resnet.model, resnet.opt, resnet.bce, resnet.layer_decay) == ("resnet50", "lamb", True, 1.0)
+
+
+def test_ema_and_accumulation_run_and_evaluate_reads_the_ema(tmp_path):
+    from mfm_fast.train import evaluate
+    stats = run(tmp_path, "--batch-size", 10, "--accum-iter", 2, "--steps", 3, "--ema", 0.5)
+    assert stats["final_step"] == 3 and "ema_top1" in stats["evals"][-1]
+    start = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert start["total_batch"] == 20
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+    net = evaluate.build_classifier(ckpt, tmp_path / "checkpoint.pth", ema=True)
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())
