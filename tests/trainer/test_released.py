@@ -2,7 +2,7 @@
 the pre-training presets) and --init (load_init / describe_init) on every kind of checkpoint it takes.
 
 The expected numbers come from tests/fixtures/released_vit_tiny.pth, computed by the released code itself
-(tools/make_released_fixture.py: its VisionTransformer, VisionTransformerForMFM and load_pretrained), or from
+(tests/fixtures/make_released_vit_tiny.py: its VisionTransformer, VisionTransformerForMFM and load_pretrained), or from
 closed-form statistics; none is computed by the code under test. CPU, one thread, 32 px models.
 """
 
@@ -69,7 +69,7 @@ def tiny(num_classes=5, img_size=32, **kw):
 
 
 def inputs(fix):
-    return fix["images"].float() / 255 * 4 - 2  # as tools/make_released_fixture.py
+    return fix["images"].float() / 255 * 4 - 2  # as tests/fixtures/make_released_vit_tiny.py
 
 
 def features_and_logits(net, x):
@@ -134,7 +134,7 @@ def test_released_pretraining_checkpoint_gives_the_released_fine_tuning_features
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
-    x = t.detach().double().flatten()  # as tools/make_released_fixture.py
+    x = t.detach().double().flatten()  # as tests/fixtures/make_released_vit_tiny.py
     return torch.stack([x.sum(), (x * x).sum(), x[0], x[x.numel() // 2], x[-1]])
 
 
