@@ -7,15 +7,20 @@
 - numpy_corrupt, numpy_loss: the released code's corruption and loss transcribed to numpy float64;
 - load_bench / load_tool: a bench/ or tools/ script imported as a module, once per session;
 - one_line_error: a command-line entry point stops with status 2 and one line naming the flag;
-- nvcc: the CUDA compiler, if this machine has one.
+- nvcc: the CUDA compiler, if this machine has one;
+- logged_steps, kill_after: a trainer's log.jsonl steps, and SIGKILL of a trainer process after a given step.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +153,31 @@ def nvcc():
     """The path of nvcc ($CUDA_HOME/bin, /usr/local/cuda/bin or the PATH), or None."""
     path = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+def logged_steps(out_dir) -> list:
+    """The "step" of every complete record of <out_dir>/log.jsonl (a line being written is skipped)."""
+    path = Path(out_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line).get("step"))
+        except ValueError:  # a line being written
+            pass
+    return [s for s in steps if s]
+
+
+def kill_after(cmd, out_dir, step, delay) -> int:
+    """Start the trainer `cmd`, SIGKILL it `delay` s after log.jsonl shows `step`; returns its exit status."""
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if step in logged_steps(out_dir):
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=60)
+    return proc.returncode

@@ -15,7 +15,7 @@ import torch
 from mfm_fast.train import finetune
 from mfm_fast.train.optim import make_lr_scheduler
 from mfm_fast.train.released import create_classifier
-from helpers import SUBPROCESS_ENV, one_line_error
+from helpers import SUBPROCESS_ENV, kill_after, one_line_error
 
 BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--num-workers", "0", "--no-progress",
         "--threads", "1", "--log-every", "1", "--dataset", "faces"]
@@ -87,6 +87,29 @@ def test_two_process_gloo_run_ends_with_equal_weights(tmp_path):
     assert len(end["rank_fingerprints"]) == 2 and end["rank_fingerprints"][0] == end["rank_fingerprints"][1]
     start = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert start["total_batch"] == 20
+
+
+@pytest.mark.slow
+def test_sigkill_twice_then_resume_auto_is_bit_identical(tmp_path):
+    """Killed at a random moment of steps 2-4 and of 6-9 (7 steps per epoch: across an epoch end and its
+    evaluation), then run to the end with the same command: the uninterrupted run's weights and log."""
+    import random
+    rng = random.Random(7)
+    common = ["--batch-size", 20, "--steps", 12, "--save-every", 1]
+    whole = run(tmp_path / "whole", *common)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mfm_fast.finetune"] + [str(a) for a in BASE + common] + [
+        "--output-dir", str(out), "--resume", "auto"]
+    assert kill_after(cmd, out, rng.randint(2, 4), rng.uniform(0, 0.05)) == -9
+    assert kill_after(cmd, out, rng.randint(6, 9), rng.uniform(0, 0.05)) == -9
+    proc = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(tmp_path / "whole" / "checkpoint.pth"), weights(out / "checkpoint.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(out) == records(tmp_path / "whole")
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, 13))
+    assert weights(out / "best.pth").keys() == a.keys()
+    assert whole["final_step"] == 12
 
 
 def released_group(name: str, depth: int) -> int:

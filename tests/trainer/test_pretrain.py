@@ -17,7 +17,7 @@ import torch
 # timm and scikit-image (the built-in photos) are in requirements.txt: a missing one fails, it does not skip.
 from mfm_fast import _official
 from mfm_fast.train import data as D, linprobe, pretrain, visualize
-from helpers import ROOT, SUBPROCESS_ENV
+from helpers import ROOT, SUBPROCESS_ENV, kill_after, logged_steps
 
 BASE = ["--device", "cpu", "--model", "test_vit", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
         "--vis-num", "0", "--no-progress", "--log-every", "1", "--threads", "1"]
@@ -383,35 +383,6 @@ KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
-def _logged_steps(out_dir):
-    path = Path(out_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line).get("step"))
-        except ValueError:  # a line being written
-            pass
-    return [s for s in steps if s]
-
-
-def _kill_after(cmd, out_dir, step, delay):
-    """Start the trainer, SIGKILL it `delay` s after log.jsonl shows `step`; returns its exit status."""
-    import signal
-    import time
-    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if step in _logged_steps(out_dir):
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.communicate(timeout=60)
-    return proc.returncode
-
-
 @pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume_auto_is_bit_identical(tmp_path):
     import random
@@ -421,9 +392,9 @@ def test_sigkill_at_three_moments_then_resume_auto_is_bit_identical(tmp_path):
     args = [str(a) for a in BASE + KILL_RUN] + ["--output-dir", str(out), "--resume", "auto"]
     trainer = [sys.executable, "-m", "mfm_fast.pretrain"] + args
     # 1: a random moment of steps 2-4 (maybe before the first checkpoint: then a fresh start)
-    assert _kill_after(trainer, out, rng.randint(2, 4), rng.uniform(0, 0.05)) == -9
+    assert kill_after(trainer, out, rng.randint(2, 4), rng.uniform(0, 0.05)) == -9
     # 2: a random moment of steps 5-7
-    assert _kill_after(trainer, out, rng.randint(5, 7), rng.uniform(0, 0.05)) == -9
+    assert kill_after(trainer, out, rng.randint(5, 7), rng.uniform(0, 0.05)) == -9
     # 3: during the next checkpoint write (torn temporary file; checkpoint.pth must stay the previous one)
     before = pretrain.load_checkpoint(out / "checkpoint.pth")["step"] if (out / "checkpoint.pth").exists() else 0
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE] + args, env=SUBPROCESS_ENV, capture_output=True, text=True,
@@ -431,7 +402,7 @@ def test_sigkill_at_three_moments_then_resume_auto_is_bit_identical(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert list(out.glob(".checkpoint.pth.tmp-*")), "the kill did not come during a checkpoint write"
     assert pretrain.load_checkpoint(out / "checkpoint.pth")["step"] == before
-    assert max(_logged_steps(out)) > before  # records past the checkpoint exist now...
+    assert max(logged_steps(out)) > before  # records past the checkpoint exist now...
     # 4: to the end
     proc = subprocess.run(trainer, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
