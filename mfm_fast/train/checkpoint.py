@@ -14,7 +14,7 @@ import random
 import sys
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -116,11 +116,13 @@ def trim_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def plan_output(args) -> Optional[str]:
-    """The checkpoint to resume from (None: a fresh start), after checking it and the output folder.
+def plan_output(args, check_resume: Optional[Callable[[str], object]] = None,
+                writes: bool = True) -> Optional[str]:
+    """The checkpoint to resume from (None: a fresh start), after checking it (check_resume(path) raises an
+    ArgError for one this run cannot continue) and the output folder.
 
     A fresh run into a folder that holds an earlier run's checkpoint.pth or log.jsonl stops (ArgError naming
-    --resume auto and --overwrite) unless --overwrite is given."""
+    --resume auto and --overwrite) unless --overwrite is given, or the run writes nothing there (writes=False)."""
     out_dir = Path(args.output_dir)
     ckpt_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
     if out_dir.exists() and not out_dir.is_dir():
@@ -128,45 +130,47 @@ def plan_output(args) -> Optional[str]:
     resume = args.resume
     if resume == "auto":
         resume = str(ckpt_path) if ckpt_path.exists() else None
-    if resume is not None:
-        check_checkpoint(resume, "--resume", model=args.model, img_size=args.img_size, method=args.method,
-                         task=args.task)
+    if resume is not None and check_resume is not None:
+        check_resume(resume)
     earlier = [f.name for f in (ckpt_path, log_path) if f.exists() and f.stat().st_size > 0]
     same = resume is not None and Path(resume).resolve() == ckpt_path.resolve()
-    if earlier and not same and not args.overwrite and args.resume != "auto":
+    if earlier and writes and not same and not args.overwrite and args.resume != "auto":
         raise ArgError(f"--output-dir: {out_dir} already holds an earlier run ({', '.join(earlier)}); pass "
                        "--resume auto to continue it, --overwrite to replace it, or another --output-dir")
     return resume
 
 
-def prepare_output_dir(out_dir: Path, fresh: bool) -> None:
-    """Create --output-dir; on a fresh start (plan_output allowed it) remove an earlier run's checkpoint.pth
-    and encoder.pth, so that no earlier checkpoint can be resumed later."""
+def prepare_output_dir(out_dir: Path, fresh: bool, stale=(CHECKPOINT_NAME, "encoder.pth")) -> None:
+    """Create --output-dir; on a fresh start (plan_output allowed it) remove an earlier run's `stale` files
+    (checkpoint.pth, encoder.pth), so that no earlier checkpoint can be resumed later."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
-        for old in (out_dir / CHECKPOINT_NAME, out_dir / "encoder.pth"):
-            old.unlink(missing_ok=True)
+        for name in stale:
+            (out_dir / name).unlink(missing_ok=True)
 
 
-def rng_state(mask_gen: torch.Generator) -> dict:
-    """Every random stream of this process, in a weights_only-loadable form."""
+def rng_state(mask_gen: Optional[torch.Generator] = None) -> dict:
+    """Every random stream of this process (and the mask generator, when the run has one), in a
+    weights_only-loadable form."""
     np_state, py_state = np.random.get_state(), random.getstate()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "mask": mask_gen.get_state(), "python": [list(py_state[1]), py_state[2]],
+            **({"mask": mask_gen.get_state()} if mask_gen is not None else {}),
+            "python": [list(py_state[1]), py_state[2]],
             "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                       float(np_state[4])]}
 
 
-def set_rng_state(state: dict, mask_gen: torch.Generator) -> None:
-    """Restore what rng_state saved: torch (CPU and CUDA), the mask generator, Python's and NumPy's streams."""
+def set_rng_state(state: dict, mask_gen: Optional[torch.Generator] = None) -> None:
+    """Restore what rng_state saved: torch (CPU and CUDA), the mask generator (when given), Python's and NumPy's
+    streams."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    mask_gen.set_state(state["mask"])
+    if mask_gen is not None:
+        mask_gen.set_state(state["mask"])
     random.setstate((3, tuple(state["python"][0]), state["python"][1]))
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
 
 
 def save_training_state(path, *, step: int, net: nn.Module, optimizer, scaler, distiller, batches, sched: dict,

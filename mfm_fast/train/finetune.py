@@ -39,10 +39,11 @@ from torch import nn
 from .._optional import NEEDS, require
 from ..cli import ArgError, OneLineParser, flag_of
 from . import finetune_data
-from .checkpoint import load_checkpoint, set_rng_state, trim_log
+from .checkpoint import load_checkpoint, plan_output, prepare_output_dir, set_rng_state, trim_log
 from .data import ResumableSampler
 from .engine import RunLog
-from .finetune_engine import CHECKPOINT_NAME, FinetuneRun, evaluate, load_finetune_checkpoint, train as train_loop
+from .finetune_engine import (BEST_NAME, CHECKPOINT_NAME, FinetuneRun, evaluate, load_finetune_checkpoint,
+                              train as train_loop)
 from .optim import make_lr_scheduler, make_schedule
 from .released import create_classifier, describe_init, load_init
 from .runtime import amp_dtype_of, run_distributed
@@ -253,23 +254,6 @@ def check_finetune_checkpoint(path, flag: str, args, num_classes: int) -> dict:
     return ckpt
 
 
-def plan_output(args) -> Optional[str]:
-    """The checkpoint to resume (None: a fresh start). A fresh run into a folder that holds a run stops unless
-    --overwrite; --resume auto continues <output-dir>/checkpoint.pth when it exists."""
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ArgError(f"--output-dir: {args.output_dir!r} is a file, not a folder")
-    ckpt, log = out / CHECKPOINT_NAME, out / "log.jsonl"
-    resume = args.resume
-    if resume == "auto":
-        resume = str(ckpt) if ckpt.exists() else None
-    held = [f.name for f in (ckpt, log) if f.exists() and f.stat().st_size > 0]
-    if held and resume is None and not args.overwrite and not args.eval_only:
-        raise ArgError(f"--output-dir: {out} already holds a run ({', '.join(held)}); pass --resume auto to continue "
-                       "it, --overwrite to replace it, or another --output-dir")
-    return resume
-
-
 def restore(run: FinetuneRun, ckpt: dict) -> int:
     """Weights, optimiser, scaler, EMA, data position and (same world size) every random stream; returns the step."""
     run.net.load_state_dict(ckpt["model"])
@@ -280,7 +264,7 @@ def restore(run: FinetuneRun, ckpt: dict) -> int:
         run.ema.module.load_state_dict(ckpt["ema"])
     run.epoch, run.batch_in_epoch, run.best_top1 = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_top1"]
     if ckpt["world_size"] == run.world:
-        set_rng_state(ckpt["rng"][run.rank], torch.Generator())
+        set_rng_state(ckpt["rng"][run.rank])
     elif run.is_main:
         print(f"finetune: --resume: the checkpoint ran on {ckpt['world_size']} processes, this run on {run.world}: "
               "weights, optimiser and schedule continue, data order does not", file=sys.stderr)
@@ -294,7 +278,7 @@ def train(args) -> dict:
     args = resolve_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    resume = plan_output(args)
+    resume = plan_output(args, writes=not args.eval_only)  # its checkpoint is checked once the classes are known
     return run_distributed(args, lambda rank, world, device: _train(args, rank, world, device, resume))
 
 
@@ -353,11 +337,8 @@ def _train(args, rank: int, world: int, device: torch.device, resume: Optional[s
         step, run.sched = restore(run, ckpt), ckpt["schedule"]
     run.lr_scheduler = make_lr_scheduler(optimizer, run.sched)
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            for old in (out_dir / CHECKPOINT_NAME, out_dir / "best.pth", out_dir / "curves.png"):
-                old.unlink(missing_ok=True)
-        else:
+        prepare_output_dir(out_dir, fresh=ckpt is None, stale=(CHECKPOINT_NAME, BEST_NAME, "curves.png"))
+        if ckpt is not None:
             trim_log(out_dir / "log.jsonl", step)
     log = RunLog(out_dir / "log.jsonl", append=ckpt is not None, enabled=is_main)
     log.write({"event": "resume" if ckpt is not None else "start", "step": step, "world_size": world,

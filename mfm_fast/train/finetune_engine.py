@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..cli import ArgError
-from .checkpoint import read_checkpoint, rng_state, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, read_checkpoint, rng_state, save_checkpoint
 from .data import ResumableSampler
 from .engine import RunLog, optimizer_step
 from .runtime import fingerprint, gather
 
-CHECKPOINT_NAME, BEST_NAME, KIND = "checkpoint.pth", "best.pth", "finetune"
+BEST_NAME, KIND = "best.pth", "finetune"
 WANT = "a best.pth or checkpoint.pth written by python -m mfm_fast.finetune"
 
 
@@ -166,7 +166,7 @@ def state(run: FinetuneRun, step: int, val: Optional[dict], full: bool) -> dict:
 
 def save(run: FinetuneRun, step: int, val: Optional[dict] = None) -> None:
     """checkpoint.pth at `step` (collective: every rank hands in its random streams; rank 0 writes)."""
-    rngs = gather(rng_state(torch.Generator()), run.world)
+    rngs = gather(rng_state(), run.world)
     if run.is_main:
         save_checkpoint({**state(run, step, val, full=True), "rng": rngs}, run.out_dir / CHECKPOINT_NAME)
 

@@ -9,7 +9,7 @@ from torch import nn
 from ..cli import ArgError
 from ..folk import DINOHead, FOLKModel, SelfDistillation
 from ..head import MFMHead, timm_stride
-from .released import apply_released_vit_init, is_vit, pin_key_bias
+from .released import apply_released_vit_init, create_timm_model, is_vit, pin_key_bias
 
 
 class MFMModel(nn.Module):
@@ -25,16 +25,7 @@ class MFMModel(nn.Module):
 
 def create_encoder(name: str, img_size: int, drop_path: float = 0.0) -> nn.Module:
     """timm.create_model(name, pretrained=False, num_classes=0, img_size=...) (img_size only where accepted)."""
-    import timm
-    kwargs = dict(pretrained=False, num_classes=0)
-    if drop_path:
-        kwargs["drop_path_rate"] = drop_path
-    try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
-    except TypeError as exc:
-        if "img_size" not in str(exc):
-            raise
-        return timm.create_model(name, **kwargs)
+    return create_timm_model(name, img_size, num_classes=0, **({"drop_path_rate": drop_path} if drop_path else {}))
 
 
 def prediction(out) -> torch.Tensor:

@@ -36,8 +36,8 @@ from torch import nn
 from .. import backends
 from .._optional import NEEDS, require
 from ..cli import ArgError, OneLineParser
-from .checkpoint import (load_checkpoint, load_training_state, plan_output, prepare_output_dir,  # noqa: F401
-                         save_checkpoint, trim_log)
+from .checkpoint import (check_checkpoint, load_checkpoint, load_training_state, plan_output,  # noqa: F401
+                         prepare_output_dir, save_checkpoint, trim_log)
 from .engine import NonFiniteLoss, RunLog, TrainingRun, train as train_loop
 from .model import build_model, create_encoder, freeze_unused, is_vit, make_distiller  # noqa: F401
 from .optim import lr_at, make_lr_scheduler, make_optimizer, make_schedule, param_groups  # noqa: F401
@@ -263,7 +263,9 @@ def train(args) -> dict:
                        "list in turn")
     if args.threads:
         torch.set_num_threads(args.threads)
-    resume = plan_output(args)
+    resume = plan_output(args, lambda path: check_checkpoint(path, "--resume", model=args.model,
+                                                             img_size=args.img_size, method=args.method,
+                                                             task=args.task))
 
     def body(rank: int, world: int, device: torch.device) -> dict:
         check_backends(args, device)

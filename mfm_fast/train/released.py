@@ -38,6 +38,18 @@ def is_vit(net: nn.Module) -> bool:
 
 # ---- the classifier and the released initialisation ---------------------------------------------------
 
+def create_timm_model(name: str, img_size: int, **kwargs) -> nn.Module:
+    """timm.create_model(name, pretrained=False, img_size=img_size, **kwargs), img_size only where the model takes
+    one (CNNs do not)."""
+    import timm
+    try:
+        return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
 def create_classifier(model: str, num_classes: int, img_size: int, drop_path: float = 0.0,
                       released_init: bool = False, global_pool: str = "avg", **model_kwargs) -> nn.Module:
     """timm classifier `model` with `num_classes` outputs for img_size px inputs. ViTs: global_pool "avg" = mean
@@ -46,14 +58,8 @@ def create_classifier(model: str, num_classes: int, img_size: int, drop_path: fl
 
     released_init (fine-tuning's ViT presets): a ViT gets the released fine-tuning initialisation and its key
     bias pinned at 0; other models keep timm's. model_kwargs go to timm.create_model (e.g. embed_dim, depth)."""
-    import timm
-    kwargs = dict(pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **model_kwargs)
-    try:
-        net = timm.create_model(model, img_size=img_size, global_pool=global_pool, **kwargs)
-    except TypeError as exc:
-        if "img_size" not in str(exc):
-            raise
-        net = timm.create_model(model, global_pool=global_pool, **kwargs)  # a CNN: no img_size
+    net = create_timm_model(model, img_size, num_classes=num_classes, drop_path_rate=drop_path,
+                            global_pool=global_pool, **model_kwargs)
     if released_init and is_vit(net):
         apply_released_vit_init(net, pretraining=False)
         pin_key_bias(net)

@@ -200,6 +200,9 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys):
     fails("--resume", "--data-path", three, "--resume", tmp_path / "two" / "checkpoint.pth")
     one_line_error(lambda: run(tmp_path / "two", "--batch-size", 4, "--steps", 1), capsys, PROG,
                    "--output-dir")  # a fresh run into a folder that holds a run
+    run(tmp_path / "other", "--batch-size", 4, "--steps", 1)  # ... or another run's checkpoint resumed into it
+    one_line_error(lambda: run(tmp_path / "two", "--batch-size", 4, "--steps", 2, "--resume",
+                               tmp_path / "other" / "checkpoint.pth"), capsys, PROG, "--output-dir")
 
 
 def test_image_folder_few_shot_run_and_evaluate_agree_on_val(tmp_path, capsys):
