@@ -105,18 +105,16 @@ def build_classifier(ckpt: dict, path, ema: bool = False) -> torch.nn.Module:
 # ---- the images ------------------------------------------------------------------------------------------------
 
 def scan_image_folder(root: Path, flag: str = "--data-path") -> Tuple[List[str], List[Tuple[str, int]]]:
-    """(class folder names sorted, [(image path, class folder index)]) of an ImageFolder tree, in torchvision's
-    ImageFolder order (files with its image extensions, links followed); ArgError naming `flag` when the folder has
-    no class folders or no images."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    """(class folder names sorted, [(image path, class folder index)]) of an ImageFolder tree: torchvision's
+    find_classes / make_dataset (its image extensions, links followed; empty class folders allowed); ArgError
+    naming `flag` when the folder has no class folders or no images."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise ArgError(f"{flag}: {root} holds no class folders (expected {_TREE})")
-    samples = []
-    for i, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
-            samples += [(os.path.join(folder, f), i) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise ArgError(f"{flag}: {root} holds no class folders (expected {_TREE})") from None
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise ArgError(f"{flag}: {root} holds no images in its {len(classes)} class folders ({_few(classes)}; "
                        f"image files end in {', '.join(IMG_EXTENSIONS)})")
