@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 import mfm_fast  # noqa: E402
 from mfm_fast import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from mfm_fast import _official, backends  # noqa: E402
-from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, check_r1, check_sizes, library_check  # noqa: E402
 from mfm_fast.dispatch import triton_interpreted  # noqa: E402
 from mfm_fast.masks import disc_band  # noqa: E402
 
@@ -505,12 +505,9 @@ def parse_args(argv):
     check_sizes(p, args.size)
     device = bench_device(args.device, p)
     from mfm_fast import _validate as V
-    from mfm_fast.masks import check_rings, check_rings_on_grid
     library_check(p, "--p-low", V.check_number, "p_low", args.p_low, low=0.0, high=1.0)
     if args.r1 is not None:
-        rings = library_check(p, "--r1", check_rings, args.r1, 999, None)
-        for s in args.size or ([224] if torch.cuda.is_available() and args.device != "cpu" else [64]):
-            library_check(p, "--r1", check_rings_on_grid, rings, s, s)
+        check_r1(p, args.r1, args.size or ([224] if torch.cuda.is_available() and args.device != "cpu" else [64]))
     if args.providers != "auto":
         names = [s.strip() for s in args.providers.split(",") if s.strip()]
         unknown = [n for n in names if n not in PROVIDERS and n != "copy"]

@@ -47,6 +47,15 @@ def library_check(p, flag, fn, *a, **kw):
         p.error(f"{flag}: {msg.split(': ', 1)[1] if ': ' in msg else msg}")
 
 
+def check_r1(p, r1, sizes, flag="--r1"):
+    """--r1: a disc radius the library accepts (masks.check_rings) that fits an S x S grid for every S in `sizes`
+    (masks.check_rings_on_grid); p.error "flag: what is wrong" otherwise."""
+    from .masks import check_rings, check_rings_on_grid
+    rings = library_check(p, flag, check_rings, r1, 999, None)
+    for s in sizes:
+        library_check(p, flag, check_rings_on_grid, rings, s, s)
+
+
 class ArgError(ValueError):
     """A bad command-line value; the message starts with the flag ("--img-size: must be even, got 33")."""
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/timing.py
 import mfm_fast  # noqa: E402
-from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, check_r1, check_sizes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,8 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_bench_args(p, args, ints={"batch": 1})
     check_sizes(p, [args.size])
-    rings = library_check(p, "--r1", mfm_fast.masks.check_rings, args.r1, 999, None)
-    library_check(p, "--r1", mfm_fast.masks.check_rings_on_grid, rings, args.size, args.size)
+    check_r1(p, args.r1, [args.size])
     if args.json is not None and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
         p.error(f"--json: cannot write {args.json!r} (expected a file path in an existing folder)")
     if not torch.cuda.is_available():

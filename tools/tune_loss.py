@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/timing.py
 import mfm_fast  # noqa: E402
-from mfm_fast.cli import OneLineParser, check_bench_args, check_sizes, library_check  # noqa: E402
+from mfm_fast.cli import OneLineParser, check_bench_args, check_r1, check_sizes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,8 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_bench_args(p, args, ints={"batch": 1})
     check_sizes(p, [args.size])
-    rings = library_check(p, "--r1", mfm_fast.masks.check_rings, args.r1, 999, None)
-    library_check(p, "--r1", mfm_fast.masks.check_rings_on_grid, rings, args.size, args.size)
+    check_r1(p, args.r1, [args.size])
     if not torch.cuda.is_available():
         print("tune_loss.py needs a CUDA device")
         return 0
