@@ -17,11 +17,10 @@ def check_bench_args(p, args, ints=None, positive=(), out_dirs=()):
 
     ints: {dest: smallest allowed} for int options (lists checked per value); positive: float options that must
     be finite and > 0; out_dirs: options naming a folder (it may not exist yet, but must not be a file)."""
-    for name, low in (ints or {}).items():
-        v = getattr(args, name)
-        for x in (v if isinstance(v, list) else [v]):
-            if x is not None and x < low:
-                p.error(f"--{name.replace('_', '-')}: must be >= {low}, got {x}")
+    try:
+        check_ranges(args, ints)
+    except ArgError as exc:
+        p.error(str(exc))
     for name in positive:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):
@@ -30,6 +29,21 @@ def check_bench_args(p, args, ints=None, positive=(), out_dirs=()):
         v = getattr(args, name)
         if v is not None and Path(v).exists() and not Path(v).is_dir():
             p.error(f"--{name.replace('_', '-')}: {v!r} is a file (expected a folder)")
+
+
+def check_ranges(args, least=None, nonneg=()) -> None:
+    """ArgError "--flag: must be >= low, got x" for an option below its least value (least: {dest: low}; None:
+    unset; a list: each value), and "--flag: must be a finite value >= 0, got x" for a `nonneg` option that is
+    negative, infinite or NaN."""
+    for name, low in (least or {}).items():
+        v = getattr(args, name)
+        for x in (v if isinstance(v, list) else [v]):
+            if x is not None and x < low:
+                raise ArgError(f"{flag_of(name)}: must be >= {low}, got {x}")
+    for name in nonneg:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ArgError(f"{flag_of(name)}: must be a finite value >= 0, got {v}")
 
 
 def check_sizes(p, sizes, flag="--size"):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from .._optional import NEEDS, require
-from ..cli import ArgError, OneLineParser, flag_of
+from ..cli import ArgError, OneLineParser, check_ranges, flag_of
 from . import finetune_data
 from .checkpoint import load_checkpoint, plan_output, prepare_output_dir, set_rng_state, trim_log
 from .data import ResumableSampler
@@ -152,15 +151,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.auto_augment = None
     ints = {"img_size": 2, "batch_size": 1, "accum_iter": 1, "epochs": 1, "steps": 1, "num_workers": 0,
             "train_per_class": 1, "val_per_class": 1, "log_every": 1, "save_every": 0, "threads": 1, "stop_at": 1}
-    for name, low in ints.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ArgError(f"{flag_of(name)}: must be >= {low}, got {value}")
-    for name in ("blr", "lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "mixup", "cutmix", "smoothing",
-                 "reprob", "color_jitter", "warmup_epochs", "clip_grad", "ema"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ArgError(f"{flag_of(name)}: must be a finite value >= 0, got {value}")
+    check_ranges(args, ints, ("blr", "lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "mixup", "cutmix",
+                              "smoothing", "reprob", "color_jitter", "warmup_epochs", "clip_grad", "ema"))
     for name in ("drop_path", "reprob", "smoothing", "ema"):
         if getattr(args, name) >= 1:
             raise ArgError(f"{flag_of(name)}: must be < 1, got {getattr(args, name)}")

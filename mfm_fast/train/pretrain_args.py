@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 
 from . import data as D
-from ..cli import ArgError, flag_of as _flag
+from ..cli import ArgError, check_ranges, flag_of as _flag
 from ..backends import names as backend_names
 from ..dispatch import backend_unavailable_reason
 from ..loss import MaskedFreqLoss
@@ -35,7 +35,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args = argparse.Namespace(**vars(args))
     preset_model, preset_p_low = PRESETS[args.preset] if args.preset else (None, None)
     args.model = args.model or preset_model or "vit_small_patch16_224"
-    check_ranges(args)
+    check_numbers(args)
     check_restoration_args(args)
     pipelines = [s.strip() for s in str(args.pipeline).split(",") if s.strip()]
     if not pipelines or any(s not in PIPELINES for s in pipelines):
@@ -59,33 +59,21 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_ranges(args: argparse.Namespace) -> None:
+def check_numbers(args: argparse.Namespace) -> None:
     """Every number against its range (counts >= 1 or >= 0, rates >= 0 and finite, an even --img-size, ...)."""
     positive = ("img_size", "batch_size", "accum_iter", "epochs", "samples_per_epoch", "log_every", "save_every",
-                "sr_factor", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_layers")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ArgError(f"{_flag(name)}: must be >= 1, got {getattr(args, name)}")
-    for name in ("steps", "warmup_steps", "stop_at"):
-        v = getattr(args, name)
-        if v is not None and v < (0 if name == "warmup_steps" else 1):
-            raise ArgError(f"{_flag(name)}: must be >= {0 if name == 'warmup_steps' else 1}, got {v}")
-    if args.threads is not None and args.threads < 1:
-        raise ArgError(f"--threads: must be >= 1, got {args.threads}")
-    for name in ("vis_every", "vis_num", "num_workers", "timing_warmup"):
-        if getattr(args, name) < 0:
-            raise ArgError(f"{_flag(name)}: must be >= 0, got {getattr(args, name)}")
+                "sr_factor", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dino_layers", "steps",
+                "stop_at", "threads")
+    least = {**dict.fromkeys(positive, 1),
+             **dict.fromkeys(("warmup_steps", "vis_every", "vis_num", "num_workers", "timing_warmup"), 0)}
+    nonneg = ("blr", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path", "noise_sigma", "radius_jitter",
+              "phase_weight", "rec_weight", "distill_weight", "warmup_teacher_temp_epochs", "freeze_last_layer",
+              "color_jitter")
+    check_ranges(args, least, nonneg)
     if args.img_size % 2:
         raise ArgError(f"--img-size: must be even (the spectrum's DC sits at S // 2), got {args.img_size}")
     if not 0 < args.min_crop_scale <= 1:
         raise ArgError(f"--min-crop-scale: must be in (0, 1], got {args.min_crop_scale}")
-    nonneg = ("blr", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path", "noise_sigma", "radius_jitter",
-              "phase_weight", "rec_weight", "distill_weight", "warmup_teacher_temp_epochs", "freeze_last_layer",
-              "color_jitter")
-    for name in nonneg:
-        v = getattr(args, name)
-        if not math.isfinite(v) or v < 0:
-            raise ArgError(f"{_flag(name)}: must be a finite value >= 0, got {v}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ArgError(f"--lr: must be > 0, got {args.lr}")
     if not all(0 <= b < 1 for b in args.betas):
